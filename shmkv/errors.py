@@ -1,0 +1,62 @@
+"""Every exception shmkv raises on purpose derives from :class:`Error`.
+
+Where a built-in exception is the natural match (a missing key is a ``KeyError``, a bad
+argument a ``ValueError``) the shmkv class derives from both, so ``except KeyError`` and
+``except shmkv.Error`` each catch it.
+"""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Base class of all shmkv errors."""
+
+
+class KeyTooLarge(Error, ValueError):
+    """The key is empty or longer than the store's key limit."""
+
+
+class ValueTooLarge(Error, ValueError):
+    """The value does not fit the in-memory item limit (and there is no spill tier for it)."""
+
+
+class StoreFull(Error, MemoryError):
+    """No memory could be found for an item, or the segment cannot be created at that size."""
+
+
+class SegmentMismatch(Error):
+    """An existing segment differs from what the caller asked for (size, layout version)."""
+
+
+class StoreNotFound(Error, FileNotFoundError):
+    """No store of that name exists (and creation was not asked for)."""
+
+
+class StoreClosed(Error, ValueError):
+    """The store handle was used after ``close()``."""
+
+
+class NotACounter(Error, ValueError):
+    """``incr`` met a value that is not a decimal integer."""
+
+
+class CodecError(Error, ValueError):
+    """A value could not be encoded or decoded by the store's codec."""
+
+
+class Corruption(Error):
+    """Stored data failed a checksum or a structural check; the message names the place."""
+
+
+__all__ = [
+    "Error",
+    "KeyTooLarge",
+    "ValueTooLarge",
+    "StoreFull",
+    "SegmentMismatch",
+    "StoreNotFound",
+    "StoreClosed",
+    "NotACounter",
+    "CodecError",
+    "Corruption",
+]
