@@ -12,6 +12,14 @@ class Error(Exception):
     """Base class of all shmkv errors."""
 
 
+class InvalidType(Error, TypeError):
+    """A key, value or argument of the wrong type (keys: bytes or str; values: bytes-like)."""
+
+
+class InvalidArgument(Error, ValueError):
+    """An argument outside its allowed range (a negative TTL, a malformed size string...)."""
+
+
 class KeyTooLarge(Error, ValueError):
     """The key is empty or longer than the store's key limit."""
 
@@ -50,6 +58,8 @@ class Corruption(Error):
 
 __all__ = [
     "Error",
+    "InvalidType",
+    "InvalidArgument",
     "KeyTooLarge",
     "ValueTooLarge",
     "StoreFull",

@@ -1,0 +1,172 @@
+/* layout.h -- the shared-memory segment format: the one place it is defined.
+ *
+ * One POSIX shared-memory object per store (/shmkv.<name>), mapped by every attached
+ * process at a different address, so everything inside refers to everything else by
+ * OFFSET, never by pointer. Item and list links are u32 counts of 8-byte UNITS from the
+ * segment start (0 = none), which caps a segment at 32 GiB and keeps the item header at
+ * 36 bytes (memory per item matters: see README "Memory").
+ *
+ *   +--------------------+ 0
+ *   | header  (4 KiB)    |  magic, layout version, geometry, page lock, registry lock
+ *   +--------------------+ off_slots
+ *   | process slots      |  SHMKV_MAX_SLOTS x slot_t: pid, in-flight chunk, per-process stats
+ *   +--------------------+ off_classes
+ *   | slab class table   |  nclasses x class_t: chunk size, class lock, LRU, free list, counts
+ *   +--------------------+ off_stripes
+ *   | lock stripes       |  nstripes x stripe_t (robust mutex, one cache line each)
+ *   +--------------------+ off_pagemeta
+ *   | page table         |  npages x pagemeta_t: owning class, used chunks
+ *   +--------------------+ off_buckets
+ *   | bucket array       |  nbuckets x u32 unit offset of the first item of a hash chain
+ *   +--------------------+ off_pages (page aligned)
+ *   | pages              |  npages x page_size bytes, each cut into one class's chunks
+ *   +--------------------+ total_size
+ *
+ * Item chunk (8-byte aligned, size = its class's chunk size):
+ *
+ *   0       4       8       12      16              24      28  30 31 32 33 34  36
+ *   +-------+-------+-------+-------+---------------+-------+---+--+--+--+--+---+-------
+ *   | hnext | prev  | next  | vlen  | expire_ms     |hash32 |kln|st|cl|ac|ls|own| key, value
+ *   +-------+-------+-------+-------+---------------+-------+---+--+--+--+--+---+-------
+ *
+ * Which lock guards which field (memcached's "item_lock() must be held..." rule):
+ *   hnext, and the publication of an item into / out of a chain  -> its bucket's stripe lock
+ *   key, value, vlen, expire, hash32, klen: written only while the chunk is IN FLIGHT (owned
+ *     by one writer, reachable by nobody), read under the stripe lock
+ *   prev, next, listed                                            -> its class lock
+ *   state: FREE<->IN FLIGHT under the class lock; IN FLIGHT->LINKED->UNLINKED under the stripe
+ *   active: set by readers under the stripe lock, cleared by the evictor under the class lock;
+ *     a lost update only costs one second chance, so it is a racy byte on purpose
+ *   pagemeta.cls                                                  -> page lock (+ class locks)
+ *
+ * Lock order (never block against it; anything else is taken with trylock):
+ *   stripe -> registry -> class -> page
+ */
+#ifndef SHMKV_LAYOUT_H
+#define SHMKV_LAYOUT_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+/* DO NOT CHANGE: stored layout. Bump SHMKV_LAYOUT_VERSION for any change below. */
+#define SHMKV_MAGIC 0x31764B4D48537F00ULL /* "\0\x7fSHMKv1" */
+#define SHMKV_LAYOUT_VERSION 1u
+#define SHMKV_UNIT 8u
+#define SHMKV_HEADER_SIZE 4096u
+#define SHMKV_MAX_SLOTS 256u
+#define SHMKV_MAX_CLASSES 200u
+#define SHMKV_MIN_CHUNK 48u
+#define SHMKV_PAGE_UNASSIGNED 0xFFFFu
+#define SHMKV_PAGE_MOVING 0xFFFEu
+#define SHMKV_MAX_SEGMENT (32ULL << 30)
+
+/* item.state -- DO NOT CHANGE: stored values. 0 is a chunk never written (a fresh page). */
+enum {
+    IT_NONE = 0,
+    IT_FREE = 1,     /* on its class's free list */
+    IT_INFLIGHT = 2, /* taken by writer `owner`, being filled, reachable by nobody */
+    IT_LINKED = 3,   /* published in a hash chain (or about to be: see table.c put) */
+    IT_UNLINKED = 4, /* replaced or deleted, out of its chain, waiting to be freed */
+};
+
+/* item.listed: which class list the chunk is on. DO NOT CHANGE: stored values. */
+enum { LS_NONE = 0, LS_LRU = 1, LS_FREE = 2 };
+
+typedef struct {
+    uint32_t hnext;
+    uint32_t prev;
+    uint32_t next;
+    uint32_t vlen;
+    uint64_t expire_ms; /* CLOCK_REALTIME ms; 0 = never */
+    uint32_t hash32;    /* high half of the 64-bit key hash: cheap compare before memcmp */
+    uint16_t klen;
+    uint8_t state;
+    uint8_t cls;
+    uint8_t active; /* read since it last passed the LRU tail: earns a second chance */
+    uint8_t listed;
+    uint16_t owner; /* slot + 1 of the writer while IN FLIGHT */
+} item_t;
+
+#define SHMKV_ITEM_HDR 36u /* offsetof(item_t, owner) + 2: key starts right after */
+#define ITEM_KEY(it) ((char *)(it) + SHMKV_ITEM_HDR)
+#define ITEM_VAL(it) (ITEM_KEY(it) + (it)->klen)
+
+/* A robust, process-shared mutex alone on its cache line (no false sharing). */
+typedef struct {
+    pthread_mutex_t m;
+    char pad[64 - sizeof(pthread_mutex_t) % 64];
+} shlock_t;
+
+/* Per-process statistics, written only by the owning process (under its GIL), so plain
+ * increments; a reused slot folds its counts into the header's retired totals first. */
+enum {
+    ST_GETS, ST_HITS, ST_MISSES, ST_PUTS, ST_DELETES, ST_EVICTIONS, ST_EXPIRED,
+    ST_RECLAIMED, ST_AUTOMOVES, ST_REPAIRS, ST_LOCK_WAITS, ST_FULL,
+    ST__COUNT = 16
+};
+
+typedef struct {
+    uint32_t pid;      /* 0 = free; liveness is the fcntl lock on byte `index` of the lock file */
+    uint32_t gen;
+    uint32_t inflight; /* unit offset of the chunk this process has IN FLIGHT, 0 = none */
+    uint32_t pad;
+    uint64_t stats[ST__COUNT];
+    char pad2[64 - (16 + 8 * ST__COUNT) % 64];
+} slot_t;
+
+typedef struct {
+    shlock_t lock;
+    uint32_t size;     /* chunk size in bytes (multiple of 8) */
+    uint32_t per_page; /* chunks per page */
+    uint32_t lru_head; /* most recently used */
+    uint32_t lru_tail;
+    uint32_t free_head;
+    uint32_t pad;
+    uint64_t free_count;
+    uint64_t used; /* chunks not free: IN FLIGHT + LINKED + UNLINKED */
+    uint64_t pages;
+    uint64_t evictions;
+    uint64_t allocs;
+    uint64_t recent_allocs; /* decays at each automove check: the class's recent demand */
+    uint64_t reclaimed;     /* orphans of dead writers returned to the free list */
+    char pad2[64 - (24 + 7 * 8) % 64];
+} class_t;
+
+typedef struct {
+    uint16_t cls;
+    uint16_t pad;
+    uint32_t used;
+} pagemeta_t;
+
+typedef struct {
+    uint64_t magic;
+    uint32_t layout_version;
+    uint32_t header_size;
+    uint64_t total_size;
+    uint64_t page_size;
+    uint32_t npages;
+    uint32_t nclasses;
+    uint32_t nbuckets; /* power of two */
+    uint32_t nstripes; /* power of two, <= nbuckets */
+    uint32_t max_key;
+    uint32_t max_item; /* largest chunk: header + key + value */
+    uint64_t seed;
+    uint32_t growth_x1000;
+    uint32_t codec;       /* 0 = raw bytes; 1 = pickle */
+    uint32_t codec_arg;   /* pickle protocol, pinned at creation */
+    uint32_t pad0;
+    uint64_t created_ms;
+    uint64_t off_slots, off_classes, off_stripes, off_pagemeta, off_buckets, off_pages;
+    uint64_t next_page_hint;
+    uint64_t retired[ST__COUNT]; /* stats of processes whose slots were reused */
+    uint64_t init_done;          /* == magic once creation finished: written last */
+    char pad1[64];
+    /* Live items, on a cache line of its own: changed by inserts and removals (not by
+     * replacements or reads), with an atomic add. */
+    int64_t nitems;
+    char pad2[56];
+    shlock_t page_lock; /* page assignment (pagemeta.cls) */
+    shlock_t reg_lock;  /* process slot table */
+} header_t;
+
+#endif

@@ -1,0 +1,332 @@
+/* slab.c -- slab classes over fixed-size pages: allocation, freeing, page assignment, and
+ * moving pages between classes ("automove", after memcached's slab rebalancer).
+ *
+ * A page belongs to one class (pagemeta.cls) and is cut into that class's chunks. Pages go
+ * to classes on demand under the page lock. When a class is out of memory it evicts from its
+ * own LRU tail; every 64th eviction, and whenever the class owns no memory at all, it looks
+ * for a class whose recent demand per page is far lower and takes that class's emptiest
+ * page, so memory follows the workload instead of calcifying in classes nobody writes to.
+ *
+ * Locks: functions named *_locked REQUIRE the class lock of `cls`. The donor of a page move
+ * is locked with trylock (we already hold a class lock: blocking would break the order).
+ */
+#include <string.h>
+
+#include "core.h"
+
+#define AUTOMOVE_EVERY 64
+
+static inline uint32_t page_of(store_t *st, uint32_t off) {
+    return (uint32_t)(((uint64_t)off * SHMKV_UNIT - st->hdr->off_pages) / st->hdr->page_size);
+}
+static inline char *page_addr(store_t *st, uint32_t p) {
+    return st->pages + (uint64_t)p * st->hdr->page_size;
+}
+
+int shmkv_class_for(store_t *st, uint32_t itemsize) {
+    uint32_t lo = 0, hi = st->hdr->nclasses;
+    if (itemsize > st->classes[hi - 1].size) return -1;
+    while (lo < hi) {
+        uint32_t mid = (lo + hi) / 2;
+        if (st->classes[mid].size < itemsize) lo = mid + 1;
+        else hi = mid;
+    }
+    return (int)lo;
+}
+
+int shmkv_class_lock(store_t *st, uint32_t cls) {
+    int rc = shmkv_lock(st, &st->classes[cls].lock.m);
+    if (rc == 1) {
+        shmkv_repair_class_locked(st, cls);
+        shmkv_lock_consistent(&st->classes[cls].lock.m);
+        STAT(st, ST_REPAIRS);
+        rc = 0;
+    }
+    return rc;
+}
+
+void shmkv_class_unlock(store_t *st, uint32_t cls) { shmkv_unlock(&st->classes[cls].lock.m); }
+
+static int page_lock(store_t *st) {
+    int rc = shmkv_lock(st, &st->hdr->page_lock.m);
+    if (rc == 1) {
+        shmkv_repair_pages_locked(st);
+        shmkv_lock_consistent(&st->hdr->page_lock.m);
+        STAT(st, ST_REPAIRS);
+        rc = 0;
+    }
+    return rc;
+}
+
+/* REQUIRES: class lock of `cls`, and page `p` assigned to `cls` with no live chunk. Writes
+ * a FREE header into every chunk before listing it, so a crash mid-cut leaves chunks that
+ * class repair recognises (FREE, or NONE on a zeroed page). */
+static void cut_page_locked(store_t *st, uint32_t cls, uint32_t p) {
+    class_t *c = &st->classes[cls];
+    char *base = page_addr(st, p);
+    for (uint32_t i = 0; i < c->per_page; i++) {
+        item_t *it = (item_t *)(base + (uint64_t)i * c->size);
+        it->state = IT_FREE;
+        it->cls = (uint8_t)cls;
+        it->listed = LS_NONE;
+        it->active = 0;
+        it->owner = 0;
+    }
+    for (uint32_t i = c->per_page; i-- > 0;) {
+        item_t *it = (item_t *)(base + (uint64_t)i * c->size);
+        shmkv_list_push_head(st, c, it, shmkv_off(st, it), LS_FREE);
+    }
+    st->pagemeta[p].used = 0;
+    c->pages++;
+}
+
+/* REQUIRES: class lock of `cls`. Takes an unassigned page, if any is left. */
+static int grab_page_locked(store_t *st, uint32_t cls) {
+    header_t *h = st->hdr;
+    if (page_lock(st) < 0) return -1;
+    uint32_t found = h->npages;
+    for (uint32_t i = 0; i < h->npages; i++) {
+        uint32_t p = (uint32_t)((h->next_page_hint + i) % h->npages);
+        if (st->pagemeta[p].cls == SHMKV_PAGE_UNASSIGNED) {
+            found = p;
+            break;
+        }
+    }
+    if (found < h->npages) {
+        st->pagemeta[found].cls = (uint16_t)cls;
+        h->next_page_hint = found + 1;
+    }
+    shmkv_unlock(&h->page_lock.m);
+    if (found == h->npages) return -1;
+    cut_page_locked(st, cls, found);
+    return 0;
+}
+
+/* REQUIRES: class lock of donor `d`; page `p` belongs to it. Empties the page: free chunks
+ * leave the free list, live items are evicted (their stripes taken with trylock). Returns 0
+ * when the page holds nothing anyone can reach; -1 (page left with the donor, every chunk
+ * already emptied put back on the free list) when an item is busy. */
+static int evacuate_page_locked(store_t *st, uint32_t d, uint32_t p, uint32_t held_stripe) {
+    class_t *c = &st->classes[d];
+    char *base = page_addr(st, p);
+    int ok = 1;
+    for (uint32_t i = 0; i < c->per_page && ok; i++) {
+        item_t *it = (item_t *)(base + (uint64_t)i * c->size);
+        uint32_t off = shmkv_off(st, it);
+        uint8_t state = __atomic_load_n(&it->state, __ATOMIC_ACQUIRE);
+        if (state == IT_INFLIGHT) {
+            if (shmkv_slot_alive(st, (uint32_t)it->owner - 1)) { ok = 0; break; }
+        } else if (state == IT_LINKED) {
+            uint64_t hv = shmkv_hash(ITEM_KEY(it), it->klen, st->hdr->seed);
+            uint32_t s = shmkv_stripe_of(st, hv);
+            if (s != held_stripe) {
+                int rc = shmkv_trylock(&st->stripes[s].m);
+                if (rc == 1) {
+                    shmkv_repair_stripe_locked(st, s);
+                    shmkv_lock_consistent(&st->stripes[s].m);
+                } else if (rc != 0) { ok = 0; break; }
+            }
+            if (__atomic_load_n(&it->state, __ATOMIC_ACQUIRE) == IT_LINKED &&
+                shmkv_unlink_from_chain_locked(st, it, off))
+                __atomic_sub_fetch(&st->hdr->nitems, 1, __ATOMIC_RELAXED);
+            if (s != held_stripe) shmkv_unlock(&st->stripes[s].m);
+            c->evictions++;
+            STAT(st, ST_EVICTIONS);
+        }
+        if (it->listed != LS_NONE) shmkv_list_remove(st, c, it, off);
+        if (state != IT_FREE && state != IT_NONE) {
+            c->used--;
+            st->pagemeta[p].used--;
+        }
+        it->state = IT_FREE;
+        it->owner = 0;
+    }
+    if (!ok) { /* give back what was emptied */
+        for (uint32_t i = 0; i < c->per_page; i++) {
+            item_t *it = (item_t *)(base + (uint64_t)i * c->size);
+            if (it->listed == LS_NONE && (it->state == IT_FREE || it->state == IT_NONE)) {
+                it->state = IT_FREE;
+                shmkv_list_push_head(st, c, it, shmkv_off(st, it), LS_FREE);
+            }
+        }
+        return -1;
+    }
+    return 0;
+}
+
+/* REQUIRES: class lock of `cls`. Moves one page from a colder class to `cls`. */
+static int automove_locked(store_t *st, uint32_t cls, uint32_t held_stripe) {
+    header_t *h = st->hdr;
+    class_t *dst = &st->classes[cls];
+    uint64_t dst_rate = dst->recent_allocs / (dst->pages ? dst->pages : 1);
+    uint32_t donor = h->nclasses;
+    uint64_t best = UINT64_MAX;
+    for (uint32_t i = 0; i < h->nclasses; i++) {
+        class_t *c = &st->classes[i];
+        uint64_t pages = __atomic_load_n(&c->pages, __ATOMIC_RELAXED);
+        if (i == cls || pages == 0) continue;
+        if (dst->pages > 0 && pages < 2) continue; /* don't strip a class bare for a rebalance */
+        uint64_t rate = __atomic_load_n(&c->recent_allocs, __ATOMIC_RELAXED) / pages;
+        if (rate < best) { best = rate; donor = i; }
+        /* decay: demand is measured over the recent past, halving at each check. A racy
+         * read-modify-write: losing an update only blurs a heuristic. */
+        __atomic_store_n(&c->recent_allocs, __atomic_load_n(&c->recent_allocs, __ATOMIC_RELAXED) / 2,
+                         __ATOMIC_RELAXED);
+    }
+    dst->recent_allocs /= 2;
+    if (donor == h->nclasses) return -1;
+    if (dst->pages > 0 && best * 4 > dst_rate) return -1; /* the donor is not much colder */
+
+    class_t *dc = &st->classes[donor];
+    int rc = shmkv_trylock(&dc->lock.m);
+    if (rc == 1) {
+        shmkv_repair_class_locked(st, donor);
+        shmkv_lock_consistent(&dc->lock.m);
+    } else if (rc != 0) {
+        return -1;
+    }
+    int moved = -1;
+    uint32_t victim = h->npages;
+    uint32_t least = UINT32_MAX;
+    for (uint32_t p = 0; p < h->npages; p++)
+        if (st->pagemeta[p].cls == donor && st->pagemeta[p].used < least) {
+            least = st->pagemeta[p].used;
+            victim = p;
+        }
+    if (victim < h->npages && page_lock(st) == 0) {
+        if (st->pagemeta[victim].cls == donor &&
+            evacuate_page_locked(st, donor, victim, held_stripe) == 0) {
+            /* MOVING + zeroing: a crash here leaves a page that page repair zeroes again and
+             * returns to the unassigned pool. */
+            st->pagemeta[victim].cls = SHMKV_PAGE_MOVING;
+            dc->pages--;
+            memset(page_addr(st, victim), 0, h->page_size);
+            st->pagemeta[victim].cls = (uint16_t)cls;
+            moved = 0;
+        }
+        shmkv_unlock(&h->page_lock.m);
+    }
+    shmkv_unlock(&dc->lock.m);
+    if (moved == 0) {
+        cut_page_locked(st, cls, victim);
+        STAT(st, ST_AUTOMOVES);
+    }
+    return moved;
+}
+
+/* REQUIRES: class lock of `cls`. Takes a chunk for a new item and marks it IN FLIGHT for
+ * this process; the chunk goes to the LRU head (eviction skips IN FLIGHT chunks). */
+int shmkv_alloc_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t *out) {
+    class_t *c = &st->classes[cls];
+    uint32_t off = 0;
+    if (st->pending && st->pending_cls == cls) {
+        uint32_t p = st->pending;
+        st->pending = 0;
+        item_t *pit = shmkv_item(st, p);
+        if (pit->state == IT_UNLINKED && pit->owner == st->slot + 1 && pit->cls == cls)
+            shmkv_free_locked(st, cls, p);
+    }
+    c->allocs++;
+    c->recent_allocs++;
+    if (!c->free_head) {
+        if (grab_page_locked(st, cls) != 0) {
+            int tried = 0;
+            if (c->pages == 0 || c->evictions % AUTOMOVE_EVERY == 0) {
+                tried = 1;
+                automove_locked(st, cls, held_stripe);
+            }
+            if (!c->free_head && shmkv_evict_locked(st, cls, held_stripe, &off) != 0) {
+                if (tried || automove_locked(st, cls, held_stripe) != 0) {
+                    STAT(st, ST_FULL);
+                    return SHMKV_EFULL;
+                }
+            }
+        }
+    }
+    if (!off) {
+        off = c->free_head;
+        shmkv_list_remove(st, c, shmkv_item(st, off), off);
+    }
+    item_t *it = shmkv_item(st, off);
+    it->state = IT_INFLIGHT;
+    it->owner = (uint16_t)(st->slot + 1);
+    it->cls = (uint8_t)cls;
+    it->active = 0;
+    it->hnext = 0;
+    shmkv_me(st)->inflight = off;
+    c->used++;
+    st->pagemeta[page_of(st, off)].used++;
+    shmkv_list_push_head(st, c, it, off, LS_LRU);
+    *out = off;
+    return 0;
+}
+
+/* REQUIRES: class lock of `cls`; `off` is reachable from no chain. */
+void shmkv_free_locked(store_t *st, uint32_t cls, uint32_t off) {
+    class_t *c = &st->classes[cls];
+    item_t *it = shmkv_item(st, off);
+    if (it->listed != LS_NONE) shmkv_list_remove(st, c, it, off);
+    if (it->state != IT_FREE) {
+        c->used--;
+        st->pagemeta[page_of(st, off)].used--;
+    }
+    it->state = IT_FREE;
+    it->owner = 0;
+    shmkv_list_push_head(st, c, it, off, LS_FREE);
+}
+
+/* Frees `off` if it is still the UNLINKED leftover of this process (eviction or a repair
+ * may have freed, even reused, it meanwhile). Takes the class lock. */
+void shmkv_free_unlinked(store_t *st, uint32_t cls, uint32_t off) {
+    if (cls >= st->hdr->nclasses || shmkv_class_lock(st, cls) != 0) return;
+    item_t *it = shmkv_item(st, off);
+    if (it->state == IT_UNLINKED && it->owner == st->slot + 1 && it->cls == cls)
+        shmkv_free_locked(st, cls, off);
+    shmkv_class_unlock(st, cls);
+}
+
+void shmkv_free_pending(store_t *st) {
+    uint32_t p = st->pending;
+    st->pending = 0;
+    if (p) shmkv_free_unlinked(st, st->pending_cls, p);
+}
+
+/* REQUIRES: class lock of `cls`, taken from a dead owner. Rebuilds the class's LRU and
+ * free list and its counters from a scan of its pages; the LRU order is lost (a crash
+ * costs recency, not data). A chunk IN FLIGHT for a live writer stays in the LRU; one left
+ * by a dead writer is freed. */
+void shmkv_repair_class_locked(store_t *st, uint32_t cls) {
+    header_t *h = st->hdr;
+    class_t *c = &st->classes[cls];
+    c->lru_head = c->lru_tail = c->free_head = 0;
+    c->free_count = c->used = c->pages = 0;
+    for (uint32_t p = 0; p < h->npages; p++) {
+        if (st->pagemeta[p].cls != cls) continue;
+        c->pages++;
+        uint32_t used = 0;
+        char *base = page_addr(st, p);
+        for (uint32_t i = 0; i < c->per_page; i++) {
+            item_t *it = (item_t *)(base + (uint64_t)i * c->size);
+            uint32_t off = shmkv_off(st, it);
+            it->listed = LS_NONE;
+            it->cls = (uint8_t)cls;
+            int keep = it->state == IT_LINKED ||
+                       (it->state == IT_INFLIGHT && it->owner >= 1 &&
+                        it->owner <= SHMKV_MAX_SLOTS && shmkv_slot_alive(st, it->owner - 1u));
+            if (it->state == IT_UNLINKED && it->owner >= 1 && it->owner <= SHMKV_MAX_SLOTS &&
+                shmkv_slot_alive(st, it->owner - 1u))
+                keep = 1; /* its live owner frees it (pending) */
+            if (keep) {
+                used++;
+                shmkv_list_push_head(st, c, it, off, LS_LRU);
+            } else {
+                if (it->state == IT_INFLIGHT || it->state == IT_UNLINKED) c->reclaimed++;
+                it->state = IT_FREE;
+                it->owner = 0;
+                shmkv_list_push_head(st, c, it, off, LS_FREE);
+            }
+        }
+        st->pagemeta[p].used = used;
+        c->used += used;
+    }
+}

@@ -1,0 +1,352 @@
+/* table.c -- the hash index: chains of items per bucket, guarded by lock stripes, and the
+ * operations built on it (get, put, add, incr, delete, clear, scan).
+ *
+ * Bucket b is guarded by stripe b & stripe_mask. Every read and write of a chain, and every
+ * read of an item's key and value, happens under that stripe; so a get can never see a torn
+ * or mixed value.
+ *
+ * A put that a SIGKILL may interrupt at any instruction (DESIGN.md "A put that a SIGKILL
+ * can interrupt anywhere", with the write done under the stripe rather than lock-free):
+ *   1. under the class lock, take a chunk, mark it IN FLIGHT for this process (and record
+ *      it in this process's slot), put it at the LRU head;
+ *   2. write header, key and value into it: nobody can reach it;
+ *   3. mark it LINKED and publish it with ONE aligned 4-byte store into the predecessor's
+ *      link (replacing the old version in place in the chain), then mark the old version
+ *      UNLINKED;
+ *   4. free the old version (lazily: shmkv_alloc_locked frees this process's `pending`).
+ * A crash before 3 leaves an IN FLIGHT chunk whose owner is dead (reclaimed when its stripe
+ * or class is repaired, or by verify); after 3 the new value is in place. Either way the
+ * chain is whole and holds the old or the new value, never neither.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "core.h"
+
+static inline uint32_t bucket_of(store_t *st, uint64_t h) { return (uint32_t)h & st->bucket_mask; }
+uint32_t shmkv_stripe_of(store_t *st, uint64_t h) { return bucket_of(st, h) & st->stripe_mask; }
+
+int shmkv_stripe_lock(store_t *st, uint32_t s) {
+    int rc = shmkv_lock(st, &st->stripes[s].m);
+    if (rc == 1) {
+        shmkv_repair_stripe_locked(st, s);
+        shmkv_lock_consistent(&st->stripes[s].m);
+        shmkv_reclaim_dead_inflight(st);
+        STAT(st, ST_REPAIRS);
+        rc = 0;
+    }
+    return rc;
+}
+
+void shmkv_stripe_unlock(store_t *st, uint32_t s) { shmkv_unlock(&st->stripes[s].m); }
+
+/* REQUIRES: stripe of bucket b. Returns the item's offset (0 if absent) and, in *pp, the
+ * link that points at it (or the chain's last link when absent). */
+static inline uint32_t find_locked(store_t *st, uint32_t b, const char *k, size_t klen,
+                                   uint32_t h32, uint32_t **pp) {
+    uint32_t *link = &st->buckets[b];
+    uint32_t off = *link;
+    while (off) {
+        item_t *it = shmkv_item(st, off);
+        if (it->hash32 == h32 && it->klen == klen && memcmp(ITEM_KEY(it), k, klen) == 0) break;
+        link = &it->hnext;
+        off = *link;
+    }
+    if (pp) *pp = link;
+    return off;
+}
+
+static inline int is_expired(item_t *it) {
+    return it->expire_ms && it->expire_ms <= shmkv_now_ms();
+}
+
+/* REQUIRES: the item's stripe. Removes a LINKED item from its chain; 1 if it was there. */
+int shmkv_unlink_from_chain_locked(store_t *st, item_t *it, uint32_t off) {
+    uint64_t hv = shmkv_hash(ITEM_KEY(it), it->klen, st->hdr->seed);
+    uint32_t *link = &st->buckets[bucket_of(st, hv)];
+    uint32_t steps = 0;
+    while (*link && steps++ < (1u << 24)) {
+        if (*link == off) {
+            __atomic_store_n(link, it->hnext, __ATOMIC_RELEASE);
+            it->state = IT_UNLINKED;
+            return 1;
+        }
+        link = &shmkv_item(st, *link)->hnext;
+    }
+    return 0;
+}
+
+/* REQUIRES: stripe of the item, which *link points at. Unlinks and frees it. */
+static void remove_locked(store_t *st, uint32_t *link, uint32_t off) {
+    item_t *it = shmkv_item(st, off);
+    __atomic_store_n(link, it->hnext, __ATOMIC_RELEASE);
+    it->owner = (uint16_t)(st->slot + 1);
+    __atomic_store_n(&it->state, IT_UNLINKED, __ATOMIC_RELEASE);
+    __atomic_sub_fetch(&st->hdr->nitems, 1, __ATOMIC_RELAXED);
+    shmkv_free_unlinked(st, it->cls, off);
+}
+
+PyObject *shmkv_get(store_t *st, const char *k, size_t klen, int *err) {
+    uint64_t hv = shmkv_hash(k, klen, st->hdr->seed);
+    uint32_t b = bucket_of(st, hv), s = b & st->stripe_mask;
+    uint32_t *link;
+    PyObject *res = NULL;
+    int rc = shmkv_stripe_lock(st, s);
+    if (rc < 0) {
+        *err = rc;
+        return NULL;
+    }
+    uint32_t off = find_locked(st, b, k, klen, (uint32_t)(hv >> 32), &link);
+    STAT(st, ST_GETS);
+    if (off) {
+        item_t *it = shmkv_item(st, off);
+        if (it->expire_ms && is_expired(it)) {
+            remove_locked(st, link, off);
+            STAT(st, ST_EXPIRED);
+        } else {
+            if (!it->active) it->active = 1;
+            res = PyBytes_FromStringAndSize(ITEM_VAL(it), it->vlen);
+            if (!res) *err = SHMKV_EPYTHON;
+        }
+    }
+    shmkv_stripe_unlock(st, s);
+    if (res) STAT(st, ST_HITS);
+    else {
+        STAT(st, ST_MISSES);
+        if (!*err) *err = SHMKV_ENOTFOUND;
+    }
+    return res;
+}
+
+int shmkv_contains(store_t *st, const char *k, size_t klen) {
+    uint64_t hv = shmkv_hash(k, klen, st->hdr->seed);
+    uint32_t b = bucket_of(st, hv), s = b & st->stripe_mask;
+    int rc = shmkv_stripe_lock(st, s);
+    if (rc < 0) return rc;
+    uint32_t off = find_locked(st, b, k, klen, (uint32_t)(hv >> 32), NULL);
+    int found = off && !is_expired(shmkv_item(st, off));
+    shmkv_stripe_unlock(st, s);
+    return found;
+}
+
+static int check_sizes(store_t *st, size_t klen, size_t vlen, int *cls) {
+    if (klen == 0 || klen > st->hdr->max_key) return SHMKV_EKEYLEN;
+    if (vlen > st->hdr->max_item || SHMKV_ITEM_HDR + klen + vlen > st->hdr->max_item)
+        return SHMKV_EVALLEN;
+    *cls = shmkv_class_for(st, (uint32_t)(SHMKV_ITEM_HDR + klen + vlen));
+    return *cls < 0 ? SHMKV_EVALLEN : 0;
+}
+
+/* REQUIRES: stripe s of bucket b. Steps 1-4 of the put above. */
+static int put_locked(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls,
+                      const char *k, size_t klen, const char *v, size_t vlen,
+                      uint64_t expire_ms) {
+    uint32_t x, *link;
+    int rc = shmkv_class_lock(st, (uint32_t)cls);
+    if (rc < 0) return rc;
+    rc = shmkv_alloc_locked(st, (uint32_t)cls, s, &x);
+    shmkv_class_unlock(st, (uint32_t)cls);
+    if (rc < 0) return rc;
+
+    item_t *it = shmkv_item(st, x);
+    it->vlen = (uint32_t)vlen;
+    it->expire_ms = expire_ms;
+    it->hash32 = h32;
+    it->klen = (uint16_t)klen;
+    memcpy(ITEM_KEY(it), k, klen);
+    memcpy(ITEM_KEY(it) + klen, v, vlen);
+
+    /* Look up only now: eviction during the allocation may have changed this chain. */
+    uint32_t old = find_locked(st, b, k, klen, h32, &link);
+    if (old) {
+        it->hnext = shmkv_item(st, old)->hnext;
+    } else {
+        link = &st->buckets[b];
+        it->hnext = *link;
+    }
+    __atomic_store_n(&it->state, IT_LINKED, __ATOMIC_RELEASE);
+    __atomic_store_n(link, x, __ATOMIC_RELEASE); /* the publication */
+    shmkv_me(st)->inflight = 0;
+    if (old) {
+        item_t *o = shmkv_item(st, old);
+        o->owner = (uint16_t)(st->slot + 1);
+        __atomic_store_n(&o->state, IT_UNLINKED, __ATOMIC_RELEASE);
+        uint32_t prev = st->pending, prev_cls = st->pending_cls;
+        st->pending = old;
+        st->pending_cls = o->cls;
+        if (prev) shmkv_free_unlinked(st, prev_cls, prev);
+    } else {
+        __atomic_add_fetch(&st->hdr->nitems, 1, __ATOMIC_RELAXED);
+    }
+    STAT(st, ST_PUTS);
+    return 0;
+}
+
+int shmkv_put(store_t *st, const char *k, size_t klen, const char *v, size_t vlen,
+              uint64_t expire_ms, int only_if_absent) {
+    int cls, rc = check_sizes(st, klen, vlen, &cls);
+    if (rc) return rc;
+    uint64_t hv = shmkv_hash(k, klen, st->hdr->seed);
+    uint32_t b = bucket_of(st, hv), s = b & st->stripe_mask, h32 = (uint32_t)(hv >> 32);
+    if ((rc = shmkv_stripe_lock(st, s)) < 0) return rc;
+    if (only_if_absent) {
+        uint32_t *link;
+        uint32_t off = find_locked(st, b, k, klen, h32, &link);
+        if (off && !is_expired(shmkv_item(st, off))) {
+            shmkv_stripe_unlock(st, s);
+            return SHMKV_EEXISTS;
+        }
+    }
+    rc = put_locked(st, s, b, h32, cls, k, klen, v, vlen, expire_ms);
+    shmkv_stripe_unlock(st, s);
+    return rc;
+}
+
+int shmkv_delete(store_t *st, const char *k, size_t klen) {
+    uint64_t hv = shmkv_hash(k, klen, st->hdr->seed);
+    uint32_t b = bucket_of(st, hv), s = b & st->stripe_mask;
+    uint32_t *link;
+    int rc = shmkv_stripe_lock(st, s);
+    if (rc < 0) return rc;
+    uint32_t off = find_locked(st, b, k, klen, (uint32_t)(hv >> 32), &link);
+    int found = 0;
+    if (off) {
+        found = !is_expired(shmkv_item(st, off));
+        remove_locked(st, link, off);
+        STAT(st, ST_DELETES);
+    }
+    shmkv_stripe_unlock(st, s);
+    return found;
+}
+
+static int parse_i64(const char *p, size_t n, int64_t *out) {
+    if (n == 0 || n > 20) return -1;
+    size_t i = 0;
+    int neg = 0;
+    if (p[0] == '-' || p[0] == '+') {
+        neg = p[0] == '-';
+        i = 1;
+        if (n == 1) return -1;
+    }
+    uint64_t v = 0;
+    for (; i < n; i++) {
+        if (p[i] < '0' || p[i] > '9') return -1;
+        uint64_t d = (uint64_t)(p[i] - '0');
+        if (v > (UINT64_MAX - d) / 10) return -1;
+        v = v * 10 + d;
+    }
+    if (neg) {
+        if (v > (uint64_t)INT64_MAX + 1) return -1;
+        *out = (int64_t)(0 - v);
+    } else {
+        if (v > (uint64_t)INT64_MAX) return -1;
+        *out = (int64_t)v;
+    }
+    return 0;
+}
+
+/* Counters are stored as ASCII decimal (like memcached and Redis), so get() and other
+ * tools read them as they are. The new value goes to a new chunk (never rewritten in
+ * place: a crash mid-rewrite would leave a torn number). A missing key counts from 0. */
+int shmkv_incr(store_t *st, const char *k, size_t klen, int64_t delta, int64_t *out) {
+    if (klen == 0 || klen > st->hdr->max_key) return SHMKV_EKEYLEN;
+    uint64_t hv = shmkv_hash(k, klen, st->hdr->seed);
+    uint32_t b = bucket_of(st, hv), s = b & st->stripe_mask, h32 = (uint32_t)(hv >> 32);
+    int rc = shmkv_stripe_lock(st, s);
+    if (rc < 0) return rc;
+    int64_t cur = 0;
+    uint64_t expire = 0;
+    uint32_t off = find_locked(st, b, k, klen, h32, NULL);
+    if (off && !is_expired(shmkv_item(st, off))) {
+        item_t *it = shmkv_item(st, off);
+        if (parse_i64(ITEM_VAL(it), it->vlen, &cur) != 0) {
+            shmkv_stripe_unlock(st, s);
+            return SHMKV_ENOTNUM;
+        }
+        expire = it->expire_ms;
+    }
+    if ((delta > 0 && cur > INT64_MAX - delta) || (delta < 0 && cur < INT64_MIN - delta)) {
+        shmkv_stripe_unlock(st, s);
+        return SHMKV_EOVERFLOW;
+    }
+    cur += delta;
+    char buf[24];
+    int n = snprintf(buf, sizeof buf, "%lld", (long long)cur);
+    int cls;
+    rc = check_sizes(st, klen, (size_t)n, &cls);
+    if (rc == 0) rc = put_locked(st, s, b, h32, cls, k, klen, buf, (size_t)n, expire);
+    shmkv_stripe_unlock(st, s);
+    if (rc == 0) *out = cur;
+    return rc;
+}
+
+int shmkv_clear(store_t *st) {
+    for (uint32_t s = 0; s < st->hdr->nstripes; s++) {
+        int rc = shmkv_stripe_lock(st, s);
+        if (rc < 0) return rc;
+        for (uint32_t b = s; b < st->hdr->nbuckets; b += st->hdr->nstripes)
+            while (st->buckets[b]) remove_locked(st, &st->buckets[b], st->buckets[b]);
+        shmkv_stripe_unlock(st, s);
+    }
+    return 0;
+}
+
+/* Python objects are built after the stripe is released: allocating a list or tuple may run
+ * the garbage collector, whose finalizers may call back into this store and relock the
+ * stripe (a self-deadlock on a non-recursive mutex). So copy out first, into a C buffer. */
+PyObject *shmkv_scan_stripe(store_t *st, uint32_t s, int with_values) {
+    size_t cap = 4096, used = 0, n = 0;
+    char *buf = NULL;
+    uint64_t now = shmkv_now_ms();
+    int rc = shmkv_stripe_lock(st, s);
+    if (rc < 0) return PyErr_Format(PyExc_OSError, "lock failed: %s", strerror(st->last_errno));
+    for (int pass = 0; pass < 2; pass++) {
+        used = n = 0;
+        for (uint32_t b = s; b < st->hdr->nbuckets; b += st->hdr->nstripes) {
+            for (uint32_t off = st->buckets[b]; off; off = shmkv_item(st, off)->hnext) {
+                item_t *it = shmkv_item(st, off);
+                if (it->expire_ms && it->expire_ms <= now) continue;
+                size_t need = 8 + it->klen + (with_values ? it->vlen : 0);
+                if (pass == 1 && used + need <= cap) {
+                    uint32_t kl = it->klen, vl = with_values ? it->vlen : 0;
+                    memcpy(buf + used, &kl, 4);
+                    memcpy(buf + used + 4, &vl, 4);
+                    memcpy(buf + used + 8, ITEM_KEY(it), kl + vl);
+                }
+                used += need;
+                n++;
+            }
+        }
+        if (pass == 0) {
+            cap = used;
+            buf = PyMem_RawMalloc(cap ? cap : 1);
+            if (!buf) break;
+        }
+    }
+    shmkv_stripe_unlock(st, s);
+    if (!buf) return PyErr_NoMemory();
+    PyObject *list = PyList_New(0);
+    for (size_t pos = 0; list && pos + 8 <= cap;) {
+        uint32_t kl, vl;
+        memcpy(&kl, buf + pos, 4);
+        memcpy(&vl, buf + pos + 4, 4);
+        PyObject *key = PyBytes_FromStringAndSize(buf + pos + 8, kl), *elem = key;
+        if (key && with_values) {
+            PyObject *val = PyBytes_FromStringAndSize(buf + pos + 8 + kl, vl);
+            elem = val ? PyTuple_Pack(2, key, val) : NULL;
+            Py_XDECREF(val);
+            Py_DECREF(key);
+        }
+        if (!elem || PyList_Append(list, elem) < 0) Py_CLEAR(list);
+        Py_XDECREF(elem);
+        pos += 8 + kl + vl;
+    }
+    PyMem_RawFree(buf);
+    return list;
+}
+
+uint64_t shmkv_count(store_t *st) {
+    int64_t n = __atomic_load_n(&st->hdr->nitems, __ATOMIC_RELAXED);
+    return n < 0 ? 0 : (uint64_t)n;
+}

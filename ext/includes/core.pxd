@@ -1,0 +1,115 @@
+# C declarations of the shared-memory core (ext/core/core.h, ext/core/layout.h).
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from cpython.object cimport PyObject
+
+
+cdef extern from "core/core.h":
+    enum:
+        SHMKV_OK
+        SHMKV_ENOTFOUND
+        SHMKV_EKEYLEN
+        SHMKV_EVALLEN
+        SHMKV_EFULL
+        SHMKV_ENOTNUM
+        SHMKV_EOVERFLOW
+        SHMKV_ELOCK
+        SHMKV_EEXISTS
+        SHMKV_EPYTHON
+        SHMKV_LAYOUT_VERSION
+        SHMKV_MAX_SLOTS
+        SHMKV_ITEM_HDR
+        SHMKV_PAGE_UNASSIGNED
+        ST_GETS
+        ST_HITS
+        ST_MISSES
+        ST_PUTS
+        ST_DELETES
+        ST_EVICTIONS
+        ST_EXPIRED
+        ST_RECLAIMED
+        ST_AUTOMOVES
+        ST_REPAIRS
+        ST_LOCK_WAITS
+        ST_FULL
+        ST__COUNT
+
+    const uint64_t SHMKV_MAGIC
+
+    ctypedef struct slot_t:
+        uint32_t pid
+        uint32_t gen
+        uint32_t inflight
+        uint64_t stats[16]
+
+    ctypedef struct class_t:
+        uint32_t size
+        uint32_t per_page
+        uint64_t free_count
+        uint64_t used
+        uint64_t pages
+        uint64_t evictions
+        uint64_t allocs
+        uint64_t reclaimed
+
+    ctypedef struct pagemeta_t:
+        uint16_t cls
+        uint32_t used
+
+    ctypedef struct header_t:
+        uint64_t magic
+        uint32_t layout_version
+        uint64_t total_size
+        uint64_t page_size
+        uint32_t npages
+        uint32_t nclasses
+        uint32_t nbuckets
+        uint32_t nstripes
+        uint32_t max_key
+        uint32_t max_item
+        uint32_t growth_x1000
+        uint32_t codec
+        uint32_t codec_arg
+        uint64_t created_ms
+        uint64_t retired[16]
+        uint64_t init_done
+        int64_t nitems
+
+    ctypedef struct store_t:
+        char *base
+        uint64_t size
+        header_t *hdr
+        slot_t *slots
+        class_t *classes
+        pagemeta_t *pagemeta
+        uint32_t slot
+        int lockfd
+        int last_errno
+        uint32_t pending
+
+    ctypedef struct create_params_t:
+        uint64_t size
+        uint32_t max_key
+        uint32_t max_item
+        uint32_t growth_x1000
+        uint32_t nstripes
+        uint32_t codec
+        uint32_t codec_arg
+
+    int shmkv_init_segment(char *base, const create_params_t *p, char *err, size_t errlen)
+    int shmkv_open(store_t *st, char *base, uint64_t size, int lockfd)
+    int shmkv_register(store_t *st)
+    void shmkv_unregister(store_t *st)
+    int shmkv_slot_alive(store_t *st, uint32_t slot)
+    uint64_t shmkv_now_ms()
+    void shmkv_free_pending(store_t *st)
+
+    PyObject *shmkv_get(store_t *st, const char *k, size_t klen, int *err)
+    int shmkv_contains(store_t *st, const char *k, size_t klen)
+    int shmkv_put(store_t *st, const char *k, size_t klen, const char *v, size_t vlen,
+                  uint64_t expire_ms, int only_if_absent)
+    int shmkv_delete(store_t *st, const char *k, size_t klen)
+    int shmkv_incr(store_t *st, const char *k, size_t klen, int64_t delta, int64_t *out)
+    int shmkv_clear(store_t *st)
+    object shmkv_scan_stripe(store_t *st, uint32_t s, int with_values)
+    uint64_t shmkv_count(store_t *st)
+    int shmkv_verify(store_t *st, object problems)
