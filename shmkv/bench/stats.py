@@ -1,0 +1,51 @@
+"""Order statistics of sampled latencies and of repeated throughputs.
+
+Percentiles use the nearest-rank method on the sorted samples: the reported value is always one
+that was observed. Interpolating was the alternative; it invents values between two samples and
+makes p99.9 of a few thousand samples look smoother than the data. No means anywhere: a mean
+of latencies hides the tail, which is what a cache user pays for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+# The percentiles every latency summary carries, as (JSON key, percent).
+PERCENTILES: tuple[tuple[str, float], ...] = (("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9))
+
+
+def percentile(sorted_samples: Sequence[int], pct: float) -> int:
+    """Nearest-rank ``pct`` percentile. REQUIRES: samples sorted ascending, not empty.
+
+    :raises ValueError: no samples, or pct outside (0, 100].
+    """
+    n = len(sorted_samples)
+    if n == 0:
+        raise ValueError("percentile of no samples")
+    if not 0 < pct <= 100:
+        raise ValueError(f"percentile out of range: {pct}")
+    rank = math.ceil(pct / 100.0 * n)
+    return sorted_samples[max(rank, 1) - 1]
+
+
+def summarize(samples: Iterable[int]) -> dict[str, int]:
+    """``{"count", "p50", "p99", "p99.9", "max"}`` in the samples' unit; ``{"count": 0}`` if none."""
+    s = sorted(samples)
+    if not s:
+        return {"count": 0}
+    out = {"count": len(s)}
+    for key, pct in PERCENTILES:
+        out[key] = percentile(s, pct)
+    out["max"] = s[-1]
+    return out
+
+
+def median(values: Sequence[float]) -> float:
+    """The median (mean of the middle two for an even count). :raises ValueError: empty."""
+    s = sorted(values)
+    n = len(s)
+    if n == 0:
+        raise ValueError("median of no values")
+    mid = n // 2
+    return float(s[mid]) if n % 2 else (s[mid - 1] + s[mid]) / 2.0
