@@ -476,6 +476,11 @@ cdef class Core:
         munmap(self._base, self._mapsize)
         self._base = NULL
 
+    def _set_crash_point(self, int n):
+        """Tests only: SIGKILL this process when it reaches crash point n (see CRASH_POINT
+        in ext/core); 0 turns it off."""
+        self.st.crash_at = n
+
     @property
     def closed(self):
         return self._base == NULL

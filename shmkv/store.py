@@ -23,7 +23,6 @@ from .sizes import parse_size
 
 DEFAULT_SIZE = "64MiB"
 DEFAULT_MAX_KEY = 1024
-DEFAULT_MAX_ITEM = "1MiB"
 DEFAULT_GROWTH = 1.08
 DEFAULT_LOCK_STRIPES = 1024
 # Pinned, and recorded in the header at creation: peers broke across Python versions by
@@ -143,6 +142,15 @@ class PickleStore(Store):
         raise InvalidArgument("incr needs a raw store: counters are stored as decimal bytes")
 
 
+def _default_max_item(size: int) -> int:
+    """1 MiB, or size/64 (at least 64 KiB) for stores under 64 MiB: a page must hold the
+    largest item, and a small store needs enough pages for every slab class in use."""
+    limit = 1 << 20
+    while limit > 64 << 10 and limit * 64 > size:
+        limit //= 2
+    return limit
+
+
 _CODECS = {None: None, "raw": segment.CODEC_RAW, "pickle": segment.CODEC_PICKLE}
 
 
@@ -167,7 +175,8 @@ def attach(
     :param codec: ``"raw"`` (bytes values, the fast path) or ``"pickle"`` (any picklable
         object); fixed at creation. ``None`` takes the existing store's codec, raw when creating.
     :param max_key: longest key in bytes (default 1024, at most 65535).
-    :param max_item: in-memory item limit: 36-byte header + key + value (default 1 MiB).
+    :param max_item: in-memory item limit: 36-byte header + key + value (default 1 MiB;
+        size/64 for stores under 64 MiB, at least 64 KiB).
     :param growth_factor: ratio between successive slab chunk sizes (default 1.08; memcached
         uses 1.25, which wastes more memory per item).
     :param lock_stripes: number of bucket lock stripes (a power of two; default 1024).
@@ -180,10 +189,11 @@ def attach(
         raise InvalidArgument(f"codec must be 'raw' or 'pickle', not {codec!r}")
     explicit = {f for f, v in (("max_key", max_key), ("max_item", max_item)) if v is not None}
     want_size = parse_size(size) if size is not None else None
+    params_size = want_size if want_size is not None else parse_size(DEFAULT_SIZE)
     mk = DEFAULT_MAX_KEY if max_key is None else max_key
     if isinstance(mk, bool) or not isinstance(mk, int) or not 1 <= mk <= 65535:
         raise InvalidArgument(f"max_key must be an int in 1..65535, got {max_key!r}")
-    mi = parse_size(DEFAULT_MAX_ITEM if max_item is None else max_item, "max_item")
+    mi = parse_size(max_item, "max_item") if max_item is not None else _default_max_item(params_size)
     if not 64 + mk <= mi <= 1 << 30:
         raise InvalidArgument(f"max_item must be between max_key + 64 bytes and 1 GiB, got {mi}")
     if not 1.01 <= float(growth_factor) <= 4.0:
@@ -192,7 +202,7 @@ def attach(
         raise InvalidArgument(f"lock_stripes must be an int in 1..65536, got {lock_stripes!r}")
     codec_id = _CODECS[codec]
     params = segment.CreateParams(
-        size=want_size if want_size is not None else parse_size(DEFAULT_SIZE),
+        size=params_size,
         max_key=mk,
         max_item=(mi + 7) // 8 * 8,
         growth=float(growth_factor),

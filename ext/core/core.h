@@ -50,6 +50,9 @@ typedef struct {
      * takes anyway, so a replacing put costs one class lock, not two. A crash leaves it
      * UNLINKED, which eviction and repair free. */
     uint32_t pending, pending_cls;
+    /* Tests only: SIGKILL this process on reaching crash point `crash_at` (see CRASH_POINT
+     * uses), to prove each window of each lock is survivable. 0 = off. */
+    int crash_at;
 } store_t;
 
 typedef struct {
@@ -127,6 +130,10 @@ static inline uint32_t shmkv_off(store_t *st, const void *p) {
     return (uint32_t)(((const char *)p - st->base) / SHMKV_UNIT);
 }
 static inline slot_t *shmkv_me(store_t *st) { return &st->slots[st->slot]; }
+#define CRASH_POINT(st, n) \
+    do { if ((st)->crash_at == (n)) shmkv_crash_now(); } while (0)
+void shmkv_crash_now(void);
+
 #define STAT(st, k) \
     do { if ((st)->slot < SHMKV_MAX_SLOTS) shmkv_me(st)->stats[(k)]++; } while (0)
 

@@ -16,6 +16,8 @@
  * test is false and robustness silently disappears. We call setrobust unconditionally.
  */
 #include <errno.h>
+#include <signal.h>
+#include <unistd.h>
 
 #include "core.h"
 
@@ -83,3 +85,5 @@ fail:
 void shmkv_lock_consistent(pthread_mutex_t *m) { pthread_mutex_consistent(m); }
 
 void shmkv_unlock(pthread_mutex_t *m) { pthread_mutex_unlock(m); }
+
+void shmkv_crash_now(void) { kill(getpid(), SIGKILL); }

@@ -80,6 +80,7 @@ int shmkv_evict_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t
             if (__atomic_load_n(&it->state, __ATOMIC_ACQUIRE) == IT_LINKED &&
                 shmkv_unlink_from_chain_locked(st, it, off))
                 __atomic_sub_fetch(&st->hdr->nitems, 1, __ATOMIC_RELAXED);
+            CRASH_POINT(st, 5); /* class + victim stripe held mid-eviction */
             if (s != held_stripe) shmkv_unlock(&st->stripes[s].m);
             if (expired) STAT(st, ST_EXPIRED);
             else {

@@ -18,7 +18,7 @@
 
 #include "core.h"
 
-#define PAGE_SIZE_DEFAULT (1u << 20)
+#define PAGE_SIZE_MIN (64u << 10)
 
 uint64_t shmkv_now_ms(void) {
     struct timespec ts;
@@ -53,10 +53,11 @@ static int build_classes(uint32_t *sizes, uint32_t max_item, uint32_t growth_x10
 int shmkv_init_segment(char *base, const create_params_t *p, char *err, size_t errlen) {
     header_t *h = (header_t *)base;
     uint32_t sizes[SHMKV_MAX_CLASSES];
-    uint64_t page_size = PAGE_SIZE_DEFAULT;
     uint32_t max_item = (uint32_t)align_up(p->max_item, SHMKV_UNIT);
-
-    if (max_item > page_size) page_size = pow2_at_least(max_item);
+    /* A page holds at least one largest item; smaller pages mean more of them, so a small
+     * store can still give a page to each of the classes its workload uses. */
+    uint64_t page_size = pow2_at_least(max_item);
+    if (page_size < PAGE_SIZE_MIN) page_size = PAGE_SIZE_MIN;
     int ncls = build_classes(sizes, max_item, p->growth_x1000);
     if (ncls < 0) {
         snprintf(err, errlen, "growth factor %.3f makes more than %u slab classes",
@@ -64,7 +65,7 @@ int shmkv_init_segment(char *base, const create_params_t *p, char *err, size_t e
         return -1;
     }
     uint32_t nstripes = pow2_at_least(p->nstripes ? p->nstripes : 1024);
-    uint32_t nbuckets = pow2_at_least(p->size / 128);
+    uint32_t nbuckets = pow2_at_least(p->size / 256);
     if (nbuckets < 1024) nbuckets = 1024;
     if (nstripes > nbuckets) nstripes = nbuckets;
 

@@ -75,6 +75,7 @@ static void cut_page_locked(store_t *st, uint32_t cls, uint32_t p) {
     for (uint32_t i = c->per_page; i-- > 0;) {
         item_t *it = (item_t *)(base + (uint64_t)i * c->size);
         shmkv_list_push_head(st, c, it, shmkv_off(st, it), LS_FREE);
+        if (i == c->per_page / 2) CRASH_POINT(st, 8); /* page half cut */
     }
     st->pagemeta[p].used = 0;
     c->pages++;
@@ -201,6 +202,7 @@ static int automove_locked(store_t *st, uint32_t cls, uint32_t held_stripe) {
             st->pagemeta[victim].cls = SHMKV_PAGE_MOVING;
             dc->pages--;
             memset(page_addr(st, victim), 0, h->page_size);
+            CRASH_POINT(st, 6); /* page MOVING; page lock and both class locks held */
             st->pagemeta[victim].cls = (uint16_t)cls;
             moved = 0;
         }
@@ -247,6 +249,7 @@ int shmkv_alloc_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t
         off = c->free_head;
         shmkv_list_remove(st, c, shmkv_item(st, off), off);
     }
+    CRASH_POINT(st, 1); /* stripe + class held; chunk on no list */
     item_t *it = shmkv_item(st, off);
     it->state = IT_INFLIGHT;
     it->owner = (uint16_t)(st->slot + 1);

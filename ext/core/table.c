@@ -84,6 +84,7 @@ static void remove_locked(store_t *st, uint32_t *link, uint32_t off) {
     it->owner = (uint16_t)(st->slot + 1);
     __atomic_store_n(&it->state, IT_UNLINKED, __ATOMIC_RELEASE);
     __atomic_sub_fetch(&st->hdr->nitems, 1, __ATOMIC_RELAXED);
+    CRASH_POINT(st, 7); /* unlinked, not yet freed */
     shmkv_free_unlinked(st, it->cls, off);
 }
 
@@ -149,12 +150,14 @@ static int put_locked(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls
     shmkv_class_unlock(st, (uint32_t)cls);
     if (rc < 0) return rc;
 
+    CRASH_POINT(st, 2); /* stripe held; chunk IN FLIGHT */
     item_t *it = shmkv_item(st, x);
     it->vlen = (uint32_t)vlen;
     it->expire_ms = expire_ms;
     it->hash32 = h32;
     it->klen = (uint16_t)klen;
     memcpy(ITEM_KEY(it), k, klen);
+    CRASH_POINT(st, 3); /* half-written item */
     memcpy(ITEM_KEY(it) + klen, v, vlen);
 
     /* Look up only now: eviction during the allocation may have changed this chain. */
@@ -167,6 +170,7 @@ static int put_locked(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls
     }
     __atomic_store_n(&it->state, IT_LINKED, __ATOMIC_RELEASE);
     __atomic_store_n(link, x, __ATOMIC_RELEASE); /* the publication */
+    CRASH_POINT(st, 4); /* published; old version still LINKED-marked */
     shmkv_me(st)->inflight = 0;
     if (old) {
         item_t *o = shmkv_item(st, old);

@@ -85,6 +85,7 @@ cdef extern from "core/core.h":
         int lockfd
         int last_errno
         uint32_t pending
+        int crash_at
 
     ctypedef struct create_params_t:
         uint64_t size

@@ -1,0 +1,174 @@
+"""`shmkv`: inspect and manage the stores on this host (ls, stats, check, rm, get, put, del)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from . import segment
+from .errors import Error
+from .sizes import format_size
+from .store import Store, attach
+
+
+def _open(name: str) -> Store:
+    return attach(name, create=False)
+
+
+def _fail(e: Exception) -> None:
+    raise click.ClickException(str(e))
+
+
+@click.group()
+@click.version_option(package_name="shmkv")
+def main() -> None:
+    """Manage shmkv shared-memory stores on this host."""
+
+
+@main.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def ls_cmd(as_json: bool) -> None:
+    """List the stores on this host."""
+    rows = []
+    for name in segment.list_stores():
+        try:
+            info = segment.segment_info(name)
+        except Error as e:
+            info = {"name": name, "error": str(e)}
+        rows.append(info)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no stores")
+        return
+    click.echo(f"{'NAME':24} {'SIZE':>10} {'LAYOUT':>6} {'CODEC':>6}")
+    for r in rows:
+        if not r.get("initialized"):
+            click.echo(f"{r['name']:24} {'?':>10} {'-':>6} {'-':>6}  (unfinished: a creator died; attach re-creates it)")
+            continue
+        codec = {segment.CODEC_RAW: "raw", segment.CODEC_PICKLE: "pickle"}.get(r["codec"], "?")
+        click.echo(f"{r['name']:24} {format_size(r['size']):>10} {r['layout_version']:>6} {codec:>6}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(name: str, as_json: bool) -> None:
+    """Show the counters and memory use of store NAME."""
+    try:
+        with _open(name) as kv:
+            s = kv.stats()
+    except Error as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    classes = s.pop("classes")
+    for k, v in s.items():
+        click.echo(f"{k:16} {v}")
+    click.echo(f"{'chunk':>8} {'pages':>6} {'used':>9} {'free':>9} {'evictions':>10}")
+    for c in classes:
+        click.echo(f"{c['chunk_size']:>8} {c['pages']:>6} {c['used']:>9} {c['free']:>9} {c['evictions']:>10}")
+
+
+@main.command()
+@click.argument("name")
+def check(name: str) -> None:
+    """Verify every structure of store NAME (exit 1 if a problem is found)."""
+    try:
+        with _open(name) as kv:
+            problems = kv.verify()
+    except Error as e:
+        _fail(e)
+    for p in problems:
+        click.echo(p)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{name}: ok")
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True)
+def rm(names: tuple[str, ...]) -> None:
+    """Remove stores (attached processes keep their mapping until they close)."""
+    for name in names:
+        try:
+            segment.unlink(name)
+        except Error as e:
+            _fail(e)
+        click.echo(f"removed {name}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--size", default="64MiB", show_default=True, help="Segment size.")
+@click.option("--codec", type=click.Choice(["raw", "pickle"]), default="raw", show_default=True)
+def create(name: str, size: str, codec: str) -> None:
+    """Create store NAME (or check that it exists with this size)."""
+    try:
+        with attach(name, size=size, codec=codec) as kv:
+            click.echo(f"{name}: {format_size(kv.stats()['segment_bytes'])}")
+    except Error as e:
+        _fail(e)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return repr(value)
+    return repr(value)
+
+
+@main.command()
+@click.argument("name")
+@click.argument("key")
+def get(name: str, key: str) -> None:
+    """Print the value of KEY (exit 1 when absent)."""
+    try:
+        with _open(name) as kv:
+            value = kv.get(key)
+    except Error as e:
+        _fail(e)
+    if value is None:
+        click.echo(f"{key}: not found", err=True)
+        sys.exit(1)
+    click.echo(_show(value))
+
+
+@main.command()
+@click.argument("name")
+@click.argument("key")
+@click.argument("value")
+@click.option("--ttl", type=float, default=None, help="Seconds until the item expires.")
+def put(name: str, key: str, value: str, ttl: float | None) -> None:
+    """Store VALUE (UTF-8) under KEY."""
+    try:
+        with _open(name) as kv:
+            kv.put(key, value if kv.codec == "pickle" else value.encode(), ttl=ttl)
+    except Error as e:
+        _fail(e)
+
+
+@main.command("del")
+@click.argument("name")
+@click.argument("key")
+def delete(name: str, key: str) -> None:
+    """Delete KEY (exit 1 when absent)."""
+    try:
+        with _open(name) as kv:
+            found = kv.delete(key)
+    except Error as e:
+        _fail(e)
+    if not found:
+        click.echo(f"{key}: not found", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
