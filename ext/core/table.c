@@ -225,7 +225,7 @@ int shmkv_delete(store_t *st, const char *k, size_t klen) {
 }
 
 static int parse_i64(const char *p, size_t n, int64_t *out) {
-    if (n == 0 || n > 20) return -1;
+    if (n == 0 || n > 64) return -1;
     size_t i = 0;
     int neg = 0;
     if (p[0] == '-' || p[0] == '+') {
