@@ -68,38 +68,99 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--backends", "-b", default=",".join(NAMES), show_default=True,
-              help="Comma-separated backends to run.")
+@click.option(
+    "--backends",
+    "-b",
+    default=",".join(NAMES),
+    show_default=True,
+    help="Comma-separated backends to run.",
+)
 @click.option("--keys", "-n", type=int, default=10_000, show_default=True, help="Distinct keys.")
 @click.option("--key-size", type=int, default=16, show_default=True, help="Bytes per key.")
-@click.option("--value-size", "-s", default="100", show_default=True,
-              help="Value bytes: 100 | 100-10KiB (uniform) | 100:70,1KiB:20,10KiB:10 (weighted).")
-@click.option("--mix", "-m", default="get=90,put=10", show_default=True,
-              help="Op shares, of get, put, delete, incr (incr stores decimal counters).")
-@click.option("--dist", "-d", default="uniform", show_default=True,
-              help="Key distribution: uniform | zipf | zipf:S (S = exponent, default 0.99).")
-@click.option("--procs", "-p", default="1,2", show_default=True,
-              help="Process counts: 1,2,4 or 1-4. dict runs at 1 only.")
-@click.option("--duration", "-t", type=float, default=None,
-              help=f"Seconds per run [default: {DEFAULT_DURATION:g}].")
-@click.option("--ops", type=int, default=None, help="Ops per process per run, instead of --duration.")
-@click.option("--batch", type=int, default=1, show_default=True,
-              help="Keys per call: >1 uses get_many/put_many/delete_many (MGET/MSET for Redis).")
-@click.option("--fill/--no-fill", default=True, show_default=True,
-              help="Write every key once before the timed runs.")
-@click.option("--capacity", default=None,
-              help="Store size, e.g. 64MiB: shmkv segment, memcached -m, Redis maxmemory "
-                   "(allkeys-lru), diskcache size_limit. Backends that cannot evict are skipped.")
-@click.option("--repeat", "-r", type=int, default=1, show_default=True,
-              help="Runs per cell; ops/s is their median.")
+@click.option(
+    "--value-size",
+    "-s",
+    default="100",
+    show_default=True,
+    help="Value bytes: 100 | 100-10KiB (uniform) | 100:70,1KiB:20,10KiB:10 (weighted).",
+)
+@click.option(
+    "--mix",
+    "-m",
+    default="get=90,put=10",
+    show_default=True,
+    help="Op shares, of get, put, delete, incr (incr stores decimal counters).",
+)
+@click.option(
+    "--dist",
+    "-d",
+    default="uniform",
+    show_default=True,
+    help="Key distribution: uniform | zipf | zipf:S (S = exponent, default 0.99).",
+)
+@click.option(
+    "--procs",
+    "-p",
+    default="1,2",
+    show_default=True,
+    help="Process counts: 1,2,4 or 1-4. dict runs at 1 only.",
+)
+@click.option(
+    "--duration",
+    "-t",
+    type=float,
+    default=None,
+    help=f"Seconds per run [default: {DEFAULT_DURATION:g}].",
+)
+@click.option(
+    "--ops", type=int, default=None, help="Ops per process per run, instead of --duration."
+)
+@click.option(
+    "--batch",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Keys per call: >1 uses get_many/put_many/delete_many (MGET/MSET for Redis).",
+)
+@click.option(
+    "--fill/--no-fill",
+    default=True,
+    show_default=True,
+    help="Write every key once before the timed runs.",
+)
+@click.option(
+    "--capacity",
+    default=None,
+    help="Store size, e.g. 64MiB: shmkv segment, memcached -m, Redis maxmemory "
+    "(allkeys-lru), diskcache size_limit. Backends that cannot evict are skipped.",
+)
+@click.option(
+    "--repeat",
+    "-r",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Runs per cell; ops/s is their median.",
+)
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--json", "json_path", default=None, help="Write the JSON report to FILE ('-' = stdout).")
-@click.option("--plot", "plot_path", default=None, help="Write throughput vs processes to FILE.png.")
-@click.option("--redis-url", default=None,
-              help="Use this Redis instead of a private redis-server (its workload keys are "
-                   "overwritten, then deleted: use a scratch database).")
-@click.option("--memcached", "memcached_addr", default=None,
-              help="Use this memcached HOST:PORT instead of a private one.")
+@click.option(
+    "--json", "json_path", default=None, help="Write the JSON report to FILE ('-' = stdout)."
+)
+@click.option(
+    "--plot", "plot_path", default=None, help="Write throughput vs processes to FILE.png."
+)
+@click.option(
+    "--redis-url",
+    default=None,
+    help="Use this Redis instead of a private redis-server (its workload keys are "
+    "overwritten, then deleted: use a scratch database).",
+)
+@click.option(
+    "--memcached",
+    "memcached_addr",
+    default=None,
+    help="Use this memcached HOST:PORT instead of a private one.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
 def main(
     backends: str,
@@ -184,7 +245,11 @@ def main(
     finally:
         signal.signal(signal.SIGTERM, old)
     report = build_report(
-        workload, outcome, procs_list, command=command_line(), started=started,
+        workload,
+        outcome,
+        procs_list,
+        command=command_line(),
+        started=started,
         seconds=time.monotonic() - t0,
     )
     validate(report)

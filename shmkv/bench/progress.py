@@ -38,7 +38,9 @@ class LineProgress:
         self._last = now
         of = f"/{planned:.1f}" if planned else ""
         rate = keys_done / elapsed if elapsed > 0 else 0.0
-        self._write(f"{self._what}  {elapsed:4.1f}{of} s  {keys_done:>12,} ops  {rate:>12,.0f} ops/s")
+        self._write(
+            f"{self._what}  {elapsed:4.1f}{of} s  {keys_done:>12,} ops  {rate:>12,.0f} ops/s"
+        )
 
     def end(self, ops_per_s: float) -> None:
         line = f"{self._what}  {ops_per_s:>12,.0f} ops/s"

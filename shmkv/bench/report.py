@@ -126,8 +126,26 @@ def build_report(
     }
 
 
-_RESULT_KEYS = {"backend", "procs", "ops_per_s", "ratio_to_shmkv", "hit_ratio", "runs", "latency_ns"}
-_TOP_KEYS = {"schema", "command", "machine", "versions", "workload", "procs", "results", "skipped", "failed"}
+_RESULT_KEYS = {
+    "backend",
+    "procs",
+    "ops_per_s",
+    "ratio_to_shmkv",
+    "hit_ratio",
+    "runs",
+    "latency_ns",
+}
+_TOP_KEYS = {
+    "schema",
+    "command",
+    "machine",
+    "versions",
+    "workload",
+    "procs",
+    "results",
+    "skipped",
+    "failed",
+}
 
 
 def validate(report: dict[str, Any]) -> None:
@@ -274,12 +292,19 @@ def write_plot(report: dict[str, Any], path: str) -> None:
     fig = Figure(figsize=(7, 4.5), dpi=120)
     ax = fig.add_subplot()
     for name in sorted({r["backend"] for r in report["results"]}, key=_order):
-        rows = sorted((r for r in report["results"] if r["backend"] == name), key=lambda r: r["procs"])
+        rows = sorted(
+            (r for r in report["results"] if r["backend"] == name), key=lambda r: r["procs"]
+        )
         xs = [r["procs"] for r in rows]
         ys = [r["ops_per_s"] for r in rows]
         style = "-o" if name == "shmkv" else "--s" if name == "dict" else "-^"
-        ax.plot(xs, ys, style, label=name + (" (1 process, not shared)" if name == "dict" else ""),
-                linewidth=2.5 if name == "shmkv" else 1.2)
+        ax.plot(
+            xs,
+            ys,
+            style,
+            label=name + (" (1 process, not shared)" if name == "dict" else ""),
+            linewidth=2.5 if name == "shmkv" else 1.2,
+        )
     ax.set_yscale("log")
     ax.set_xlabel("processes")
     ax.set_ylabel("ops/s (keys per second, log scale)")

@@ -138,14 +138,21 @@ def bind_stream(adapter: Adapter, stream: OpStream) -> list[list[Block]]:
     one. REQUIRES: adapter open.
     """
     if stream.keys_per_op == 1:
-        fns: tuple[Callable[..., Any], ...] = (adapter.get, adapter.put, adapter.delete, adapter.incr)
+        fns: tuple[Callable[..., Any], ...] = (
+            adapter.get,
+            adapter.put,
+            adapter.delete,
+            adapter.incr,
+        )
     else:
         fns = (adapter.get_many, adapter.put_many, adapter.delete_many, adapter.incr)
     calls: list[Callable[[], Any]] = []
     codes: list[int] = []
     for code, arg in stream.ops:
         fn = fns[code]
-        calls.append(partial(fn, *arg) if code == PUT and stream.keys_per_op == 1 else partial(fn, arg))
+        calls.append(
+            partial(fn, *arg) if code == PUT and stream.keys_per_op == 1 else partial(fn, arg)
+        )
         codes.append(code)
     blocks: list[Block] = [
         (codes[i], calls[i], tuple(calls[i + 1 : i + SAMPLE_EVERY]))
@@ -219,7 +226,9 @@ def fill(adapter: Adapter, workload: Workload) -> float:
     return time.perf_counter() - t0
 
 
-def _work(adapter: Adapter, workload: Workload, index: int, barrier: Any, counter: Any) -> WorkerResult:
+def _work(
+    adapter: Adapter, workload: Workload, index: int, barrier: Any, counter: Any
+) -> WorkerResult:
     adapter.open()
     try:
         if not adapter.shared and workload.fill:
@@ -232,7 +241,9 @@ def _work(adapter: Adapter, workload: Workload, index: int, barrier: Any, counte
         gc.collect()
         gc.freeze()
         barrier.wait(READY_TIMEOUT)
-        return timed_loop(segments, stream.keys_per_op, workload.duration, max_calls, counter, index)
+        return timed_loop(
+            segments, stream.keys_per_op, workload.duration, max_calls, counter, index
+        )
     finally:
         adapter.close()
 
@@ -291,7 +302,9 @@ def run_cell(
             barrier.wait(READY_TIMEOUT)
         except BrokenBarrierError:
             _collect(pipes, workers, results, deadline=time.monotonic() + 10)
-            raise WorkerFailed(_errors(results, workers) or "a worker did not reach the start barrier") from None
+            raise WorkerFailed(
+                _errors(results, workers) or "a worker did not reach the start barrier"
+            ) from None
         t0 = time.monotonic()
         planned = workload.duration
         deadline = t0 + (planned + HANG_GRACE if planned is not None else OPS_RUN_LIMIT)
@@ -304,7 +317,9 @@ def run_cell(
             if dead:
                 _collect(pipes, workers, results, deadline=time.monotonic() + 1)
                 if len(results) < procs:
-                    raise WorkerFailed(f"worker {dead[0].name} died with exit code {dead[0].exitcode}")
+                    raise WorkerFailed(
+                        f"worker {dead[0].name} died with exit code {dead[0].exitcode}"
+                    )
         msg = _errors(results, workers)
         if msg:
             raise WorkerFailed(msg)
@@ -326,18 +341,23 @@ def run_cell(
 
 
 def _collect(
-    pipes: list[tuple[Any, Any]], workers: list[Any], results: dict[int, WorkerResult], deadline: float
+    pipes: list[tuple[Any, Any]],
+    workers: list[Any],
+    results: dict[int, WorkerResult],
+    deadline: float,
 ) -> None:
     """Receive what has arrived (waiting until ``deadline`` for at least something)."""
     pending = {pipes[i][0]: i for i in range(len(pipes)) if i not in results}
     while pending:
-        ready = multiprocessing.connection.wait(list(pending), max(0.0, deadline - time.monotonic()))
+        ready = multiprocessing.connection.wait(
+            list(pending), max(0.0, deadline - time.monotonic())
+        )
         if not ready:
             return
         for conn in ready:
-            i = pending.pop(conn)  # type: ignore[call-overload]
+            i = pending.pop(conn)
             try:
-                results[i] = conn.recv()
+                results[i] = conn.recv()  # type: ignore[union-attr,call-arg,assignment]
             except EOFError:
                 results[i] = WorkerResult(index=i, error=f"worker {i} exited without a result")
         if time.monotonic() >= deadline:

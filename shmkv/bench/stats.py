@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from fractions import Fraction
 
 # The percentiles every latency summary carries, as (JSON key, percent).
 PERCENTILES: tuple[tuple[str, float], ...] = (("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9))
@@ -25,7 +26,8 @@ def percentile(sorted_samples: Sequence[int], pct: float) -> int:
         raise ValueError("percentile of no samples")
     if not 0 < pct <= 100:
         raise ValueError(f"percentile out of range: {pct}")
-    rank = math.ceil(pct / 100.0 * n)
+    # Exact arithmetic: in floats 99.9 / 100 * 1000 is 999.0000000000001, rank 1000 not 999.
+    rank = math.ceil(Fraction(repr(pct)) * n / 100)
     return sorted_samples[max(rank, 1) - 1]
 
 

@@ -246,6 +246,8 @@ class Workload:
             raise ValueError(f"key size {self.key_size} B cannot hold {self.keys} distinct keys")
         if self.batch < 1:
             raise ValueError("batch must be >= 1")
+        if self.batch > self.keys:
+            raise ValueError(f"batch {self.batch} is larger than the key set ({self.keys})")
         if self.batch > 1 and self.mix.incr:
             raise ValueError("incr has no batch form: use batch 1 with an incr mix")
         if (self.duration is None) == (self.ops is None):
@@ -363,6 +365,8 @@ def build_stream(workload: Workload, worker: int, length_keys: int = STREAM_KEYS
     n_ops = max(16, -(-length_keys // b))
     codes = rng.choices(range(4), weights=workload.mix.weights(), k=n_ops)
     idx = chooser.draw(rng, n_ops * b)
+    if b > 1:
+        idx = _distinct_batches(idx, b, chooser, rng)
     ks = workload.key_size
     # Keys are built once per distinct index, so a zipf stream shares its hot key objects.
     cache: dict[int, bytes] = {}
@@ -380,6 +384,18 @@ def build_stream(workload: Workload, worker: int, length_keys: int = STREAM_KEYS
         else:
             ops.append((code, keys[j * b : (j + 1) * b]))
     return OpStream(ops, b)
+
+
+def _distinct_batches(idx: list[int], b: int, chooser: KeyChooser, rng: random.Random) -> list[int]:
+    """Redraw repeats inside each batch of ``b``: a batch names ``b`` distinct keys, so a
+    ``put_many`` dict has ``b`` entries and a batch really touches ``b`` keys."""
+    out: list[int] = []
+    for start in range(0, len(idx), b):
+        seen: dict[int, None] = dict.fromkeys(idx[start : start + b])
+        while len(seen) < b:
+            seen.setdefault(chooser.draw(rng, 1)[0])
+        out.extend(seen)
+    return out
 
 
 def fill_batches(workload: Workload, batch: int = 1000) -> Iterator[dict[bytes, bytes]]:

@@ -16,7 +16,12 @@ from typing import Any
 from .base import Adapter
 
 # Flags of every open, also the fill's and the memory report's.
-OPEN_FLAGS: dict[str, Any] = {"writemap": True, "sync": False, "metasync": False, "max_readers": 256}
+OPEN_FLAGS: dict[str, Any] = {
+    "writemap": True,
+    "sync": False,
+    "metasync": False,
+    "max_readers": 256,
+}
 
 
 class LmdbAdapter(Adapter):
@@ -54,15 +59,15 @@ class LmdbAdapter(Adapter):
 
         def get(key: bytes) -> bytes | None:
             with begin() as txn:
-                return txn.get(key)  # type: ignore[no-any-return]
+                return txn.get(key)
 
         def put(key: bytes, value: bytes) -> bool:
             with begin(write=True) as txn:
-                return txn.put(key, value)  # type: ignore[no-any-return]
+                return txn.put(key, value)
 
         def delete(key: bytes) -> bool:
             with begin(write=True) as txn:
-                return txn.delete(key)  # type: ignore[no-any-return]
+                return txn.delete(key)
 
         def get_many(keys: list[bytes]) -> Mapping[bytes, bytes]:
             with begin() as txn:

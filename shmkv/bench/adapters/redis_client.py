@@ -11,6 +11,7 @@ An external server (``--redis-url``) is never flushed: the run writes the worklo
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from ..servers import RedisServer, server_version
 from ..workload import make_key
@@ -69,7 +70,7 @@ class RedisAdapter(Adapter):
         mget = r.mget
         rdelete = r.delete
 
-        def get_many(keys: list[bytes]) -> Mapping[bytes, bytes]:
+        def get_many(keys: list[bytes]) -> Mapping[bytes, Any]:
             return {k: v for k, v in zip(keys, mget(keys), strict=True) if v is not None}
 
         def delete_many(keys: list[bytes]) -> int:

@@ -1,0 +1,87 @@
+"""The shmkv-bench command: arguments, the table, --json and --plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from shmkv.bench.cli import main, parse_backends, parse_procs
+from shmkv.bench.report import validate
+
+
+def test_parse_procs_lists_and_ranges() -> None:
+    assert parse_procs("1,2,4") == [1, 2, 4]
+    assert parse_procs("1-3") == [1, 2, 3]
+    assert parse_procs("4,1..2") == [1, 2, 4]
+    for bad in ("0", "3-1", "x"):
+        with pytest.raises(ValueError):
+            parse_procs(bad)
+
+
+def test_parse_backends_keeps_report_order() -> None:
+    assert parse_backends("redis, shmkv,dict") == ["shmkv", "dict", "redis"]
+    with pytest.raises(ValueError, match="unknown"):
+        parse_backends("shmkv,mongo")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--mix", "read=1"],
+        ["--value-size", "big"],
+        ["--procs", "0"],
+        ["--duration", "1", "--ops", "5"],
+        ["--backends", "mongo"],
+        ["--keys", "10", "--batch", "20"],
+        ["--dist", "normal"],
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(args: list[str]) -> None:
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2, r.output
+    assert "Error" in r.output
+
+
+@pytest.mark.multiprocess
+@pytest.mark.bench
+def test_small_run_prints_table_and_writes_json_and_plot(tmp_path: Path) -> None:
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    args = [
+        "-q",
+        "--backends",
+        "shmkv,dict,lmdb",
+        "--procs",
+        "1",
+        "--keys",
+        "300",
+        "--ops",
+        "2000",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    ]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "vs shmkv" in r.output and "lmdb" in r.output
+    rep = json.loads(out.read_text())
+    validate(rep)
+    assert {x["backend"] for x in rep["results"]} <= {"shmkv", "dict", "lmdb"}
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.bench
+def test_default_run_prints_the_comparison_within_a_minute() -> None:
+    # The README's main job: no arguments, every installed peer, under a minute on 2 cores.
+    r = subprocess.run(
+        [sys.executable, "-m", "shmkv.bench.cli"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "vs shmkv" in r.stdout and "shmkv at 2 processes" in r.stdout
