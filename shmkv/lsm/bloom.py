@@ -1,0 +1,77 @@
+"""Bloom filter: one per SSTable, so a get for an absent key skips the table without a block read.
+
+With ``bits_per_key`` = 10 and k = round(10 * ln 2) = 7 probes the false-positive rate is ~0.8%
+(theory: (1 - e^(-k/b))^k); tests/lsm/test_bloom.py measures it.
+
+Probes use double hashing (Kirsch & Mitzenmacher): ``h1 + i * h2 mod nbits`` from the two 64-bit
+halves of MurmurHash3-x64-128 (``mmh3.hash64``, seed 0).
+
+# DO NOT CHANGE: stored layout -- the hash function, its seed and the probe sequence are baked
+into every stored filter; changing any of them turns every filter into garbage (false negatives).
+
+Rejected: LevelDB's per-2-KiB-block filters (one filter per table is one read and one object,
+and our tables are small); blocked/cache-line filters (their gain is in C, not in Python).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import mmh3
+
+from . import format as fmt
+
+_MASK64 = (1 << 64) - 1
+
+
+def _hashes(key: bytes) -> tuple[int, int]:
+    h1, h2 = mmh3.hash64(key, 0, False)
+    return h1, h2 | 1  # odd step: the probe sequence cannot collapse onto one bit
+
+
+class BloomFilter:
+    __slots__ = ("nbits", "k", "bits")
+
+    def __init__(self, nbits: int, k: int, bits: bytearray | bytes) -> None:
+        self.nbits = nbits
+        self.k = k
+        self.bits = bits
+
+    @classmethod
+    def build(cls, keys: Iterable[bytes], count: int, bits_per_key: int = fmt.BLOOM_BITS_PER_KEY) -> BloomFilter:
+        k = max(1, min(30, round(bits_per_key * math.log(2))))
+        nbits = max(64, count * bits_per_key)
+        nbits = (nbits + 7) // 8 * 8
+        bits = bytearray(nbits // 8)
+        for key in keys:
+            h1, h2 = _hashes(key)
+            for i in range(k):
+                b = ((h1 + i * h2) & _MASK64) % nbits
+                bits[b >> 3] |= 1 << (b & 7)
+        return cls(nbits, k, bits)
+
+    def may_contain(self, key: bytes) -> bool:
+        """False means the key is certainly absent; True means "read the table"."""
+        h1, h2 = _hashes(key)
+        nbits = self.nbits
+        bits = self.bits
+        for i in range(self.k):
+            b = ((h1 + i * h2) & _MASK64) % nbits
+            if not bits[b >> 3] & (1 << (b & 7)):
+                return False
+        return True
+
+    def encode(self) -> bytes:
+        return fmt.FILTER_HEAD.pack(self.nbits, self.k) + bytes(self.bits)
+
+    @classmethod
+    def decode(cls, data: bytes) -> BloomFilter:
+        """Raises ValueError if ``data`` is not a filter (the caller wraps it in Corruption)."""
+        if len(data) < fmt.FILTER_HEAD.size:
+            raise ValueError("filter block too short")
+        nbits, k = fmt.FILTER_HEAD.unpack_from(data, 0)
+        bits = data[fmt.FILTER_HEAD.size :]
+        if nbits != len(bits) * 8 or not 1 <= k <= 30:
+            raise ValueError(f"filter block inconsistent (nbits={nbits}, k={k}, {len(bits)} bytes)")
+        return cls(nbits, k, bits)

@@ -1,0 +1,847 @@
+"""The LSM class: a WAL + memtables + leveled SSTables, shared by every process that opens a path.
+
+Durability modes (``durability=``)
+----------------------------------
+``"none"``
+    A cache. Every put is appended to the WAL with ``write(2)`` before it returns but never
+    fsynced, so it is in the OS page cache: it survives the *process* dying (even SIGKILL) but
+    a host crash or power loss may lose the most recent writes. SSTables and the manifest are
+    still fsynced when written, so a host crash loses a tail, never corrupts the store.
+``"interval"``
+    As ``"none"``, plus a background thread fsyncs the WAL at most every ``interval_ms`` if it
+    was written (group commit: one fsync covers every put of the interval, from all threads of
+    the process). A host crash loses at most about ``interval_ms`` of acknowledged writes.
+``"fsync"`` (default)
+    ``put``/``put_many``/``delete`` return only after the WAL record is fsynced (fdatasync):
+    every acknowledged write survives SIGKILL and a host crash. ``put_many`` is one append and one
+    fsync for the whole batch -- use it for bulk spills.
+
+Several processes, one store
+----------------------------
+Any number of processes may open the same directory and read and write concurrently (threads
+within a process are serialised by ``self._lock``). The design, and why:
+
+* **One shared WAL, appended under flock.** Every write appends a framed, checksummed record to
+  the current ``wal-<gen>.log`` while holding ``flock(LOCK_EX)`` on it (see wal.py). Rejected:
+  a WAL per process -- recovery and flush would have to merge logs whose relative order is
+  unknown, so a put in A followed by a delete in B could resurrect.
+* **Private memtables, materialised from the WAL.** Each process replays the shared WAL from
+  the offset it last read. Before every operation it ``fstat``\\ s the WAL; if it grew, it takes
+  the flock, replays the new records into its memtable, then serves the get. A write by A is
+  thus visible to B's next get (read-your-writes across processes, linearisable per key because
+  the WAL order is the one order every process applies). Rejected: a memtable in shared memory
+  (that is the Cython tier's job; this engine must stand alone and be crash-simple).
+* **Flush = seal + new generation.** A flusher takes the maintenance lock (``flock`` on
+  ``LOCK``), creates ``wal-<gen+1>.log``, then appends a SEAL record to the current WAL under its
+  flock. Nothing is appended after a seal: a writer that catches up to a seal moves to the next
+  file, so writers never stop. The sealed generations are now immutable in every process; the
+  flusher writes them to an L0 SSTable and replaces the manifest (``wal_gen = gen+1``), then
+  unlinks the old WAL.
+* **Noticing change.** Before every operation a process ``stat``\\ s ``MANIFEST``; a new
+  identity makes it reload: open new tables, drop memtables of generations the manifest says are
+  flushed, drop tables no longer named. A process that misses the manifest still reads correctly:
+  it keeps the sealed generations' memtables until it loads a manifest that covers them.
+* **Compaction never breaks readers.** Files are unlinked only after a manifest that no longer
+  names them is durable; a reader that has a table open keeps reading it (Linux keeps an
+  unlinked inode alive while an fd is open); a reader that finds a named file already gone
+  re-reads the manifest and retries. Readers are reference counted, so a running ``scan`` keeps
+  its tables open across reloads.
+* **Crash safety.** Every step of flush/compaction is ordered so that the manifest in force plus
+  the WALs from its ``wal_gen`` on always hold every acknowledged write: new WAL durable before
+  the seal, table durable before the manifest names it, old files deleted only after. A writer
+  killed inside ``write(2)`` leaves a torn tail that the next WAL locker cuts off. Leftovers
+  (tables no manifest names, ``.tmp`` files, unsealed WALs past the chain) are removed by the
+  next maintenance.
+* **fork()**: a handle must not cross a fork (flock is shared by the open file description, so
+  parent and child would not exclude each other); using one in the child raises ``Error``. Open
+  the store in each worker.
+
+Lock order (outermost first): ``self._lock`` (threads) -> ``LOCK`` file (maintenance) -> a WAL's
+flock. Methods named ``_x_locked`` REQUIRE ``self._lock``.
+
+Maintenance (flush, then compactions) runs inline in the put that crosses ``memtable_bytes``,
+if no other process is doing it already (non-blocking lock). Rejected for now: a background
+thread -- pure-Python compaction holds the GIL anyway, and inline work is deterministic to test.
+A failed automatic flush (e.g. disk full) does not fail the already-durable put; it is recorded
+in ``stats()["last_maintenance_error"]`` and retried on the next put.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from shmkv.errors import Corruption, Error, InvalidArgument, InvalidType, KeyTooLarge, StoreClosed, ValueTooLarge
+
+from . import compaction
+from . import format as fmt
+from . import manifest as mf
+from . import wal as walmod
+from .compaction import LevelOptions
+from .memtable import Memtable
+from .sstable import COMPRESSIONS, BlockCache, TableMeta, TableReader, TableWriter
+from .wal import WalFile, io_error
+
+DURABILITY = ("none", "interval", "fsync")
+_RETRIES = 100  # manifest re-reads before a vanished file is declared corruption
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class _Gen:
+    """One live WAL generation as this process sees it.
+
+    Invariant: ``mem`` holds exactly the records of ``wal`` before ``offset``; ``sealed_to`` is
+    set once the SEAL record has been applied, after which the generation never changes.
+    """
+
+    wal: WalFile
+    mem: Memtable
+    offset: int = fmt.WAL_HEADER.size
+    sealed_to: int | None = None
+
+    @property
+    def gen(self) -> int:
+        return self.wal.gen
+
+
+@dataclass
+class _Counters:
+    gets: int = 0
+    puts: int = 0
+    deletes: int = 0
+    wal_syncs: int = 0
+    wal_replayed_records: int = 0
+    wal_torn_tails_dropped: int = 0
+    wal_dropped_bytes: int = 0
+    manifest_reloads: int = 0
+    bloom_negatives: int = 0  # of readers since closed
+    bloom_false_positives: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LSM:
+    """A log-structured merge tree in directory ``path``. See the module docstring.
+
+    :param path: directory (created if missing).
+    :param durability: ``"none"``, ``"interval"`` or ``"fsync"`` (see module doc).
+    :param interval_ms: fsync period for ``"interval"``.
+    :param compression: SSTable block codec: ``"lz4"``, ``"zstd"`` or ``"none"``.
+    :param memtable_bytes: WAL generation size that triggers a flush to L0.
+    :param levels: compaction shape (:class:`~shmkv.lsm.compaction.LevelOptions`).
+    :param block_cache_bytes: decompressed data blocks kept per process.
+    :param wal_recovery: ``"strict"`` raises :class:`Corruption` on a corrupted WAL record that
+        is followed by more data; ``"truncate"`` drops the log from that record on (counted in
+        ``stats()["wal_dropped_bytes"]``). A torn *tail* is always dropped silently: it was
+        never acknowledged.
+    :param auto_maintenance: flush/compact automatically from puts (tests turn it off).
+    :raises Corruption: a file of the store fails its checks.
+    :raises FileAccessError: a file cannot be opened or read.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        durability: str = "fsync",
+        interval_ms: int = 50,
+        compression: str = "lz4",
+        memtable_bytes: int = 4 << 20,
+        *,
+        levels: LevelOptions | None = None,
+        block_cache_bytes: int = 8 << 20,
+        wal_recovery: str = "strict",
+        auto_maintenance: bool = True,
+    ) -> None:
+        if durability not in DURABILITY:
+            raise InvalidArgument(f"durability must be one of {DURABILITY}, not {durability!r}")
+        if compression not in COMPRESSIONS:
+            raise InvalidArgument(f"compression must be one of {sorted(COMPRESSIONS)}")
+        if wal_recovery not in ("strict", "truncate"):
+            raise InvalidArgument("wal_recovery must be 'strict' or 'truncate'")
+        if interval_ms <= 0 or memtable_bytes <= 0:
+            raise InvalidArgument("interval_ms and memtable_bytes must be positive")
+        self.path = os.fspath(path)
+        self.durability = durability
+        self.interval_ms = interval_ms
+        self.compression = compression
+        self.memtable_bytes = memtable_bytes
+        self.opts = levels or LevelOptions()
+        self.wal_recovery = wal_recovery
+        self.auto_maintenance = auto_maintenance
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
+        self._closed = False
+        self._cache = BlockCache(block_cache_bytes)
+        self._c = _Counters()
+        self._gens: list[_Gen] = []
+        self._readers: dict[int, TableReader] = {}
+        self._manifest = mf.Manifest()
+        self._mid: mf.Identity | None = None
+        self._levels: list[list[TableMeta]] = [[] for _ in range(self.opts.max_levels)]
+        self._dirty = False  # WAL written since the last fsync ("interval")
+        self._last_error: str | None = None
+        self._lock_fd = -1
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            lock_path = os.path.join(self.path, fmt.LOCKFILE)
+            try:
+                self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise io_error(e, lock_path, "open lock file") from e
+            with self._lock:
+                self._bootstrap_locked()
+                self._refresh_locked(force=True)
+                self._catch_up_locked()
+                if self._try_maintenance_lock():
+                    try:
+                        self._collect_garbage_locked()
+                    finally:
+                        self._maintenance_unlock()
+        except BaseException:
+            self._release_all()
+            raise
+        self._stop = threading.Event()
+        self._syncer: threading.Thread | None = None
+        if durability == "interval":
+            self._syncer = threading.Thread(target=self._sync_loop, name="shmkv-lsm-sync", daemon=True)
+            self._syncer.start()
+
+    # ------------------------------------------------------------------ public API
+
+    def put(self, key: bytes, value: bytes, expire_at_ms: int = 0) -> None:
+        """Store ``value`` under ``key``; ``expire_at_ms`` is absolute ms since the epoch (0 = never).
+
+        :raises KeyTooLarge, ValueTooLarge, InvalidType, InvalidArgument: bad arguments.
+        :raises DiskFull: no space for the WAL record (nothing was stored).
+        """
+        self._write([(fmt.KIND_PUT, _key(key), _value(value), _expire(expire_at_ms))])
+        self._c.puts += 1
+
+    def put_many(self, items: Iterable[tuple[bytes, bytes, int] | tuple[bytes, bytes]]) -> None:
+        """Store many items with one WAL append and one fsync. Not atomic as a whole."""
+        entries = []
+        for it in items:
+            if len(it) == 2:
+                k, v = it  # type: ignore[misc]
+                e = 0
+            else:
+                k, v, e = it  # type: ignore[misc]
+            entries.append((fmt.KIND_PUT, _key(k), _value(v), _expire(e)))
+        if entries:
+            self._write(entries)
+            self._c.puts += len(entries)
+
+    def delete(self, key: bytes) -> None:
+        """Write a tombstone for ``key`` (absent keys too: they may be on disk)."""
+        self._write([(fmt.KIND_DELETE, _key(key), b"", 0)])
+        self._c.deletes += 1
+
+    def get(self, key: bytes) -> bytes | None:
+        """The live value of ``key``, or None (absent, deleted or expired)."""
+        e = self.get_entry(key)
+        return None if e is None else e[0]
+
+    def get_entry(self, key: bytes) -> tuple[bytes, int] | None:
+        """``(value, expire_at_ms)`` of a live key, or None."""
+        key = _key(key)
+        with self._lock:
+            self._check_open()
+            self._refresh_locked()
+            self._catch_up_locked()
+            self._c.gets += 1
+            slot = self._lookup_locked(key)
+        if slot is None:
+            return None
+        kind, value, expire = slot
+        if kind != fmt.KIND_PUT or (expire and expire <= _now_ms()):
+            return None
+        return value, expire
+
+    def __contains__(self, key: bytes) -> bool:
+        return self.get_entry(key) is not None
+
+    def scan(self, start: bytes | None = None, stop: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Live ``(key, value)`` pairs with ``start <= key < stop`` in key order.
+
+        A consistent snapshot taken at the first ``next()``; writes after that are not seen.
+        Tables stay open (by reference) until the iterator is exhausted or closed.
+        """
+        with self._lock:
+            self._check_open()
+            self._refresh_locked()
+            self._catch_up_locked()
+            sources: list[Iterator[tuple[bytes, int, bytes, int]]] = []
+            for g in reversed(self._gens):
+                sources.append(iter([(k, s[0], s[1], s[2]) for k, s in g.mem.items(start, stop)]))
+            held: list[TableReader] = []
+            for t in self._levels[0]:
+                r = self._readers[t.number]
+                r.ref()
+                held.append(r)
+                sources.append(r.iter_from(start, stop))
+            for lv in self._levels[1:]:
+                rs = [self._readers[t.number] for t in lv if t.overlaps(start, None if stop is None else stop)]
+                for r in rs:
+                    r.ref()
+                    held.append(r)
+                if rs:
+                    sources.append(_chain_from(rs, start, stop))
+        try:
+            now = _now_ms()
+            for key, kind, value, expire in compaction.merge(sources):
+                if kind == fmt.KIND_PUT and (expire == 0 or expire > now):
+                    yield key, value
+        finally:
+            for r in held:
+                r.unref()
+
+    def flush(self) -> None:
+        """Write all memtables to an L0 table now (then run due compactions). Waits for the lock."""
+        with self._lock:
+            self._check_open()
+            self._lock_maintenance(block=True)
+            try:
+                self._flush_locked(force=True)
+                self._compact_due_locked()
+            finally:
+                self._maintenance_unlock()
+
+    def compact(self) -> None:
+        """Flush, then merge every table into one sorted run at the deepest level (drops all
+        tombstones and expired entries, reclaims space)."""
+        with self._lock:
+            self._check_open()
+            self._lock_maintenance(block=True)
+            try:
+                self._flush_locked(force=True)
+                comp = compaction.pick_full(self._manifest, self.opts)
+                if comp is not None:
+                    self._run_compaction_locked(comp)
+                self._collect_garbage_locked()
+            finally:
+                self._maintenance_unlock()
+
+    def sync(self) -> None:
+        """fsync the WAL now (any durability mode)."""
+        with self._lock:
+            self._check_open()
+            self._gens[-1].wal.sync()
+            self._dirty = False
+            self._c.wal_syncs += 1
+
+    def verify(self) -> list[str]:
+        """Check manifest, every table block and every live WAL record; return problems found."""
+        from .verify import verify_store
+
+        with self._lock:
+            self._check_open()
+            return verify_store(self.path, self.opts.max_levels)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and sizes. ``write_amplification`` = bytes written to disk (WAL + flushes +
+        compactions) / key+value bytes put, store-wide. Bloom numbers are this process's."""
+        with self._lock:
+            self._check_open()
+            self._refresh_locked()
+            self._catch_up_locked()
+            m = self._manifest
+            c = dict(m.counters)
+            disk = 0
+            try:
+                with os.scandir(self.path) as it:
+                    for de in it:
+                        if de.is_file(follow_symlinks=False):
+                            disk += de.stat(follow_symlinks=False).st_size
+            except OSError:
+                pass
+            live_wal = sum(g.offset for g in self._gens)
+            live_user = sum(g.mem.user_bytes for g in self._gens)
+            user = c.get("user_bytes", 0) + live_user
+            written = c.get("wal_bytes", 0) + live_wal + c.get("flush_bytes", 0) + c.get("compact_write_bytes", 0)
+            neg = self._c.bloom_negatives + sum(r.bloom_negatives for r in self._readers.values())
+            fp = self._c.bloom_false_positives + sum(r.bloom_false_positives for r in self._readers.values())
+            return {
+                "disk_bytes": disk,
+                "files_per_level": [len(lv) for lv in self._levels],
+                "bytes_per_level": [sum(t.size for t in lv) for lv in self._levels],
+                "entries_on_disk": sum(t.entries for t in m.tables),
+                "memtable_entries": sum(len(g.mem) for g in self._gens),
+                "memtable_bytes": sum(g.mem.approx_bytes for g in self._gens),
+                "wal_generations": [g.gen for g in self._gens],
+                "wal_bytes": live_wal,
+                "manifest_generation": m.generation,
+                "flushes": c.get("flushes", 0),
+                "compactions": c.get("compactions", 0),
+                "compact_read_bytes": c.get("compact_read_bytes", 0),
+                "compact_write_bytes": c.get("compact_write_bytes", 0),
+                "user_bytes": user,
+                "write_amplification": (written / user) if user else 0.0,
+                "bloom_negatives": neg,
+                "bloom_false_positives": fp,
+                "bloom_false_positive_rate": fp / (fp + neg) if fp + neg else 0.0,
+                "block_cache_hits": self._cache.hits,
+                "block_cache_misses": self._cache.misses,
+                "gets": self._c.gets,
+                "puts": self._c.puts,
+                "deletes": self._c.deletes,
+                "wal_syncs": self._c.wal_syncs,
+                "wal_replayed_records": self._c.wal_replayed_records,
+                "wal_torn_tails_dropped": self._c.wal_torn_tails_dropped,
+                "wal_dropped_bytes": self._c.wal_dropped_bytes,
+                "manifest_reloads": self._c.manifest_reloads,
+                "last_maintenance_error": self._last_error,
+                "durability": self.durability,
+            }
+
+    def close(self) -> None:
+        """Sync (unless durability is "none") and release every file. Idempotent."""
+        if self._closed:
+            return
+        if self._syncer is not None:
+            self._stop.set()
+            self._syncer.join()
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._dirty and self._gens and os.getpid() == self._pid:
+                    self._gens[-1].wal.sync()
+            finally:
+                self._closed = True
+                self._release_all()
+
+    def __enter__(self) -> LSM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ open / view
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"LSM {self.path} is closed")
+        if os.getpid() != self._pid:
+            raise Error("an LSM handle cannot be used across fork(); open the store in the child")
+
+    def _release_all(self) -> None:
+        for g in self._gens:
+            g.wal.close()
+        self._gens = []
+        for r in self._readers.values():
+            r.unref()
+        self._readers = {}
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _bootstrap_locked(self) -> None:
+        """Create an empty store (WAL 1 + manifest) if there is no manifest yet.
+
+        A directory with data files but no manifest is refused, never "re-initialised": the
+        next maintenance would garbage-collect every table. (A lone header-only wal-1 is the
+        leftover of a bootstrap that died before its manifest, and is fine.)
+        """
+        if mf.identity(self.path) is not None:
+            return
+        self._lock_maintenance(block=True)
+        try:
+            if mf.identity(self.path) is None:
+                for name in os.listdir(self.path):
+                    gen = fmt.parse_wal_name(name)
+                    p = os.path.join(self.path, name)
+                    if fmt.parse_sst_name(name) is not None or (gen is not None and gen != 1) or (
+                        gen == 1 and os.path.getsize(p) > fmt.WAL_HEADER.size
+                    ):
+                        raise Corruption(f"{self.path}: MANIFEST is missing but data files exist ({name})")
+                WalFile.create(self.path, 1).close()
+                mf.write(self.path, mf.Manifest(generation=1, wal_gen=1, next_file=1))
+        finally:
+            self._maintenance_unlock()
+
+    def _refresh_locked(self, force: bool = False) -> None:
+        """Load the manifest if it changed: tables opened/dropped, flushed generations dropped."""
+        if not force and mf.identity(self.path) == self._mid:
+            return
+        for _ in range(_RETRIES):
+            got = mf.read(self.path)
+            if got is None:
+                raise Corruption(f"{self.path}: MANIFEST is missing")
+            m, ident = got
+            if ident == self._mid and not force:
+                return
+            try:
+                self._install_locked(m, ident)
+                return
+            except FileNotFoundError:
+                continue  # a named file vanished: a newer manifest exists; read it
+        raise Corruption(f"{self.path}: the manifest names files that do not exist")
+
+    def _install_locked(self, m: mf.Manifest, ident: mf.Identity | None) -> None:
+        """Make ``m`` this process's view. Raises FileNotFoundError (view unchanged) if a file it
+        names is gone."""
+        opened: dict[int, TableReader] = {}
+        try:
+            for t in m.tables:
+                if t.number not in self._readers:
+                    opened[t.number] = TableReader(
+                        os.path.join(self.path, fmt.sst_name(t.number)), t.number, self._cache
+                    )
+            keep = [g for g in self._gens if g.gen >= m.wal_gen]
+            new_gen: _Gen | None = None
+            if not keep:
+                w = WalFile.open(self.path, m.wal_gen)
+                new_gen = _Gen(w, Memtable(m.wal_gen))
+            elif keep[0].gen != m.wal_gen:
+                raise Corruption(f"{self.path}: WAL generation {m.wal_gen} is not in the chain")
+        except BaseException:
+            for r in opened.values():
+                r.unref()
+            raise
+        for g in self._gens:
+            if g.gen < m.wal_gen:
+                g.wal.close()
+        self._gens = keep if new_gen is None else [new_gen]
+        names = {t.number for t in m.tables}
+        for n in list(self._readers):
+            if n not in names:
+                r = self._readers.pop(n)
+                self._c.bloom_negatives += r.bloom_negatives
+                self._c.bloom_false_positives += r.bloom_false_positives
+                r.unref()
+        self._readers.update(opened)
+        self._manifest = m
+        self._mid = ident
+        self._levels = m.levels(self.opts.max_levels)
+        self._c.manifest_reloads += 1
+
+    def _catch_up_locked(self) -> None:
+        """Apply WAL records written since we last looked, following seals to newer generations."""
+        i = 0
+        while i < len(self._gens):
+            g = self._gens[i]
+            if g.sealed_to is None and g.wal.size() > g.offset:
+                with g.wal.locked():
+                    self._replay_locked(g)
+            if g.sealed_to is not None and i == len(self._gens) - 1:
+                try:
+                    w = WalFile.open(self.path, g.sealed_to)
+                except FileNotFoundError:
+                    # Flushed and deleted already: the manifest has moved past it. Reload, restart.
+                    self._refresh_locked(force=True)
+                    i = 0
+                    continue
+                self._gens.append(_Gen(w, Memtable(w.gen)))
+            i += 1
+
+    def _replay_locked(self, g: _Gen) -> None:
+        """REQUIRES: g.wal.locked(). Apply records from g.offset to EOF; cut a torn tail."""
+        rep = g.wal.read_from(g.offset)
+        self._apply(g, rep.records)
+        g.offset = rep.end
+        if rep.torn:
+            g.wal.truncate_locked(rep.end)
+            self._c.wal_torn_tails_dropped += 1
+        elif rep.corrupt is not None:
+            if self.wal_recovery == "strict":
+                raise Corruption(
+                    f"{g.wal.path}: {rep.corrupt}; {rep.size - rep.end} bytes follow "
+                    "(open with wal_recovery='truncate' to drop them)"
+                )
+            g.wal.truncate_locked(rep.end)
+            self._c.wal_dropped_bytes += rep.size - rep.end
+
+    def _apply(self, g: _Gen, records: list[tuple[int, bytes]]) -> None:
+        for rtype, payload in records:
+            self._c.wal_replayed_records += 1
+            if rtype == fmt.REC_SEAL:
+                (g.sealed_to,) = fmt.U64.unpack(payload)
+                continue
+            try:
+                for kind, key, value, expire in walmod.decode_batch(payload):
+                    g.mem.apply(kind, key, value, expire)
+            except Exception as e:  # checksum passed but structure is wrong: a writer bug
+                raise Corruption(f"{g.wal.path}: malformed batch record: {e}") from e
+
+    def _lookup_locked(self, key: bytes) -> tuple[int, bytes, int] | None:
+        """Newest entry for key (tombstones included) across memtables and tables."""
+        for g in reversed(self._gens):
+            s = g.mem.get(key)
+            if s is not None:
+                return s
+        for t in self._levels[0]:
+            if t.smallest <= key <= t.largest:
+                s = self._readers[t.number].get(key)
+                if s is not None:
+                    return s
+        for lv in self._levels[1:]:
+            t = _find(lv, key)
+            if t is not None:
+                s = self._readers[t.number].get(key)
+                if s is not None:
+                    return s
+        return None
+
+    # ------------------------------------------------------------------ writes
+
+    def _write(self, entries: list[tuple[int, bytes, bytes, int]]) -> None:
+        data = walmod.encode_batch(entries)
+        with self._lock:
+            self._check_open()
+            self._refresh_locked()
+            self._catch_up_locked()
+            while True:
+                g = self._gens[-1]
+                with g.wal.locked():
+                    self._replay_locked(g)
+                    if g.sealed_to is None:
+                        _, end = g.wal.append_locked(data)
+                        for kind, key, value, expire in entries:
+                            g.mem.apply(kind, key, value, expire)
+                        g.offset = end
+                        break
+                self._catch_up_locked()  # sealed under us: move to the next generation
+            if self.durability == "fsync":
+                g.wal.sync()
+                self._c.wal_syncs += 1
+            else:
+                self._dirty = True
+            if self.auto_maintenance and self._wal_bytes_locked() >= self.memtable_bytes:
+                self._auto_maintenance_locked()
+
+    def _wal_bytes_locked(self) -> int:
+        # Sealed-but-unflushed generations count: a failed flush must be retried soon.
+        return sum(g.offset - fmt.WAL_HEADER.size for g in self._gens)
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self.interval_ms / 1000):
+            with self._lock:
+                if self._closed or not self._dirty or not self._gens:
+                    continue
+                try:
+                    self._gens[-1].wal.sync()
+                    self._dirty = False
+                    self._c.wal_syncs += 1
+                except Exception as e:  # a thread must not die silently; surface it in stats
+                    self._last_error = f"background fsync: {e}"
+
+    # ------------------------------------------------------------------ maintenance
+
+    def _try_maintenance_lock(self) -> bool:
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def _lock_maintenance(self, block: bool) -> None:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX if block else fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _maintenance_unlock(self) -> None:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _auto_maintenance_locked(self) -> None:
+        if not self._try_maintenance_lock():
+            return  # another process is flushing/compacting; it will seal our WAL too
+        try:
+            self._flush_locked(force=False)
+            self._compact_due_locked()
+            self._last_error = None
+        except Error as e:
+            # The put that got us here is already durable; do not fail it. Retried next put.
+            self._last_error = f"{type(e).__name__}: {e}"
+        finally:
+            self._maintenance_unlock()
+
+    def _flush_locked(self, force: bool) -> None:
+        """REQUIRES: self._lock and the maintenance lock. Seal the WAL, write sealed generations
+        to one L0 table, install a manifest that starts at the new generation."""
+        self._refresh_locked(force=True)
+        self._catch_up_locked()
+        tail = self._gens[-1]
+        if not force and self._wal_bytes_locked() < self.memtable_bytes:
+            return  # someone flushed while we waited
+        if not any(g.mem.records for g in self._gens):
+            return
+        new_gen = tail.gen + 1
+        WalFile.create(self.path, new_gen).close()
+        with tail.wal.locked():
+            self._replay_locked(tail)
+            if tail.sealed_to is not None:
+                raise Corruption(f"{tail.wal.path}: sealed by someone not holding the maintenance lock")
+            tail.wal.append_locked(walmod.encode_record(fmt.REC_SEAL, fmt.U64.pack(new_gen)))
+            tail.wal.sync()
+            self._replay_locked(tail)
+        assert tail.sealed_to == new_gen, "Invariant: our own SEAL is the last record"
+        self._catch_up_locked()  # opens the new generation
+        flushed = [g for g in self._gens if g.sealed_to is not None]
+        m = self._manifest
+        number = m.next_file
+        stream = compaction.drop_dead(
+            compaction.merge([g.mem.iter_entries() for g in reversed(flushed)]),
+            list(m.tables),
+            _now_ms(),
+        )
+        writer: TableWriter | None = None
+        meta: TableMeta | None = None
+        try:
+            for key, kind, value, expire in stream:
+                if writer is None:
+                    writer = TableWriter(self._sst_path(number), self.compression)
+                writer.add(key, kind, value, expire)
+            if writer is not None:
+                meta = writer.finish(number, 0)
+        except BaseException:
+            if writer is not None:
+                writer.abandon()
+            raise
+        c = dict(m.counters)
+        c["flushes"] = c.get("flushes", 0) + 1
+        c["user_bytes"] = c.get("user_bytes", 0) + sum(g.mem.user_bytes for g in flushed)
+        c["wal_bytes"] = c.get("wal_bytes", 0) + sum(g.offset for g in flushed)
+        c["flush_bytes"] = c.get("flush_bytes", 0) + (meta.size if meta else 0)
+        new = replace(
+            m,
+            generation=m.generation + 1,
+            wal_gen=new_gen,
+            next_file=number + 1 if meta else number,
+            tables=m.tables + ([meta] if meta else []),
+            counters=c,
+        )
+        self._publish_locked(new)
+        for g in flushed:
+            _unlink_quiet(g.wal.path)
+
+    def _compact_due_locked(self) -> None:
+        """REQUIRES: self._lock and the maintenance lock."""
+        for _ in range(64):  # bounded: each round strictly reduces the most urgent score
+            comp = compaction.pick(self._manifest, self.opts)
+            if comp is None:
+                return
+            self._run_compaction_locked(comp)
+
+    def _run_compaction_locked(self, comp: compaction.Compaction) -> None:
+        m = self._manifest
+        next_file = [m.next_file]
+
+        def new_writer() -> tuple[int, TableWriter]:
+            n = next_file[0]
+            next_file[0] += 1
+            return n, TableWriter(self._sst_path(n), self.compression)
+
+        outputs = compaction.run(comp, m, self._readers, self.opts, new_writer, _now_ms())
+        inputs = {t.number for t in comp.inputs}
+        c = dict(m.counters)
+        c["compactions"] = c.get("compactions", 0) + 1
+        c["compact_read_bytes"] = c.get("compact_read_bytes", 0) + sum(t.size for t in comp.inputs)
+        c["compact_write_bytes"] = c.get("compact_write_bytes", 0) + sum(t.size for t in outputs)
+        new = replace(
+            m,
+            generation=m.generation + 1,
+            next_file=next_file[0],
+            tables=[t for t in m.tables if t.number not in inputs] + outputs,
+            counters=c,
+        )
+        self._publish_locked(new)
+        for n in inputs:
+            _unlink_quiet(self._sst_path(n))
+
+    def _publish_locked(self, new: mf.Manifest) -> None:
+        """Write ``new`` durably, then make it our view. On failure the old manifest stays."""
+        mf.write(self.path, new)
+        for _ in range(_RETRIES):
+            ident = mf.identity(self.path)
+            try:
+                self._install_locked(new, ident)
+                return
+            except FileNotFoundError:  # pragma: no cover - we hold the lock; nobody deletes
+                continue
+
+    def _collect_garbage_locked(self) -> None:
+        """REQUIRES: the maintenance lock. Remove files no manifest or live WAL chain needs."""
+        self._refresh_locked(force=True)
+        self._catch_up_locked()
+        live_tables = {t.number for t in self._manifest.tables}
+        first, last = self._gens[0].gen, self._gens[-1].gen
+        try:
+            names = os.listdir(self.path)
+        except OSError:
+            return
+        for name in names:
+            p = os.path.join(self.path, name)
+            if name.endswith(".tmp"):
+                _unlink_quiet(p)
+            elif (n := fmt.parse_sst_name(name)) is not None and n not in live_tables:
+                _unlink_quiet(p)
+            elif (w := fmt.parse_wal_name(name)) is not None and not first <= w <= last:
+                _unlink_quiet(p)
+
+    def _sst_path(self, number: int) -> str:
+        return os.path.join(self.path, fmt.sst_name(number))
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _find(level: list[TableMeta], key: bytes) -> TableMeta | None:
+    """The table of a sorted, non-overlapping level whose range holds key."""
+    lo, hi = 0, len(level)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if level[mid].largest < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo < len(level) and level[lo].smallest <= key:
+        return level[lo]
+    return None
+
+
+def _chain_from(
+    readers: list[TableReader], start: bytes | None, stop: bytes | None
+) -> Iterator[tuple[bytes, int, bytes, int]]:
+    for r in readers:
+        yield from r.iter_from(start, stop)
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _key(key: object) -> bytes:
+    if isinstance(key, str):
+        key = key.encode()
+    if not isinstance(key, (bytes, bytearray, memoryview)):
+        raise InvalidType(f"key must be bytes or str, not {type(key).__name__}")
+    key = bytes(key)
+    if not key:
+        raise KeyTooLarge("key is empty")
+    if len(key) > fmt.MAX_KEY:
+        raise KeyTooLarge(f"key is {len(key)} bytes; the limit is {fmt.MAX_KEY}")
+    return key
+
+
+def _value(value: object) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise InvalidType(f"value must be bytes-like, not {type(value).__name__}")
+    value = bytes(value)
+    if len(value) > fmt.MAX_VALUE:
+        raise ValueTooLarge(f"value is {len(value)} bytes; the limit is {fmt.MAX_VALUE}")
+    return value
+
+
+def _expire(expire_at_ms: object) -> int:
+    if not isinstance(expire_at_ms, int) or expire_at_ms < 0:
+        raise InvalidArgument("expire_at_ms must be a non-negative int (0 = never)")
+    return expire_at_ms

@@ -1,0 +1,476 @@
+"""SSTables: immutable sorted files of entries (layout in format.py). Writer and reader.
+
+Contracts:
+
+- A table is written once, by one process holding the maintenance lock, fsynced, and only then
+  named by a manifest. It is never modified; it is unlinked only after a manifest that no longer
+  names it is in place. A process that has it open keeps reading it after the unlink (Linux keeps
+  the inode alive while an fd is open), which is what lets readers run through a compaction.
+- Every block read is checked (crc32 over contents + compression byte) before it is
+  decompressed or parsed; a failure raises :class:`~shmkv.errors.Corruption` naming the file and
+  the offset. Corrupt bytes are never returned as a value.
+- Reads use ``os.pread`` on one fd: no shared file position, safe from several threads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import os
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import lz4.block
+
+from shmkv.errors import Corruption
+
+from . import format as fmt
+from .bloom import BloomFilter
+from .wal import _pread_all, io_error
+
+try:  # zstandard is optional: "lz4" is the default codec
+    import zstandard
+except ImportError:  # pragma: no cover
+    zstandard = None
+
+Entry = tuple[bytes, int, bytes, int]  # key, kind, value, expire_at_ms
+
+COMPRESSIONS = {"none": fmt.COMP_NONE, "lz4": fmt.COMP_LZ4, "zstd": fmt.COMP_ZSTD}
+
+
+@dataclass(frozen=True)
+class TableMeta:
+    """What the manifest records about a table."""
+
+    number: int
+    level: int
+    size: int
+    entries: int
+    smallest: bytes
+    largest: bytes
+
+    def to_list(self) -> list[object]:
+        return [self.number, self.level, self.size, self.entries, self.smallest, self.largest]
+
+    @classmethod
+    def from_list(cls, row: list[object]) -> TableMeta:
+        n, lvl, size, ent, lo, hi = row
+        return cls(int(n), int(lvl), int(size), int(ent), bytes(lo), bytes(hi))  # type: ignore[call-overload, arg-type]
+
+    def overlaps(self, lo: bytes | None, hi: bytes | None) -> bool:
+        """Whether [smallest, largest] meets [lo, hi] (inclusive; None = unbounded)."""
+        return (hi is None or self.smallest <= hi) and (lo is None or self.largest >= lo)
+
+
+def _compress(codec: int, raw: bytes) -> tuple[int, bytes]:
+    if codec == fmt.COMP_LZ4:
+        out = lz4.block.compress(raw, store_size=True)
+    elif codec == fmt.COMP_ZSTD and zstandard is not None:
+        out = zstandard.ZstdCompressor(level=3).compress(raw)
+    else:
+        return fmt.COMP_NONE, raw
+    # Keep compression only when it pays (LevelDB's 12.5% rule): decompressing costs reads.
+    if len(out) < len(raw) - (len(raw) >> 3):
+        return codec, out
+    return fmt.COMP_NONE, raw
+
+
+def _decompress(codec: int, data: bytes) -> bytes:
+    if codec == fmt.COMP_NONE:
+        return data
+    if codec == fmt.COMP_LZ4:
+        return lz4.block.decompress(data)
+    if codec == fmt.COMP_ZSTD:
+        if zstandard is None:  # pragma: no cover
+            raise ValueError("zstd block but the zstandard module is missing")
+        return zstandard.ZstdDecompressor().decompress(data)
+    raise ValueError(f"unknown compression code {codec}")
+
+
+class TableWriter:
+    """Writes one table. Add entries in strictly increasing key order, then :meth:`finish`.
+
+    On any error call :meth:`abandon` (removes the partial file); a partial file is also harmless
+    if left behind, since no manifest names it.
+    """
+
+    def __init__(self, path: str, compression: str = "lz4", block_size: int = fmt.BLOCK_SIZE) -> None:
+        self.path = path
+        self.codec = COMPRESSIONS[compression]
+        self.block_size = block_size
+        try:
+            self._f: io.BufferedWriter | None = open(path, "wb", buffering=1 << 18)  # noqa: SIM115
+        except OSError as e:
+            raise io_error(e, path, "create table") from e
+        self._offset = 0
+        self._block: list[bytes] = []
+        self._offsets: list[int] = []
+        self._block_bytes = 0
+        self._index: list[tuple[bytes, int, int]] = []
+        self._keys: list[bytes] = []
+        self._last: bytes | None = None
+        self.smallest: bytes | None = None
+        self.bytes_written = 0
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def approx_size(self) -> int:
+        return self._offset + self._block_bytes
+
+    def add(self, key: bytes, kind: int, value: bytes, expire_at_ms: int) -> None:
+        if self._last is not None and key <= self._last:
+            raise ValueError("TableWriter.add: keys must be strictly increasing")
+        entry_len = fmt.ENTRY_HEAD.size + len(key) + len(value)
+        if self._block and entry_len >= self.block_size:
+            self._finish_block()  # a big value gets a block of its own
+        if self.smallest is None:
+            self.smallest = key
+        self._offsets.append(self._block_bytes)
+        self._block.append(fmt.ENTRY_HEAD.pack(kind, len(key), len(value), expire_at_ms))
+        self._block.append(key)
+        self._block.append(value)
+        self._block_bytes += entry_len
+        self._keys.append(key)
+        self._last = key
+        if self._block_bytes >= self.block_size:
+            self._finish_block()
+
+    def _write_block(self, raw: bytes, codec: int) -> tuple[int, int]:
+        assert self._f is not None
+        codec, data = _compress(codec, raw)
+        # crc32 over contents then the codec byte, chained so a 64 MiB block is not copied:
+        crc = zlib.crc32(bytes((codec,)), zlib.crc32(data))
+        trailer = fmt.BLOCK_TRAILER.pack(codec, crc)
+        off = self._offset
+        self._f.write(data)
+        self._f.write(trailer)
+        size = len(data) + len(trailer)
+        self._offset += size
+        return off, size
+
+    def _finish_block(self) -> None:
+        if not self._block:
+            return
+        tail = b"".join(fmt.U32.pack(o) for o in self._offsets) + fmt.U32.pack(len(self._offsets))
+        raw = b"".join(self._block) + tail
+        off, size = self._write_block(raw, self.codec)
+        assert self._last is not None
+        self._index.append((self._last, off, size))
+        self._block, self._offsets, self._block_bytes = [], [], 0
+
+    def finish(self, number: int = 0, level: int = 0) -> TableMeta:
+        """Write filter, index and footer, fsync, close. Returns the table's metadata."""
+        assert self._f is not None
+        if not self._keys:
+            raise ValueError("TableWriter.finish: an empty table is never written")
+        try:
+            self._finish_block()
+            bloom = BloomFilter.build(self._keys, len(self._keys))
+            f_off, f_len = self._write_block(bloom.encode(), fmt.COMP_NONE)
+            index = b"".join(
+                fmt.U32.pack(len(k)) + k + fmt.INDEX_ENTRY_TAIL.pack(o, s) for k, o, s in self._index
+            )
+            i_off, i_len = self._write_block(index, self.codec)
+            self._f.write(
+                fmt.FOOTER.pack(f_off, f_len, i_off, i_len, len(self._keys), fmt.FORMAT_VERSION, 0, fmt.SST_MAGIC)
+            )
+            self._offset += fmt.FOOTER.size
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+        except OSError as e:
+            self.abandon()
+            raise io_error(e, self.path, "write table") from e
+        assert self.smallest is not None and self._last is not None
+        self.bytes_written = self._offset
+        return TableMeta(number, level, self._offset, len(self._keys), self.smallest, self._last)
+
+    def abandon(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError:
+                pass
+            self._f = None
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+class BlockCache:
+    """LRU of decompressed, verified data blocks, keyed by (table number, offset). Thread-safe.
+
+    Blocks larger than ``max_block`` (big values) are never cached: one would evict everything.
+    """
+
+    def __init__(self, capacity: int = 8 << 20, max_block: int = 256 << 10) -> None:
+        self.capacity = capacity
+        self.max_block = max_block
+        self._d: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, k: tuple[int, int]) -> bytes | None:
+        with self._lock:
+            b = self._d.get(k)
+            if b is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(k)
+            self.hits += 1
+            return b
+
+    def put(self, k: tuple[int, int], b: bytes) -> None:
+        if len(b) > self.max_block or self.capacity <= 0:
+            return
+        with self._lock:
+            if k in self._d:
+                return
+            self._d[k] = b
+            self._bytes += len(b)
+            while self._bytes > self.capacity:
+                _, old = self._d.popitem(last=False)
+                self._bytes -= len(old)
+
+
+class TableReader:
+    """An open table. Holds one fd; reference-counted so a scan survives a manifest reload.
+
+    Lifetime: the owner (db's current version) holds one reference; every running scan holds
+    one. The fd is closed when the count drops to zero.
+    """
+
+    def __init__(self, path: str, number: int, cache: BlockCache | None = None) -> None:
+        self.path = path
+        self.number = number
+        self.cache = cache
+        self._refs = 1
+        self._ref_lock = threading.Lock()
+        # Observed bloom behaviour: a "positive" that then finds no key is a false positive.
+        self.bloom_negatives = 0
+        self.bloom_false_positives = 0
+        self.fd = os.open(path, os.O_RDONLY)  # FileNotFoundError propagates: caller reloads manifest
+        try:
+            self._load()
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+
+    def _corrupt(self, what: str) -> Corruption:
+        return Corruption(f"{self.path}: {what}")
+
+    def _load(self) -> None:
+        try:
+            self.file_size = os.fstat(self.fd).st_size
+        except OSError as e:
+            raise io_error(e, self.path, "stat table") from e
+        if self.file_size < fmt.FOOTER.size:
+            raise self._corrupt(f"too short to be a table ({self.file_size} bytes)")
+        foot = self._pread(fmt.FOOTER.size, self.file_size - fmt.FOOTER.size)
+        f_off, f_len, i_off, i_len, count, version, _, magic = fmt.FOOTER.unpack(foot)
+        if magic != fmt.SST_MAGIC:
+            raise self._corrupt("bad magic in footer (not a table, or truncated)")
+        if version != fmt.FORMAT_VERSION:
+            raise self._corrupt(f"table format version {version}, expected {fmt.FORMAT_VERSION}")
+        limit = self.file_size - fmt.FOOTER.size
+        if f_off + f_len > limit or i_off + i_len > limit:
+            raise self._corrupt("footer points past the end of the file")
+        self.entry_count = count
+        try:
+            self.bloom = BloomFilter.decode(self._read_block(f_off, f_len))
+        except ValueError as e:
+            raise self._corrupt(f"filter block: {e}") from e
+        index = self._read_block(i_off, i_len)
+        last_keys: list[bytes] = []
+        handles: list[tuple[int, int]] = []
+        pos = 0
+        try:
+            while pos < len(index):
+                (klen,) = fmt.U32.unpack_from(index, pos)
+                pos += 4
+                last_keys.append(index[pos : pos + klen])
+                pos += klen
+                handles.append(fmt.INDEX_ENTRY_TAIL.unpack_from(index, pos))
+                pos += fmt.INDEX_ENTRY_TAIL.size
+        except Exception as e:
+            raise self._corrupt(f"index block malformed: {e}") from e
+        if pos != len(index) or any(o + s > f_off for o, s in handles):
+            raise self._corrupt("index block malformed")
+        self.last_keys = last_keys
+        self.handles = handles
+
+    # -- reference counting --------------------------------------------------------------------
+
+    def ref(self) -> None:
+        with self._ref_lock:
+            assert self._refs > 0, "Invariant: a reader is never revived after its last unref"
+            self._refs += 1
+
+    def unref(self) -> None:
+        with self._ref_lock:
+            self._refs -= 1
+            if self._refs == 0 and self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+    # -- blocks ---------------------------------------------------------------------------------
+
+    def _pread(self, n: int, off: int) -> bytes:
+        try:
+            buf = _pread_all(self.fd, n, off)
+        except OSError as e:
+            raise io_error(e, self.path, "read table") from e
+        if len(buf) != n:
+            raise self._corrupt(f"short read at offset {off} (file truncated?)")
+        return buf
+
+    def _read_block(self, off: int, size: int) -> bytes:
+        """Read, check and decompress the block at (off, size). Raises Corruption on any mismatch."""
+        if size < fmt.BLOCK_TRAILER.size:
+            raise self._corrupt(f"block at offset {off} is too short")
+        buf = self._pread(size, off)
+        body = memoryview(buf)[: size - fmt.BLOCK_TRAILER.size]
+        codec, crc = fmt.BLOCK_TRAILER.unpack_from(buf, size - fmt.BLOCK_TRAILER.size)
+        if zlib.crc32(bytes((codec,)), zlib.crc32(body)) != crc:
+            raise self._corrupt(f"block at offset {off}: checksum mismatch")
+        try:
+            if codec == fmt.COMP_NONE:
+                return buf[: size - fmt.BLOCK_TRAILER.size]
+            return _decompress(codec, body)  # type: ignore[arg-type]
+        except Exception as e:
+            raise self._corrupt(f"block at offset {off}: cannot decompress ({e})") from e
+
+    def _data_block(self, i: int) -> bytes:
+        off, size = self.handles[i]
+        key = (self.number, off)
+        if self.cache is not None:
+            b = self.cache.get(key)
+            if b is not None:
+                return b
+        b = self._read_block(off, size)
+        if len(b) < 4:
+            raise self._corrupt(f"data block at offset {off} is malformed")
+        if self.cache is not None:
+            self.cache.put(key, b)
+        return b
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    def get(self, key: bytes) -> tuple[int, bytes, int] | None:
+        """(kind, value, expire) of ``key`` in this table, or None. Tombstones are returned."""
+        if not self.bloom.may_contain(key):
+            self.bloom_negatives += 1
+            return None
+        i = bisect.bisect_left(self.last_keys, key)
+        if i == len(self.last_keys):
+            self.bloom_false_positives += 1
+            return None
+        block = self._data_block(i)
+        try:
+            found = _block_search(block, key)
+        except Exception as e:
+            raise self._corrupt(f"data block at offset {self.handles[i][0]} is malformed: {e}") from e
+        if found is None:
+            self.bloom_false_positives += 1
+        return found
+
+    def iter_from(self, start: bytes | None = None, stop: bytes | None = None) -> Iterator[Entry]:
+        """Entries with start <= key < stop in key order (tombstones included)."""
+        i = 0 if start is None else bisect.bisect_left(self.last_keys, start)
+        for bi in range(i, len(self.handles)):
+            block = self._data_block(bi)
+            try:
+                entries = list(_block_entries(block))
+            except Exception as e:
+                raise self._corrupt(f"data block at offset {self.handles[bi][0]} is malformed: {e}") from e
+            for ent in entries:
+                k = ent[0]
+                if start is not None and k < start:
+                    continue
+                if stop is not None and k >= stop:
+                    return
+                yield ent
+
+    def verify(self) -> list[str]:
+        """Read every block; report problems (checksums, order, counts, index, filter)."""
+        problems: list[str] = []
+        prev: bytes | None = None
+        count = 0
+        for bi, (off, _) in enumerate(self.handles):
+            try:
+                block = self._read_block(*self.handles[bi])
+                entries = list(_block_entries(block))
+            except Corruption as e:
+                problems.append(str(e))
+                continue
+            except Exception as e:
+                problems.append(f"{self.path}: data block at offset {off} is malformed: {e}")
+                continue
+            for k, _kind, _v, _e in entries:
+                if prev is not None and k <= prev:
+                    problems.append(f"{self.path}: keys out of order in block at offset {off}")
+                if not self.bloom.may_contain(k):
+                    problems.append(f"{self.path}: bloom filter misses a stored key")
+                prev = k
+                count += 1
+            if entries and entries[-1][0] != self.last_keys[bi]:
+                problems.append(f"{self.path}: index key of block at offset {off} does not match")
+        if count != self.entry_count and not problems:
+            problems.append(f"{self.path}: footer says {self.entry_count} entries, blocks hold {count}")
+        return problems
+
+
+def _block_search(block: bytes, key: bytes) -> tuple[int, bytes, int] | None:
+    """Binary search by the block's offset array. REQUIRES: block passed its checksum."""
+    (n,) = fmt.U32.unpack_from(block, len(block) - 4)
+    base = len(block) - 4 - 4 * n
+    head = fmt.ENTRY_HEAD
+    hs = head.size
+    u32 = fmt.U32.unpack_from
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        (off,) = u32(block, base + 4 * mid)
+        (_, klen, _, _) = head.unpack_from(block, off)
+        k = block[off + hs : off + hs + klen]
+        if k < key:
+            lo = mid + 1
+        elif k > key:
+            hi = mid
+        else:
+            kind, klen, vlen, expire = head.unpack_from(block, off)
+            vs = off + hs + klen
+            if vs + vlen > base:
+                raise ValueError("entry overruns the block")
+            return kind, block[vs : vs + vlen], expire
+    return None
+
+
+def _block_entries(block: bytes) -> Iterator[Entry]:
+    (n,) = fmt.U32.unpack_from(block, len(block) - 4)
+    end = len(block) - 4 - 4 * n
+    if end < 0:
+        raise ValueError("offset array larger than the block")
+    head = fmt.ENTRY_HEAD
+    hs = head.size
+    pos = 0
+    for _ in range(n):
+        kind, klen, vlen, expire = head.unpack_from(block, pos)
+        ks = pos + hs
+        vs = ks + klen
+        pos = vs + vlen
+        if pos > end:
+            raise ValueError("entry overruns the block")
+        yield block[ks:vs], kind, block[vs:pos], expire
+    if pos != end:
+        raise ValueError("block has bytes between its entries and its offsets")

@@ -1,0 +1,322 @@
+"""Write-ahead log: one append-only file per generation, shared by every process of a store.
+
+Process safety (the contract db.py builds on):
+
+- Appends happen only while holding ``flock(LOCK_EX)`` on the WAL file itself
+  (:meth:`WalFile.locked`). One record is one ``write(2)``; the lock makes records from different
+  processes land whole and back to back.
+- Under that lock the file holds only whole records, except for a *torn tail* left by a writer
+  that died inside its write. Whoever next holds the lock and reads to EOF finds it
+  (:attr:`Replay.torn`) and cuts it off (:meth:`WalFile.truncate`) before appending, so a torn
+  record is never followed by a good one. A bad record that *is* followed by data is corruption
+  (:attr:`Replay.corrupt`), reported, never skipped silently.
+- Readers replay under the same lock, so every anomaly they see is definitive. (Rejected:
+  lock-free tailing. A reader cannot tell a record still being written from a torn one, and the
+  lock is only taken when ``fstat`` shows the file grew, so it costs little.)
+- A WAL is *sealed* by appending a SEAL record naming the next generation (under the lock,
+  after catching up). Nothing is appended after a seal; a writer that replays up to a seal moves
+  on to the next file. This is how several processes switch WALs without a shared memory word.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from shmkv.errors import Corruption
+
+from . import format as fmt
+from .errors import DiskFull, FileAccessError
+
+Entry = tuple[int, bytes, bytes, int]  # kind, key, value, expire_at_ms
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def encode_record(rtype: int, payload: bytes | bytearray | memoryview) -> bytes:
+    lt = fmt.REC_LEN_TYPE.pack(len(payload), rtype)
+    head = fmt.REC_HEAD.pack(len(payload), rtype, zlib.crc32(lt), zlib.crc32(payload))
+    return head + bytes(payload)
+
+
+def encode_batch(entries: Iterable[Entry]) -> bytes:
+    """Frame a batch of entries as WAL records.
+
+    A batch larger than ``_CHUNK`` becomes several records written with one ``write(2)``: each
+    record is atomic on replay; the batch as a whole is not (``put_many`` promises no atomicity).
+    """
+    out: list[bytes] = []
+    parts: list[bytes] = []
+    count = 0
+    size = 0
+    for kind, key, value, expire in entries:
+        parts.append(fmt.ENTRY_HEAD.pack(kind, len(key), len(value), expire))
+        parts.append(key)
+        parts.append(value)
+        count += 1
+        size += fmt.ENTRY_HEAD.size + len(key) + len(value)
+        if size >= _CHUNK:
+            out.append(encode_record(fmt.REC_BATCH, fmt.U32.pack(count) + b"".join(parts)))
+            parts, count, size = [], 0, 0
+    if count:
+        out.append(encode_record(fmt.REC_BATCH, fmt.U32.pack(count) + b"".join(parts)))
+    return b"".join(out)
+
+
+_CHUNK = 32 << 20
+
+
+def decode_batch(payload: bytes | memoryview) -> Iterator[Entry]:
+    """REQUIRES: payload passed its data_crc. Raises ValueError if the structure is inconsistent."""
+    mv = memoryview(payload)
+    (count,) = fmt.U32.unpack_from(mv, 0)
+    pos = 4
+    head = fmt.ENTRY_HEAD
+    for _ in range(count):
+        kind, klen, vlen, expire = head.unpack_from(mv, pos)
+        pos += head.size
+        key = bytes(mv[pos : pos + klen])
+        pos += klen
+        value = bytes(mv[pos : pos + vlen])
+        pos += vlen
+        if pos > len(mv) or kind not in (fmt.KIND_PUT, fmt.KIND_DELETE):
+            raise ValueError("batch entry overruns its record or has an unknown kind")
+        yield kind, key, value, expire
+    if pos != len(mv):
+        raise ValueError("batch has trailing bytes")
+
+
+@dataclass
+class Replay:
+    """What reading a WAL from some offset found.
+
+    ``end`` is the offset after the last whole, valid record; ``records`` are (type, payload).
+    At most one of ``torn`` / ``corrupt`` is set; with either, ``end`` < file size.
+    """
+
+    records: list[tuple[int, bytes]] = field(default_factory=list)
+    end: int = 0
+    size: int = 0
+    torn: bool = False
+    corrupt: str | None = None
+    sealed_to: int | None = None  # next gen, if a SEAL record was read
+
+
+def parse(buf: bytes, base: int) -> Replay:
+    """Parse records in ``buf`` (file bytes starting at offset ``base``) up to the first anomaly."""
+    rep = Replay(end=base, size=base + len(buf))
+    mv = memoryview(buf)
+    pos = 0
+    n = len(buf)
+    hs = fmt.REC_HEAD.size
+    while pos < n:
+        if rep.sealed_to is not None:
+            rep.corrupt = f"data after the SEAL record at offset {base + pos}"
+            break
+        if n - pos < hs:
+            rep.torn = True
+            break
+        length, rtype, hcrc, dcrc = fmt.REC_HEAD.unpack_from(mv, pos)
+        if zlib.crc32(mv[pos : pos + 5]) != hcrc or rtype not in (fmt.REC_BATCH, fmt.REC_SEAL):
+            if not any(mv[pos:]):  # zeros to EOF: size was extended but data never landed
+                rep.torn = True
+            else:
+                rep.corrupt = f"bad record header at offset {base + pos}"
+            break
+        if length > fmt.MAX_RECORD:
+            rep.corrupt = f"record length {length} at offset {base + pos} is implausible"
+            break
+        if n - pos - hs < length:
+            rep.torn = True
+            break
+        payload = mv[pos + hs : pos + hs + length]
+        if zlib.crc32(payload) != dcrc:
+            if pos + hs + length == n:
+                rep.torn = True  # last record, head intact: a host crash lost its last page(s)
+            else:
+                rep.corrupt = f"bad record checksum at offset {base + pos}"
+            break
+        if rtype == fmt.REC_SEAL:
+            if length != fmt.U64.size:
+                rep.corrupt = f"malformed SEAL record at offset {base + pos}"
+                break
+            (rep.sealed_to,) = fmt.U64.unpack_from(payload, 0)
+        rep.records.append((rtype, bytes(payload)))
+        pos += hs + length
+        rep.end = base + pos
+    return rep
+
+
+class WalFile:
+    """One open ``wal-<gen>.log``. Not thread-safe: db.py serialises calls with its own lock."""
+
+    def __init__(self, path: str, gen: int, fd: int) -> None:
+        self.path = path
+        self.gen = gen
+        self.fd = fd
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, dirpath: str, gen: int) -> WalFile:
+        """Create ``wal-<gen>.log`` with its header, durably (file and directory fsynced).
+
+        REQUIRES: nobody can be appending to this generation yet (the previous WAL is not
+        sealed to it), so an existing file of that name is a leftover and is replaced.
+        """
+        path = os.path.join(dirpath, fmt.wal_name(gen))
+        tmp = path + ".tmp"
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_all(fd, fmt.WAL_HEADER.pack(fmt.WAL_MAGIC, fmt.FORMAT_VERSION, 0, gen), tmp)
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+            os.replace(tmp, path)
+            fsync_dir(dirpath)
+        except OSError as e:
+            _unlink_quiet(tmp)
+            raise io_error(e, tmp, "create WAL") from e
+        return cls.open(dirpath, gen)
+
+    @classmethod
+    def open(cls, dirpath: str, gen: int) -> WalFile:
+        """Open an existing WAL. FileNotFoundError propagates (the caller reloads the manifest)."""
+        path = os.path.join(dirpath, fmt.wal_name(gen))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise io_error(e, path, "open WAL") from e
+        try:
+            head = os.pread(fd, fmt.WAL_HEADER.size, 0)
+            if len(head) < fmt.WAL_HEADER.size:
+                raise Corruption(f"{path}: WAL header is truncated")
+            magic, version, _, hgen = fmt.WAL_HEADER.unpack(head)
+            if magic != fmt.WAL_MAGIC:
+                raise Corruption(f"{path}: not a shmkv WAL (bad magic)")
+            if version != fmt.FORMAT_VERSION:
+                raise Corruption(f"{path}: WAL format version {version}, expected {fmt.FORMAT_VERSION}")
+            if hgen != gen:
+                raise Corruption(f"{path}: header says generation {hgen}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, gen, fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- locking -----------------------------------------------------------------------------------
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold flock(LOCK_EX) on this WAL. Lock order: the LOCK file (maintenance) before a WAL."""
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def read_from(self, offset: int) -> Replay:
+        """Parse records from ``offset`` (0 means just after the header) to the current EOF."""
+        offset = max(offset, fmt.WAL_HEADER.size)
+        size = self.size()
+        if size <= offset:
+            return Replay(end=offset, size=size)
+        try:
+            buf = _pread_all(self.fd, size - offset, offset)
+        except OSError as e:
+            raise io_error(e, self.path, "read WAL") from e
+        return parse(buf, offset)
+
+    # -- writing (REQUIRES: self.locked() held, and the caller has read to EOF) -------------------
+
+    def append_locked(self, data: bytes) -> tuple[int, int]:
+        """Append whole records; return (start, end) offsets. On failure nothing is left behind:
+        a short or failed write is cut back to ``start`` and DiskFull/FileAccessError raised."""
+        start = self.size()
+        try:
+            _write_all(self.fd, data, self.path)
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, start)
+            except OSError:
+                pass  # the next locker will find and cut the torn tail
+            raise io_error(e, self.path, "append to WAL") from e
+        return start, start + len(data)
+
+    def truncate_locked(self, offset: int) -> None:
+        """Cut a torn tail. REQUIRES: the lock, and ``offset`` is the end of the last good record."""
+        os.ftruncate(self.fd, offset)
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise io_error(e, self.path, "fsync WAL") from e
+
+
+# -- small file helpers shared by the other modules --------------------------------------------
+
+
+def _write_all(fd: int, data: bytes | memoryview, path: str) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.write(fd, mv)
+        if n <= 0:  # pragma: no cover - write(2) reports ENOSPC instead of 0 on Linux
+            raise OSError(errno.ENOSPC, "short write", path)
+        mv = mv[n:]
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    buf = os.pread(fd, n, offset)
+    if len(buf) == n:
+        return buf
+    parts = [buf]
+    got = len(buf)
+    while got < n:
+        more = os.pread(fd, n - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def fsync_dir(dirpath: str) -> None:
+    fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def io_error(e: OSError, path: str, what: str) -> Exception:
+    """Map an OSError to the error the LSM raises: DiskFull for ENOSPC, else FileAccessError."""
+    if e.errno in _DISK_FULL:
+        return DiskFull(f"disk full: cannot {what} {path}: {e.strerror}", e.errno, path)
+    return FileAccessError(e.errno or 0, f"cannot {what}: {e.strerror or e}", path)
