@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -180,6 +181,9 @@ def test_two_handles_in_one_process_share_data(name):
     b = shmkv.attach(name)
     a.put("k", b"v")
     assert b["k"] == b"v"
+    # each handle holds its own process slot (a handle must not mistake its sibling's
+    # slot for a dead process's: fcntl does not report a process's own locks)
+    assert b.stats()["processes"].count(os.getpid()) == 2
     a.close()
     b.put("k2", b"v2")
     assert b["k2"] == b"v2"

@@ -43,6 +43,7 @@ typedef struct {
     char *pages;
     uint32_t slot;   /* this process's slot index */
     int lockfd;      /* fcntl byte locks: byte i held by the live process in slot i */
+    uint32_t pid;    /* getpid(), refreshed at registration (a forked child re-registers) */
     int last_errno;
     uint32_t bucket_mask, stripe_mask;
     /* The last chunk this process replaced: UNLINKED, still on its class's LRU. It is freed
@@ -117,6 +118,7 @@ uint64_t shmkv_count(store_t *st);
 /* verify.c: stops the world, checks every structure, reclaims orphans of dead writers,
  * appends a string per problem to `problems` (a Python list). */
 int shmkv_verify(store_t *st, PyObject *problems);
+int shmkv_chunk_class(store_t *st, uint32_t off);
 void shmkv_repair_stripe_locked(store_t *st, uint32_t s);
 void shmkv_repair_pages_locked(store_t *st);
 

@@ -175,7 +175,10 @@ static int byte_lock(int fd, uint32_t slot, int cmd, short type) {
 
 int shmkv_slot_alive(store_t *st, uint32_t slot) {
     if (slot == st->slot) return 1;
-    if (st->slots[slot].pid == 0) return 0;
+    uint32_t pid = st->slots[slot].pid;
+    if (pid == 0) return 0;
+    /* F_GETLK does not report our own locks: another handle of this very process */
+    if (pid == st->pid) return 1;
     int rc = byte_lock(st->lockfd, slot, F_GETLK, F_WRLCK);
     return rc != 0; /* on a failed query assume alive: never reclaim a live writer's chunk */
 }
@@ -231,6 +234,7 @@ int shmkv_reclaim_dead_inflight(store_t *st) {
 }
 
 int shmkv_register(store_t *st) {
+    st->pid = (uint32_t)getpid();
     int rc = reg_lock(st);
     if (rc < 0) return rc;
     uint32_t found = SHMKV_MAX_SLOTS;

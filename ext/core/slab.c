@@ -225,7 +225,7 @@ int shmkv_alloc_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t
         uint32_t p = st->pending;
         st->pending = 0;
         item_t *pit = shmkv_item(st, p);
-        if (pit->state == IT_UNLINKED && pit->owner == st->slot + 1 && pit->cls == cls)
+        if (shmkv_chunk_class(st, p) == (int)cls && pit->state == IT_UNLINKED && pit->owner == st->slot + 1 && pit->cls == cls)
             shmkv_free_locked(st, cls, p);
     }
     c->allocs++;
@@ -283,7 +283,8 @@ void shmkv_free_locked(store_t *st, uint32_t cls, uint32_t off) {
 void shmkv_free_unlinked(store_t *st, uint32_t cls, uint32_t off) {
     if (cls >= st->hdr->nclasses || shmkv_class_lock(st, cls) != 0) return;
     item_t *it = shmkv_item(st, off);
-    if (it->state == IT_UNLINKED && it->owner == st->slot + 1 && it->cls == cls)
+    /* its page may have moved to another class meanwhile: check the chunk grid first */
+    if (shmkv_chunk_class(st, off) == (int)cls && it->state == IT_UNLINKED && it->owner == st->slot + 1 && it->cls == cls)
         shmkv_free_locked(st, cls, off);
     shmkv_class_unlock(st, cls);
 }

@@ -27,7 +27,7 @@ static void report(PyObject *problems, const char *fmt, ...) {
 }
 
 /* Is `off` the start of a chunk in an assigned page? Returns the class, or -1. */
-static int chunk_class(store_t *st, uint32_t off) {
+int shmkv_chunk_class(store_t *st, uint32_t off) {
     header_t *h = st->hdr;
     uint64_t byte = (uint64_t)off * SHMKV_UNIT;
     if (byte < h->off_pages) return -1;
@@ -55,7 +55,7 @@ void shmkv_repair_stripe_locked(store_t *st, uint32_t s) {
         while (*link) {
             uint32_t off = *link;
             item_t *it = shmkv_item(st, off);
-            if (chunk_class(st, off) < 0 || it->state != IT_LINKED || it->klen == 0 ||
+            if (shmkv_chunk_class(st, off) < 0 || it->state != IT_LINKED || it->klen == 0 ||
                 it->klen > h->max_key || ++steps > limit ||
                 (shmkv_hash(ITEM_KEY(it), it->klen, h->seed) & st->bucket_mask) != b) {
                 *link = 0;
@@ -90,7 +90,7 @@ static int check_list(store_t *st, uint32_t cls, int which, uint64_t *count, PyO
     const char *name = which == LS_LRU ? "LRU" : "free list";
     while (off) {
         item_t *it = shmkv_item(st, off);
-        if (chunk_class(st, off) != (int)cls) {
+        if (shmkv_chunk_class(st, off) != (int)cls) {
             report(problems, "class %u %s: offset %u is not a chunk of the class", cls, name, off);
             return -1;
         }
@@ -158,7 +158,7 @@ int shmkv_verify(store_t *st, PyObject *problems) {
             uint32_t off = *link;
             item_t *it = shmkv_item(st, off);
             const char *bad = NULL;
-            if (chunk_class(st, off) < 0) bad = "points outside every chunk";
+            if (shmkv_chunk_class(st, off) < 0) bad = "points outside every chunk";
             else if (it->state != IT_LINKED) bad = "reaches an item that is not LINKED";
             else if (BIT_GET(seen, off)) bad = "reaches an item twice (cycle or shared tail)";
             else if (it->klen == 0 || it->klen > h->max_key) bad = "reaches an item with a bad key length";
