@@ -72,6 +72,6 @@ class BloomFilter:
             raise ValueError("filter block too short")
         nbits, k = fmt.FILTER_HEAD.unpack_from(data, 0)
         bits = data[fmt.FILTER_HEAD.size :]
-        if nbits != len(bits) * 8 or not 1 <= k <= 30:
+        if nbits == 0 or nbits != len(bits) * 8 or not 1 <= k <= 30:
             raise ValueError(f"filter block inconsistent (nbits={nbits}, k={k}, {len(bits)} bytes)")
         return cls(nbits, k, bits)

@@ -258,7 +258,12 @@ class TableReader:
         # Observed bloom behaviour: a "positive" that then finds no key is a false positive.
         self.bloom_negatives = 0
         self.bloom_false_positives = 0
-        self.fd = os.open(path, os.O_RDONLY)  # FileNotFoundError propagates: caller reloads manifest
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise  # the caller re-reads the manifest: a compaction may have removed the file
+        except OSError as e:
+            raise io_error(e, path, "open table") from e
         try:
             self._load()
         except BaseException:
