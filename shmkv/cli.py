@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import click
+import psutil
 
 from . import segment
 from .errors import Error
@@ -68,8 +69,12 @@ def stats(name: str, as_json: bool) -> None:
         click.echo(json.dumps(s, indent=2))
         return
     classes = s.pop("classes")
+    procs = s.pop("processes")
     for k, v in s.items():
         click.echo(f"{k:16} {v}")
+    click.echo(f"{'processes':16} {len(procs)} attached")
+    for pid in procs:
+        click.echo(f"  {pid:>8}  {_describe(pid)}")
     click.echo(f"{'chunk':>8} {'pages':>6} {'used':>9} {'free':>9} {'evictions':>10}")
     for c in classes:
         click.echo(f"{c['chunk_size']:>8} {c['pages']:>6} {c['used']:>9} {c['free']:>9} {c['evictions']:>10}")
@@ -114,6 +119,15 @@ def create(name: str, size: str, codec: str) -> None:
             click.echo(f"{name}: {format_size(kv.stats()['segment_bytes'])}")
     except Error as e:
         _fail(e)
+
+
+def _describe(pid: int) -> str:
+    """A process's command line, for humans (psutil: portable process facts)."""
+    try:
+        p = psutil.Process(pid)
+        return " ".join(p.cmdline())[:100] or p.name()
+    except (psutil.Error, OSError):
+        return "?"
 
 
 def _show(value: Any) -> str:
