@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -57,8 +58,10 @@ def test_size_mismatch_on_create(name):
     assert r.exit_code != 0 and "SegmentMismatch" not in r.output and "size" in r.output
 
 
-def test_entry_point_runs_as_a_program(name):
+def test_entry_point_runs_as_a_program(name, tmp_path):
+    # run the shmkv this test imported (installed, or built in place), from elsewhere
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(shmkv.__file__))}
     out = subprocess.run([sys.executable, "-m", "shmkv.cli", "create", name, "--size", "8MiB"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     assert name in shmkv.list_stores()
