@@ -71,6 +71,10 @@ def package_versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
+            if name == "shmkv":  # a source tree with the extension built in place
+                import shmkv
+
+                out[name] = f"{shmkv.__version__} (source tree)"
     return out
 
 
