@@ -18,12 +18,17 @@ from posix.types cimport off_t
 
 from includes.core cimport *
 
+from functools import partial
+
 from shmkv import errors as _errors
 
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
     bint PyUnicode_CheckExact(object o)
+
+cdef extern from "errno.h":
+    enum: EDEADLK
 
 cdef extern from "fcntl.h" nogil:
     int posix_fallocate(int fd, off_t offset, off_t length)
@@ -36,6 +41,41 @@ _STAT_NAMES = (
     "gets", "hits", "misses", "puts", "deletes", "evictions", "expired", "reclaimed",
     "automoves", "repairs", "lock_waits", "store_full",
 )
+
+
+cdef object _MISSING = object()
+
+
+def _tier_put(tier, bytes k, bytes v, unsigned long long expire):
+    tier.put(k, v, expire)
+    return (v, expire)
+
+
+def _tier_add(tier, bytes k, bytes v, unsigned long long expire, list outcome):
+    entry = tier.get_entry(k)
+    if entry is not None:
+        return entry
+    tier.put(k, v, expire)
+    outcome.append(True)
+    return (v, expire)
+
+
+def _tier_incr(tier, bytes k, long long delta):
+    entry = tier.get_entry(k)
+    cur, expire = 0, 0
+    if entry is not None:
+        raw, expire = entry
+        # the memory tier's rule (parse_i64 in table.c): optional sign, then 1-64 ASCII digits
+        digits = raw[1:] if raw[:1] in (b"+", b"-") else raw
+        if not (0 < len(raw) <= 64 and digits and all(48 <= c <= 57 for c in digits)):
+            raise _errors.NotACounter("incr: the stored value is not a decimal integer")
+        cur = int(raw)
+    new = cur + delta
+    if not -(1 << 63) <= new < (1 << 63):
+        raise _errors.NotACounter("incr: the result does not fit a signed 64-bit integer")
+    v = str(new).encode()
+    tier.put(k, v, expire)
+    return (v, expire)
 
 
 cdef inline int _key(object key, const char **p, Py_ssize_t *n) except -1:
@@ -132,6 +172,9 @@ cdef class Core:
     cdef readonly int max_key
     cdef readonly int max_item
     cdef readonly int codec_id
+    # The disk tier (a shmkv.lsm.LSM) under this memory tier, or None: memory only. Every
+    # write goes through to it under the key's stripe lock; a memory miss reads through it.
+    cdef public object _tier
 
     def _attach(self, name, int fd, uint64_t size, int lockfd):
         cdef void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
@@ -188,7 +231,36 @@ cdef class Core:
             raise _errors.NotACounter("incr: the result does not fit a signed 64-bit integer")
         if rc == SHMKV_EPYTHON:
             return -1
+        if rc == SHMKV_ELOCK and self.st.last_errno == EDEADLK:
+            raise _errors.Error(
+                f"store {self.name!r}: re-entrant use from a thread that already holds this "
+                "key's lock (a finalizer or disk-tier callback using the store)")
         raise OSError(self.st.last_errno, f"store {self.name!r}: lock operation failed (code {rc})")
+
+    # -- the disk tier -------------------------------------------------------------------
+
+    cdef object _through(self, const char *k, Py_ssize_t kn, int write, object fn):
+        """shmkv_through (ext/core/table.c): fn runs under the key's stripe lock."""
+        cdef int err = 0
+        self._busy += 1
+        cdef PyObject *r = shmkv_through(&self.st, k, kn, write, fn, &err)
+        self._busy -= 1
+        if r == NULL:
+            if err == SHMKV_EPYTHON:
+                raise  # re-raise fn's exception
+            self._fail(err, kn, 0)
+        res = <object>r
+        Py_DECREF(res)
+        return res
+
+    cdef object _read_through(self, const char *k, Py_ssize_t kn):
+        """The value from disk (promoted into memory when it fits), or _MISSING."""
+        res = self._through(k, kn, 0, partial(self._tier.get_entry, k[:kn]))
+        if res is None:
+            return _MISSING
+        if type(res) is tuple:
+            return res[0]
+        return res
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -205,6 +277,9 @@ cdef class Core:
         self._busy -= 1
         if r == NULL:
             if err == SHMKV_ENOTFOUND:
+                if self._tier is not None:
+                    res = self._read_through(k, kn)
+                    return default if res is _MISSING else res
                 return default
             self._fail(err, kn, 0)
         res = <object>r
@@ -223,6 +298,10 @@ cdef class Core:
         self._busy -= 1
         if r == NULL:
             if err == SHMKV_ENOTFOUND:
+                if self._tier is not None:
+                    res = self._read_through(k, kn)
+                    if res is not _MISSING:
+                        return res
                 raise KeyError(key)
             self._fail(err, kn, 0)
         res = <object>r
@@ -239,6 +318,8 @@ cdef class Core:
         self._busy -= 1
         if rc < 0:
             self._fail(rc, kn, 0)
+        if rc == 0 and self._tier is not None:
+            return self._read_through(k, kn) is not _MISSING
         return rc == 1
 
     def get_many(self, keys):
@@ -259,6 +340,10 @@ cdef class Core:
                 if r == NULL:
                     if err != SHMKV_ENOTFOUND:
                         self._fail(err, kn, 0)
+                    if self._tier is not None:
+                        v = self._read_through(k, kn)
+                        if v is not _MISSING:
+                            out[key] = v
                     continue
                 v = <object>r
                 Py_DECREF(v)
@@ -277,6 +362,8 @@ cdef class Core:
         if self._base == NULL:
             self._check()
         _key(key, &k, &kn)
+        if self._tier is not None:
+            return self._put_through(k, kn, value, expire, only_if_absent)
         if PyBytes_CheckExact(value):
             self._busy += 1
             rc = shmkv_put(&self.st, k, kn, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value),
@@ -305,6 +392,27 @@ cdef class Core:
             PyBuffer_Release(&buf)
         return rc
 
+    cdef int _put_through(self, const char *k, Py_ssize_t kn, object value, uint64_t expire,
+                          int only_if_absent) except -2:
+        if not PyBytes_CheckExact(value):
+            if isinstance(value, str):
+                raise _errors.InvalidType(
+                    "value must be bytes-like, not str: encode it (value.encode()) or attach "
+                    "with codec='pickle'")
+            try:
+                value = bytes(memoryview(value))
+            except TypeError:
+                raise _errors.InvalidType(
+                    f"value must be bytes-like (bytes, bytearray, memoryview), not "
+                    f"{type(value).__name__}") from None
+        kb = k[:kn]
+        if only_if_absent:
+            outcome = []
+            self._through(k, kn, 0, partial(_tier_add, self._tier, kb, value, expire, outcome))
+            return 0 if outcome else SHMKV_EEXISTS
+        self._through(k, kn, 1, partial(_tier_put, self._tier, kb, value, expire))
+        return 0
+
     def put(self, key, value, ttl=None):
         """Store `value` (bytes-like) under `key`, replacing any previous value; `ttl` in
         seconds (None: until evicted or deleted)."""
@@ -329,6 +437,9 @@ cdef class Core:
             _key(key, &k, &kn)
             if kn == 0 or kn > self.max_key:
                 self._fail(SHMKV_EKEYLEN, kn, 0)
+            if self._tier is None and isinstance(value, (bytes, bytearray, memoryview)) and \
+                    len(value) + kn + SHMKV_ITEM_HDR > self.max_item:
+                self._fail(SHMKV_EVALLEN, kn, len(value))
             if isinstance(value, str) or not (isinstance(value, (bytes, bytearray, memoryview))
                                               or hasattr(value, "__buffer__")):
                 try:
@@ -351,6 +462,11 @@ cdef class Core:
         if not (-(1 << 63) <= delta < (1 << 63)):
             raise _errors.InvalidArgument("delta does not fit a signed 64-bit integer")
         _key(key, &k, &kn)
+        if self._tier is not None:
+            if kn == 0 or kn > self.max_key:
+                self._fail(SHMKV_EKEYLEN, kn, 0)
+            res = self._through(k, kn, 1, partial(_tier_incr, self._tier, k[:kn], delta))
+            return int(res[0])
         self._busy += 1
         rc = shmkv_incr(&self.st, k, kn, delta, &out)
         self._busy -= 1
@@ -365,6 +481,13 @@ cdef class Core:
         if self._base == NULL:
             self._check()
         _key(key, &k, &kn)
+        if self._tier is not None:
+            if kn == 0 or kn > self.max_key:
+                self._fail(SHMKV_EKEYLEN, kn, 0)
+            kb = k[:kn]
+            existed = self._tier.get_entry(kb) is not None or shmkv_contains(&self.st, k, kn) == 1
+            self._through(k, kn, 1, partial(self._tier.delete, kb))
+            return existed
         self._busy += 1
         rc = shmkv_delete(&self.st, k, kn)
         self._busy -= 1

@@ -114,6 +114,7 @@ int shmkv_clear(store_t *st);
 /* Copies the live keys (and values when with_values) of stripe s into a new list. */
 PyObject *shmkv_scan_stripe(store_t *st, uint32_t s, int with_values);
 uint64_t shmkv_count(store_t *st);
+PyObject *shmkv_through(store_t *st, const char *k, size_t klen, int write, PyObject *fn, int *err);
 
 /* verify.c: stops the world, checks every structure, reclaims orphans of dead writers,
  * appends a string per problem to `problems` (a Python list). */

@@ -36,7 +36,9 @@ int shmkv_init_mutex(pthread_mutex_t *m) {
     int rc = pthread_mutexattr_init(&a);
     if (rc) return rc;
     if ((rc = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED)) == 0 &&
-        (rc = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST)) == 0)
+        (rc = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST)) == 0 &&
+        /* a thread relocking a lock it holds gets EDEADLK (an error), not a hang */
+        (rc = pthread_mutexattr_settype(&a, PTHREAD_MUTEX_ERRORCHECK)) == 0)
         rc = pthread_mutex_init(m, &a);
     pthread_mutexattr_destroy(&a);
     return rc;

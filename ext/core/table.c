@@ -354,3 +354,65 @@ uint64_t shmkv_count(store_t *st) {
     int64_t n = __atomic_load_n(&st->hdr->nitems, __ATOMIC_RELAXED);
     return n < 0 ? 0 : (uint64_t)n;
 }
+
+/* Tiered stores (shmkv/tiered.py): `fn` -- a call into the disk tier -- runs while the key's
+ * stripe is held, so memory and disk see the same order of writes to a key and a read-through
+ * can never install a value older than one written meanwhile.
+ *
+ *   write=1: the key leaves memory first; then fn() writes to disk and returns what memory
+ *            should now hold: None, or (value: bytes, expire_ms: int). A crash anywhere
+ *            leaves the key absent from memory, so the next read goes to disk, which holds
+ *            the truth -- memory never contradicts disk.
+ *   write=0: a read-through. If another process promoted the key meanwhile, its value (bytes)
+ *            is returned without calling fn; else fn() reads the disk and returns None or
+ *            (value, expire_ms), which is installed in memory if it fits.
+ * Returns a new reference (fn's result, or the bytes found), NULL with *err set on failure.
+ * Python code runs under the stripe lock: stripes are ERRORCHECK mutexes, so re-entry from the
+ * same thread (a finalizer touching the store) fails with an error instead of deadlocking. */
+PyObject *shmkv_through(store_t *st, const char *k, size_t klen, int write, PyObject *fn, int *err) {
+    if (klen == 0 || klen > st->hdr->max_key) {
+        *err = SHMKV_EKEYLEN;
+        return NULL;
+    }
+    uint64_t hv = shmkv_hash(k, klen, st->hdr->seed);
+    uint32_t b = bucket_of(st, hv), s = b & st->stripe_mask, h32 = (uint32_t)(hv >> 32);
+    uint32_t *link;
+    int rc = shmkv_stripe_lock(st, s);
+    if (rc < 0) {
+        *err = rc;
+        return NULL;
+    }
+    PyObject *res = NULL;
+    uint32_t off = find_locked(st, b, k, klen, h32, &link);
+    if (off) {
+        item_t *it = shmkv_item(st, off);
+        if (!write && !is_expired(it)) {
+            if (!it->active) it->active = 1;
+            res = PyBytes_FromStringAndSize(ITEM_VAL(it), it->vlen);
+            if (!res) *err = SHMKV_EPYTHON;
+            shmkv_stripe_unlock(st, s);
+            return res;
+        }
+        remove_locked(st, link, off);
+    }
+    res = PyObject_CallNoArgs(fn);
+    if (!res) {
+        *err = SHMKV_EPYTHON;
+    } else if (PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 2 &&
+               PyBytes_Check(PyTuple_GET_ITEM(res, 0))) {
+        PyObject *v = PyTuple_GET_ITEM(res, 0);
+        unsigned long long expire = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(res, 1));
+        int cls;
+        if (expire == (unsigned long long)-1 && PyErr_Occurred()) {
+            Py_CLEAR(res);
+            *err = SHMKV_EPYTHON;
+        } else if (check_sizes(st, klen, (size_t)PyBytes_GET_SIZE(v), &cls) == 0 &&
+                   (!expire || expire > shmkv_now_ms())) {
+            /* Too big for memory, or full: the value stays on disk only. Not an error. */
+            put_locked(st, s, b, h32, cls, k, klen, PyBytes_AS_STRING(v),
+                       (size_t)PyBytes_GET_SIZE(v), expire);
+        }
+    }
+    shmkv_stripe_unlock(st, s);
+    return res;
+}

@@ -113,4 +113,5 @@ cdef extern from "core/core.h":
     int shmkv_clear(store_t *st)
     object shmkv_scan_stripe(store_t *st, uint32_t s, int with_values)
     uint64_t shmkv_count(store_t *st)
+    PyObject *shmkv_through(store_t *st, const char *k, size_t klen, int write, object fn, int *err)
     int shmkv_verify(store_t *st, object problems)
