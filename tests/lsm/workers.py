@@ -75,36 +75,58 @@ def crash_writer(path: str, durability: str, tag: str, seed: str, memtable: str 
 
 
 def kill_at(path: str, target: str, nth: str) -> None:
-    """Write until the ``nth`` call of ``target`` (a point inside flush/compaction), then
-    SIGKILL ourselves right there: before the call (``pre:``) or after it (``post:``)."""
+    """Write until the ``nth`` call of ``target`` (a step of an append, flush or compaction),
+    then SIGKILL ourselves right there: ``pre:`` before the call, ``post:`` after it,
+    ``torn:wal_write`` halfway through writing the bytes of a WAL record."""
     import shmkv.lsm.db as dbmod
     import shmkv.lsm.manifest as mfmod
     import shmkv.lsm.sstable as sstmod
     import shmkv.lsm.wal as walmod
 
     when, name = target.split(":")
-    owners = {
-        "manifest_write": (mfmod, "write"),
-        "table_finish": (sstmod.TableWriter, "finish"),
-        "wal_create": (walmod.WalFile, "create"),
-        "wal_append": (walmod.WalFile, "append_locked"),
-        "unlink": (dbmod, "_unlink_quiet"),
-    }
-    owner, attr = owners[name]
-    orig = getattr(owner, attr)
     left = [int(nth)]
-    is_class = isinstance(owner, type)
 
-    def hooked(*a, **kw):  # noqa: ANN002, ANN003, ANN202
-        left[0] -= 1
-        if left[0] == 0 and when == "pre":
-            os.kill(os.getpid(), signal.SIGKILL)
-        res = orig(*a, **kw)
-        if left[0] == 0 and when == "post":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return res
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    setattr(owner, attr, classmethod(lambda cls, *a, **kw: hooked(*a, **kw)) if is_class and attr == "create" else hooked)
+    if name == "wal_write":  # only the WAL's own writes (create, append), not the manifest's
+        orig_write = walmod._write_all
+
+        def torn(fd: int, data: bytes, p: str) -> None:
+            if len(data) > 40:
+                left[0] -= 1
+                if left[0] == 0:
+                    if when == "torn":
+                        os.write(fd, bytes(data)[: len(data) // 2])
+                    if when in ("torn", "pre"):
+                        die()
+            orig_write(fd, data, p)
+            if left[0] == 0 and when == "post":
+                die()
+
+        walmod._write_all = torn
+    else:
+        owner, attr = {
+            "manifest_write": (mfmod, "write"),  # db.py calls mf.write(...)
+            "table_finish": (sstmod.TableWriter, "finish"),
+            "wal_create": (walmod.WalFile, "create"),
+            "unlink": (dbmod, "_unlink_quiet"),  # old WALs / compaction inputs, after the manifest
+        }[name]
+        orig = getattr(owner, attr)
+
+        def hooked(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            left[0] -= 1
+            if left[0] == 0 and when == "pre":
+                die()
+            res = orig(*a, **kw)
+            if left[0] == 0 and when == "post":
+                die()
+            return res
+
+        if name == "wal_create":  # a classmethod: orig is already bound to the class
+            setattr(owner, attr, classmethod(lambda cls, *a, **kw: hooked(*a, **kw)))
+        else:
+            setattr(owner, attr, hooked)
     crash_writer(path, "fsync", "k", "7", "4096")
 
 
@@ -117,15 +139,19 @@ def reader(path: str, seconds: str) -> None:
     reads = scans = 0
     bad = 0
     while time.monotonic() < end:
+        n = 0
         for k, v in db.scan(b"r-", b"r-\xff"):
+            n += 1
             if v != value_for(k):
                 bad += 1
+        if n != 2000:
+            bad += 1
         scans += 1
         for _ in range(50):
             k = f"r-{random.randrange(2000):06d}".encode()
             v = db.get(k)
             reads += 1
-            if v is not None and v != value_for(k):
+            if v != value_for(k):  # every r- key exists for the whole test
                 bad += 1
     db.close()
     print(f"reads={reads} scans={scans} bad={bad}", flush=True)
