@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 # The store needs the compiled extension; load it on first use so that pure-Python parts
 # (shmkv.lsm, shmkv.bench) import even in a tree where the extension is not built yet.
-_LAZY = {"attach", "unlink", "list_stores", "Store"}
+_LAZY = {"attach", "unlink", "list_stores", "restore", "Store"}
 
 
 def __getattr__(name: str) -> Any:
@@ -38,6 +38,7 @@ __all__ = [
     "attach",
     "unlink",
     "list_stores",
+    "restore",
     "Store",
     "Error",
     "InvalidType",

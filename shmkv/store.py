@@ -17,7 +17,8 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from . import _core, segment
+from . import _core, segment, snapshot
+from .lsm import LSM
 from .errors import CodecError, InvalidArgument
 from .sizes import parse_size
 
@@ -46,9 +47,16 @@ class Store(_core.Core):
 
     Keys are ``bytes`` or ``str`` (stored as UTF-8; scans return bytes); values are
     bytes-like and come back as ``bytes``.
+
+    With a ``path``, memory is the hot tier of a persistent store: every write goes through
+    to the LSM under ``path`` (durable as ``durability`` says) while the key's stripe lock is
+    held, so memory never contradicts disk; a memory miss reads through the LSM and promotes
+    the item; values too big for memory live on disk only; eviction just drops the memory copy.
     """
 
     codec = "raw"
+    path: str | None = None
+    _tier_args: dict[str, Any] = {}
 
     def __enter__(self) -> Store:
         return self
@@ -57,10 +65,13 @@ class Store(_core.Core):
         self.close()
 
     def close(self) -> None:
-        """Unmap the segment and leave the process table; further use raises StoreClosed."""
+        """Unmap the segment and leave the process table (and close the disk tier);
+        further use raises StoreClosed."""
         if not self.closed:
             super().close()
             segment.lock_files.release(self.name)
+            if self._tier is not None:
+                self._tier.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self)} items"
@@ -69,25 +80,93 @@ class Store(_core.Core):
     def keys(self) -> Iterator[bytes]:
         """Every key, weakly consistent: each stripe is copied under its lock, so a key
         present throughout the scan is returned exactly once; concurrent changes may or
-        may not show."""
+        may not show. With a path: every live key on disk, in key order."""
+        if self._tier is not None:
+            return (k for k, _ in self._tier.scan())
         return self._scan(0)
 
     def __iter__(self) -> Iterator[bytes]:
-        return self._scan(0)
+        return self.keys()
 
     def items(self) -> Iterator[tuple[bytes, Any]]:
         """Every (key, value) pair, weakly consistent like :meth:`keys`."""
+        if self._tier is not None:
+            return self._tier.scan()
         return self._scan(1)
+
+    def scan(self, start: bytes | str | None = None, stop: bytes | str | None = None) -> Iterator[tuple[bytes, Any]]:
+        """(key, value) pairs with start <= key < stop, in key order. With a path this is a
+        merge of the sorted runs on disk (which hold every item); memory-only stores sort
+        a snapshot of their keys."""
+        lo = start.encode() if isinstance(start, str) else start
+        hi = stop.encode() if isinstance(stop, str) else stop
+        if self._tier is not None:
+            return self._tier.scan(lo, hi)
+        pairs = sorted(p for p in self._scan(1) if (lo is None or p[0] >= lo) and (hi is None or p[0] < hi))
+        return iter(pairs)
+
+    def __len__(self) -> int:
+        """Items in the store. Memory only: a counter (O(1)). With a path: live keys on disk,
+        counted by a scan (O(n))."""
+        if self._tier is not None:
+            self._check_open()
+            return sum(1 for _ in self._tier.scan())
+        return super().__len__()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            from .errors import StoreClosed
+
+            raise StoreClosed(f"store {self.name!r} is closed")
+
+    def clear(self) -> None:
+        """Remove every item (with a path: from disk too, by tombstones)."""
+        if self._tier is not None:
+            self._check_open()
+            for k in list(self.keys()):
+                self.delete(k)
+        super().clear()
+
+    def verify(self) -> list[str]:
+        """Check every structure of memory (and disk, with a path); [] when clean."""
+        problems = super().verify()
+        if self._tier is not None:
+            problems += [f"disk: {p}" for p in self._tier.verify()]
+        return problems
+
+    def dump(self, file: str | os.PathLike[str]) -> int:
+        """Snapshot the memory tier to `file` (atomically replaced); returns the item count.
+        Reload with :func:`shmkv.restore` or :meth:`load` for a warm restart."""
+        self._check_open()
+        return snapshot.dump(self, file)
+
+    def load(self, file: str | os.PathLike[str]) -> int:
+        """Put every unexpired item of a snapshot into this store; returns how many."""
+        self._check_open()
+        return snapshot.load(self, file)
+
+    def _put_raw(self, key: bytes, value: bytes, ttl: float | None) -> None:
+        _core.Core.put(self, key, value, ttl)
+
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        if self._tier is not None:
+            # an LSM handle must not cross a fork (its flocks would be shared): reopen
+            self._tier = LSM(self.path, **self._tier_args)
 
     def values(self) -> Iterator[Any]:
         return (v for _, v in self.items())
 
     def stats(self) -> dict[str, Any]:
-        """Counters (summed over every process that attached), memory use and geometry."""
-        out: dict[str, Any] = {"name": self.name, "codec": self.codec}
+        """Counters (summed over every process that attached), memory use and geometry;
+        with a path, "disk" holds the LSM's (disk bytes, files per level, bloom filter
+        false positives, write amplification, compactions)."""
+        out: dict[str, Any] = {"name": self.name, "codec": self.codec, "path": self.path}
         out.update(self._raw_stats())
         gets = out["gets"]
         out["hit_ratio"] = out["hits"] / gets if gets else None
+        if self._tier is not None:
+            out["disk"] = self._tier.stats()
         return out
 
 
@@ -164,6 +243,9 @@ def attach(
     max_item: int | str | None = None,
     growth_factor: float = DEFAULT_GROWTH,
     lock_stripes: int = DEFAULT_LOCK_STRIPES,
+    path: str | os.PathLike[str] | None = None,
+    durability: str = "fsync",
+    interval_ms: int = 50,
 ) -> Store:
     """Create-or-attach the store `name`, from any process, in any order.
 
@@ -180,6 +262,12 @@ def attach(
     :param growth_factor: ratio between successive slab chunk sizes (default 1.08; memcached
         uses 1.25, which wastes more memory per item).
     :param lock_stripes: number of bucket lock stripes (a power of two; default 1024).
+    :param path: a directory for the disk tier (an LSM tree): memory becomes the hot tier of
+        a persistent store. Every process attaching the store should pass the same path.
+    :param durability: with a path: ``"fsync"`` (a write returns once it is on disk: it
+        survives SIGKILL of every process, loss of the segment, and a host crash),
+        ``"interval"`` (fsync every ``interval_ms``, group commit: a host crash loses at most
+        that much), ``"none"`` (a cache: survives process crashes, not host crashes).
     :raises SegmentMismatch: the existing store differs (size, layout version, codec, limits).
     :raises StoreFull: the segment cannot be reserved (``/dev/shm`` too small).
     :raises InvalidArgument, InvalidType: bad arguments.
@@ -217,6 +305,15 @@ def attach(
         segment.open_segment(store, name, want_size, create, params, explicit, codec_id)
         actual = PickleStore if store.codec_id == segment.CODEC_PICKLE else Store
         if actual is cls:
+            if path is not None:
+                tier_args = {"durability": durability, "interval_ms": interval_ms}
+                try:
+                    store._tier = LSM(path, **tier_args)
+                except BaseException:
+                    store.close()
+                    raise
+                store.path = os.fspath(path)
+                store._tier_args = tier_args
             _live.add(store)
             return store
         store.close()
@@ -227,6 +324,17 @@ def attach(
 def unlink(name: str) -> None:
     """Remove the store `name` (attached processes keep their mapping until they close)."""
     segment.unlink(name)
+
+
+def restore(file: str | os.PathLike[str], name: str, size: int | str | None = None, **kwargs: Any) -> Store:
+    """Attach (creating if needed) store `name` and load the snapshot `file` into it."""
+    store = attach(name, size, **kwargs)
+    try:
+        store.load(file)
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def list_stores() -> list[str]:

@@ -111,7 +111,8 @@ int shmkv_put(store_t *st, const char *k, size_t klen, const char *v, size_t vle
 int shmkv_delete(store_t *st, const char *k, size_t klen);
 int shmkv_incr(store_t *st, const char *k, size_t klen, int64_t delta, int64_t *out);
 int shmkv_clear(store_t *st);
-/* Copies the live keys (and values when with_values) of stripe s into a new list. */
+/* Copies the live keys of stripe s into a new list: keys (with_values=0), (key, value)
+ * pairs (1), or (key, value, expire_ms) triples (2). */
 PyObject *shmkv_scan_stripe(store_t *st, uint32_t s, int with_values);
 uint64_t shmkv_count(store_t *st);
 PyObject *shmkv_through(store_t *st, const char *k, size_t klen, int write, PyObject *fn, int *err);

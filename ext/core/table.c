@@ -311,12 +311,13 @@ PyObject *shmkv_scan_stripe(store_t *st, uint32_t s, int with_values) {
             for (uint32_t off = st->buckets[b]; off; off = shmkv_item(st, off)->hnext) {
                 item_t *it = shmkv_item(st, off);
                 if (it->expire_ms && it->expire_ms <= now) continue;
-                size_t need = 8 + it->klen + (with_values ? it->vlen : 0);
+                size_t need = 16 + it->klen + (with_values ? it->vlen : 0);
                 if (pass == 1 && used + need <= cap) {
                     uint32_t kl = it->klen, vl = with_values ? it->vlen : 0;
                     memcpy(buf + used, &kl, 4);
                     memcpy(buf + used + 4, &vl, 4);
-                    memcpy(buf + used + 8, ITEM_KEY(it), kl + vl);
+                    memcpy(buf + used + 8, &it->expire_ms, 8);
+                    memcpy(buf + used + 16, ITEM_KEY(it), kl + vl);
                 }
                 used += need;
                 n++;
@@ -331,20 +332,27 @@ PyObject *shmkv_scan_stripe(store_t *st, uint32_t s, int with_values) {
     shmkv_stripe_unlock(st, s);
     if (!buf) return PyErr_NoMemory();
     PyObject *list = PyList_New(0);
-    for (size_t pos = 0; list && pos + 8 <= cap;) {
+    for (size_t pos = 0; list && pos + 16 <= cap;) {
         uint32_t kl, vl;
+        uint64_t expire;
         memcpy(&kl, buf + pos, 4);
         memcpy(&vl, buf + pos + 4, 4);
-        PyObject *key = PyBytes_FromStringAndSize(buf + pos + 8, kl), *elem = key;
+        memcpy(&expire, buf + pos + 8, 8);
+        PyObject *key = PyBytes_FromStringAndSize(buf + pos + 16, kl), *elem = key;
         if (key && with_values) {
-            PyObject *val = PyBytes_FromStringAndSize(buf + pos + 8 + kl, vl);
-            elem = val ? PyTuple_Pack(2, key, val) : NULL;
+            PyObject *val = PyBytes_FromStringAndSize(buf + pos + 16 + kl, vl);
+            PyObject *exp = with_values == 2 ? PyLong_FromUnsignedLongLong(expire) : NULL;
+            if (with_values == 2)
+                elem = val && exp ? PyTuple_Pack(3, key, val, exp) : NULL;
+            else
+                elem = val ? PyTuple_Pack(2, key, val) : NULL;
             Py_XDECREF(val);
+            Py_XDECREF(exp);
             Py_DECREF(key);
         }
         if (!elem || PyList_Append(list, elem) < 0) Py_CLEAR(list);
         Py_XDECREF(elem);
-        pos += 8 + kl + vl;
+        pos += 16 + kl + vl;
     }
     PyMem_RawFree(buf);
     return list;
