@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -198,6 +199,22 @@ class MemcachedServer(Server):
         return a
 
 
+def ping_rtt_us(port: int, ping: bytes, pong: bytes, n: int = 500) -> float:
+    """Median round trip in µs of ``n`` raw protocol pings on one TCP connection (no client
+    library): the floor under every op of a server peer on this machine."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            s.sendall(ping)
+            if not s.recv(256).startswith(pong):
+                raise ServerError(f"unexpected reply to {ping!r}")
+            samples.append(time.perf_counter_ns() - t0)
+    samples.sort()
+    return samples[len(samples) // 2] / 1000.0
+
+
 def server_version(binary: str) -> str:
     """``redis-server --version`` / ``memcached --version``, first line, or ``""``."""
     path = shutil.which(binary)
@@ -207,4 +224,6 @@ def server_version(binary: str) -> str:
         out = subprocess.run([path, "--version"], capture_output=True, timeout=5, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    return out.stdout.decode(errors="replace").strip().splitlines()[0] if out.stdout else ""
+    line = out.stdout.decode(errors="replace").strip().splitlines()[0] if out.stdout else ""
+    m = re.search(r"\bv=(\S+)", line)  # redis: "Redis server v=7.0.15 sha=... malloc=..."
+    return f"{binary} {m.group(1)}" if m else line

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..servers import RedisServer, server_version
+from ..servers import RedisServer, ping_rtt_us, server_version
 from ..workload import make_key
 from .base import Adapter
 
@@ -61,6 +61,11 @@ class RedisAdapter(Adapter):
         import redis
 
         server = "external" if self.config.redis_url else server_version("redis-server")
+        srv = self.__dict__.get("_h_server")
+        if srv is not None:  # the loopback floor under every op, measured without a client
+            server += (
+                f"; raw ping round trip p50 {ping_rtt_us(srv.port, srv.ping, srv.pong):.0f} us"
+            )
         return f"redis-py {redis.__version__}; {server}"
 
     def open(self) -> None:
