@@ -127,6 +127,7 @@ def build_report(
         "backends": outcome.info,
         "fill_seconds": outcome.fill_seconds,
         "notes": outcome.notes,
+        "harness_ns_per_call": outcome.harness_ns,
     }
 
 
@@ -248,6 +249,12 @@ def render_table(report: dict[str, Any]) -> str:
         + "; latency: per call, 1 call in 16 sampled; hits: sampled gets that found their key.",
         "vs shmkv: this row's ops/s / shmkv's at the same process count (above 1 = faster than shmkv).",
     ]
+    if report.get("harness_ns_per_call"):
+        ns = report["harness_ns_per_call"]
+        lines.append(
+            f"harness: {ns:.0f} ns per call of the timed loop itself (a no-op through the same "
+            f"loop: at most {1e9 / ns:,.0f} calls/s per process); it bounds the dict row."
+        )
     names = sorted({r["backend"] for r in report["results"]}, key=_order)
     for name in names:
         desc = report.get("backends", {}).get(name)

@@ -14,6 +14,7 @@ from shmkv.bench.runner import (
     bind_stream,
     cell_from_runs,
     fill,
+    harness_ns_per_call,
     run_benchmark,
     run_cell,
     timed_loop,
@@ -143,3 +144,8 @@ def test_unavailable_backend_is_skipped_with_its_reason() -> None:
     assert out.skipped == [("dict", "runs at 1 process only; asked for [2]")]
     out = run_benchmark(w, ["lmdb"], [1], small_config(keys=10, capacity=1 << 20))
     assert out.skipped and "bound its memory" in out.skipped[0][1]
+
+
+def test_harness_cost_per_call_is_measured_and_small() -> None:
+    ns = harness_ns_per_call(0.05)
+    assert 1 < ns < 5_000
