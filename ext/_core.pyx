@@ -246,9 +246,7 @@ cdef class Core:
         cdef PyObject *r = shmkv_through(&self.st, k, kn, write, fn, &err)
         self._busy -= 1
         if r == NULL:
-            if err == SHMKV_EPYTHON:
-                raise  # re-raise fn's exception
-            self._fail(err, kn, 0)
+            self._fail(err, kn, 0)  # fn's exception (EPYTHON) propagates from here
         res = <object>r
         Py_DECREF(res)
         return res

@@ -1,0 +1,222 @@
+"""Memory as the hot tier of a persistent store: attach(..., path=, durability=)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import time
+
+import pytest
+
+import shmkv
+from checked_values import check_value, make_value
+
+CTX = mp.get_context("fork")
+
+
+@pytest.fixture
+def tiered(name, tmp_path):
+    # "none": functional tests don't need an fsync per put (the durability test below does)
+    kv = shmkv.attach(name, size="4MiB", path=tmp_path / "db", durability="none")
+    yield kv
+    kv.close()
+
+
+def test_evicted_items_are_read_back_from_disk(tiered):
+    for i in range(30_000):
+        tiered.put(f"k{i}", make_value(0, i, 100))
+    s = tiered.stats()
+    assert s["evictions"] > 0  # memory (4 MiB) could not hold them all
+    for i in range(0, 30_000, 7):
+        assert tiered.get(f"k{i}") == make_value(0, i, 100)
+    assert tiered.stats()["disk"]["entries_on_disk"] + tiered.stats()["disk"]["memtable_entries"] > 0
+
+
+def test_a_miss_promotes_the_item_into_memory(tiered):
+    for i in range(30_000):
+        tiered.put(f"k{i}", b"v" * 100)
+    assert tiered.get("k0") == b"v" * 100  # evicted long ago, read through
+    hits_before = tiered.stats()["hits"]
+    assert tiered.get("k0") == b"v" * 100  # now served from memory
+    assert tiered.stats()["hits"] == hits_before + 1
+
+
+def test_values_larger_than_memory_items_go_to_disk(tiered):
+    for size in (1 << 20, 8 << 20, 64 << 20):
+        big = os.urandom(1024) * (size // 1024)
+        tiered.put(f"big{size}", big)
+        assert tiered.get(f"big{size}") == big
+    tiered.put("big1048576", b"small now")
+    assert tiered["big1048576"] == b"small now"
+
+
+def test_deletes_of_disk_only_keys_leave_tombstones(tiered, name, tmp_path):
+    for i in range(30_000):
+        tiered.put(f"k{i}", b"v" * 100)
+    assert tiered.delete("k1") is True
+    assert tiered.get("k1") is None
+    assert tiered.delete("k1") is False
+    assert "k1" not in tiered
+    tiered.close()
+    shmkv.unlink(name)
+    with shmkv.attach(name, size="4MiB", path=tmp_path / "db") as kv:
+        assert kv.get("k1") is None
+        assert kv.get("k2") == b"v" * 100
+
+
+def test_add_and_incr_see_disk_only_values(tiered):
+    tiered.put("counter", b"41")
+    tiered.put("present", b"x")
+    for i in range(30_000):
+        tiered.put(f"fill{i}", b"v" * 100)
+    assert tiered.add("present", b"y") is False
+    assert tiered["present"] == b"x"
+    assert tiered.add("absent", b"z") is True
+    assert tiered.incr("counter") == 42
+    assert tiered.incr("fresh", 5) == 5
+    tiered.put("text", b"abc")
+    with pytest.raises(shmkv.NotACounter):
+        tiered.incr("text")
+    assert tiered["text"] == b"abc"
+
+
+def test_scan_is_ordered_over_disk_and_memory(tiered):
+    keys = [f"key{i:05d}".encode() for i in range(3000)]
+    shuffled = keys[:]
+    random.Random(1).shuffle(shuffled)
+    for k in shuffled:
+        tiered.put(k, k[::-1])
+    tiered.delete(b"key00010")
+    got = list(tiered.scan(b"key00005", b"key00020"))
+    assert [k for k, _ in got] == [k for k in keys[5:20] if k != b"key00010"]
+    assert all(v == k[::-1] for k, v in got)
+    assert len(tiered) == 2999
+    assert [k for k, _ in tiered.scan()] == [k for k in keys if k != b"key00010"]
+
+
+def test_ttl_applies_on_disk_too(tiered):
+    tiered.put("t", b"v", ttl=0.2)
+    for i in range(30_000):
+        tiered.put(f"fill{i}", b"v" * 100)
+    time.sleep(0.3)
+    assert tiered.get("t") is None
+
+
+def test_two_processes_share_one_persistent_store(name, tmp_path):
+    path = tmp_path / "db"
+    kv = shmkv.attach(name, size="8MiB", path=path)
+
+    def child():
+        other = shmkv.attach(name, size="8MiB", path=path)
+        other.put("from-child", b"1")
+        assert other.get("from-parent") == b"0"
+        other.close()
+        os._exit(0)
+
+    kv.put("from-parent", b"0")
+    p = CTX.Process(target=child)
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    assert kv.get("from-child") == b"1"
+    kv.close()
+
+
+def _durable_writer(name, path, wid, ackfile):
+    kv = shmkv.attach(name, size="4MiB", path=path, durability="fsync")
+    rnd = random.Random(wid)
+    with open(ackfile, "a", buffering=1) as acks:
+        seq = 0
+        while True:
+            seq += 1
+            k = f"w{wid}-{rnd.randrange(400)}"
+            if rnd.random() < 0.85:
+                kv.put(k, make_value(wid, seq, rnd.choice((50, 500, 5000))))
+                acks.write(f"put {k} {seq}\n")
+            else:
+                kv.delete(k)
+                acks.write(f"del {k} {seq}\n")
+
+
+@pytest.mark.slow
+def test_fsync_mode_survives_sigkill_of_everyone_and_loss_of_the_segment(name, tmp_path):
+    path = tmp_path / "db"
+    shmkv.attach(name, size="4MiB", path=path).close()
+    rnd = random.Random(7)
+    acks = [tmp_path / f"acks{w}" for w in range(3)]
+    for rounds in range(6):
+        writers = [CTX.Process(target=_durable_writer, args=(name, path, w, acks[w])) for w in range(3)]
+        for w in writers:
+            w.start()
+        time.sleep(rnd.uniform(0.3, 1.0))
+        for w in writers:
+            os.kill(w.pid, signal.SIGKILL)
+        for w in writers:
+            w.join(10)
+        if rounds % 2 == 1:
+            shmkv.unlink(name)  # a reboot: memory is gone, only the disk remains
+    # the last acknowledged operation on each key decides what must be there
+    expect: dict[str, tuple[str, int, int]] = {}
+    for w, f in enumerate(acks):
+        for line in f.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                op, k, seq = parts
+                expect[k] = (op, w, int(seq))
+    if name in shmkv.list_stores():
+        shmkv.unlink(name)
+    with shmkv.attach(name, size="4MiB", path=path) as kv:
+        assert kv.verify() == []
+        lost = []
+        for k, (op, w, seq) in expect.items():
+            v = kv.get(k)
+            if op == "del":
+                # a later put may have started and not been acknowledged; never an older value
+                if v is not None:
+                    assert check_value(v)[1] > seq, f"deleted {k} came back"
+            else:
+                if v is None:
+                    lost.append(k)
+                    continue
+                vw, vseq = check_value(v)
+                assert vw == w and vseq >= seq, f"{k}: older value than acknowledged"
+        assert not lost, f"acknowledged writes lost: {lost[:5]}"
+        assert len(expect) > 100
+
+
+def test_snapshot_dump_and_restore_warm_a_new_store(name, tmp_path):
+    snap = tmp_path / "snap.bin"
+    with shmkv.attach(name, size="8MiB") as kv:
+        kv.put_many({f"k{i}": make_value(0, i, 200) for i in range(2000)})
+        kv.put("short", b"x", ttl=0.2)
+        kv.put("long", b"y", ttl=600)
+        assert kv.dump(snap) == 2002
+    shmkv.unlink(name)
+    time.sleep(0.3)
+    with shmkv.restore(snap, name, size="8MiB") as kv:
+        assert len(kv) == 2001  # "short" expired while the store was down
+        assert kv["k1999"] == make_value(0, 1999, 200)
+        assert kv["long"] == b"y"
+
+
+def test_damaged_snapshot_is_an_error_not_a_partial_restore(name, tmp_path):
+    snap = tmp_path / "snap.bin"
+    with shmkv.attach(name, size="8MiB") as kv:
+        kv.put_many({f"k{i}": b"v" * 100 for i in range(500)})
+        kv.dump(snap)
+        data = snap.read_bytes()
+        snap.write_bytes(data[: len(data) // 2])
+        kv.clear()
+        with pytest.raises(shmkv.Corruption, match="snap.bin"):
+            kv.load(snap)
+        snap.write_bytes(b"garbage" * 10)
+        with pytest.raises(shmkv.Corruption):
+            kv.load(snap)
+        assert len(kv) == 0
+
+
+def test_bad_durability_is_rejected(name, tmp_path):
+    with pytest.raises(shmkv.InvalidArgument):
+        shmkv.attach(name, size="8MiB", path=tmp_path / "db", durability="sometimes")
