@@ -241,6 +241,7 @@ def render_table(report: dict[str, Any]) -> str:
             f"{r['backend']:<10} {r['procs']:>5} {r['ops_per_s']:>12,.0f} {fmt_ratio(r['ratio_to_shmkv']):>9}"
             f" {fmt_us(lat.get('p50')):>8} {fmt_us(lat.get('p99')):>8} {fmt_us(lat.get('p99.9')):>9} {hits:>5}"
         )
+    lines += _latency_by_op(report)
     repeats = max((len(r["runs"]) for r in report["results"]), default=1)
     lines += [
         "",
@@ -267,6 +268,27 @@ def render_table(report: dict[str, Any]) -> str:
     if verdict:
         lines += ["", verdict]
     return "\n".join(lines)
+
+
+def _latency_by_op(report: dict[str, Any]) -> list[str]:
+    """For a mix of several ops: each op's p50/p99/p99.9 per row (none for a single-op mix)."""
+    ops = [op for op in ("get", "put", "delete", "incr") if report["workload"]["mix"].get(op)]
+    if len(ops) < 2 or not report["results"]:
+        return []
+    out = ["", "latency by op, us p50 / p99 / p99.9:"]
+    out.append(f"{'backend':<10} {'procs':>5} " + " ".join(f"{op:<24}" for op in ops).rstrip())
+    for r in report["results"]:
+        cells = []
+        for op in ops:
+            lat = r["latency_ns"].get(op)
+            cells.append(
+                "-" if not lat or not lat.get("count")
+                else f"{fmt_us(lat['p50'])} / {fmt_us(lat['p99'])} / {fmt_us(lat['p99.9'])}"
+            )  # fmt: skip
+        out.append(
+            f"{r['backend']:<10} {r['procs']:>5} " + " ".join(f"{c:<24}" for c in cells).rstrip()
+        )
+    return out
 
 
 def render_verdict(report: dict[str, Any]) -> str:

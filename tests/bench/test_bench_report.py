@@ -138,3 +138,16 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     path = tmp_path / "plot.png"
     write_plot(_report(_outcome()), str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mixed_workloads_get_a_latency_line_per_op() -> None:
+    out = _outcome()
+    for c in out.cells:
+        c.latency_ns = {
+            **LAT,
+            "get": LAT["all"],
+            "put": {"count": 1, "p50": 1500, "p99": 3000, "p99.9": 3000, "max": 3000},
+        }
+    text = render_table(_report(out))
+    assert "latency by op" in text
+    assert "0.500 / 2.00 / 9.00" in text and "1.50 / 3.00 / 3.00" in text
