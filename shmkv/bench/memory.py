@@ -12,6 +12,7 @@ Numbers are exact for one fill order (keys ``k0..``, values of one size), not av
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
@@ -61,7 +62,7 @@ def _fill_until(
 def shmkv_per_item(value_size: int, capacity: int) -> MemoryResult:
     import shmkv
 
-    name = f"shmkv-bench-mem-{uuid.uuid4().hex[:8]}"
+    name = f"shmkv-bench-{os.getpid()}-mem-{uuid.uuid4().hex[:8]}"
     kv = shmkv.attach(name, size=capacity)
     try:
         value = b"v" * value_size

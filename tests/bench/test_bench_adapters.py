@@ -144,3 +144,33 @@ def test_memcached_private_server_gets_the_capacity() -> None:
             c.close()
     finally:
         a.teardown()
+
+
+def test_segments_left_by_a_killed_benchmark_are_removed() -> None:
+    if make("shmkv", small_config()).unavailable():
+        pytest.skip(make("shmkv", small_config()).unavailable() or "")
+    import os
+    import subprocess
+    import sys
+
+    import shmkv
+    from shmkv.bench.adapters.shmkv_store import remove_stale_stores
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale, live = f"shmkv-bench-{dead.stdout.strip()}-x", f"shmkv-bench-{os.getpid()}-y"
+    for name in (stale, live):
+        shmkv.attach(name, size="16MiB").close()
+    try:
+        assert stale in remove_stale_stores()
+        assert stale not in shmkv.list_stores() and live in shmkv.list_stores()
+    finally:
+        for name in (stale, live):
+            try:
+                shmkv.unlink(name)
+            except FileNotFoundError:
+                pass

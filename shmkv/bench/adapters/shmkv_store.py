@@ -7,6 +7,38 @@ from typing import Any
 
 from .base import Adapter
 
+PREFIX = "shmkv-bench-"
+
+
+def remove_stale_stores() -> list[str]:
+    """Unlink ``shmkv-bench-<pid>-…`` segments whose benchmark process is gone (one killed
+    with SIGKILL cannot unlink its own). Returns the names removed."""
+    import shmkv
+
+    removed = []
+    for name in shmkv.list_stores():
+        if not name.startswith(PREFIX):
+            continue
+        pid_text = name[len(PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        try:
+            shmkv.unlink(name)
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 class ShmkvAdapter(Adapter):
     name = "shmkv"
@@ -24,7 +56,8 @@ class ShmkvAdapter(Adapter):
     def setup(self) -> None:
         import shmkv
 
-        self.store_name = f"shmkv-bench-{os.getpid()}-{self.config.run_id}"
+        remove_stale_stores()
+        self.store_name = f"{PREFIX}{os.getpid()}-{self.config.run_id}"
         self.size = self.config.capacity or self.config.default_size()
         # Create it here, so that workers only attach and the fill sees a fresh segment.
         kv = shmkv.attach(self.store_name, size=self.size)
