@@ -19,6 +19,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import posix_ipc
 
@@ -111,14 +112,14 @@ def _open_existing(name: str) -> posix_ipc.SharedMemory | None:
         return None
 
 
-def _finished_header(shm: posix_ipc.SharedMemory) -> dict | None:
+def _finished_header(shm: posix_ipc.SharedMemory) -> dict[str, Any] | None:
     if shm.size < 4096:
         return None
     hdr = _core.read_header(shm.fd)
     return hdr if hdr["init_done"] else None
 
 
-def _check_compatible(name: str, hdr: dict, want: CreateParams | None, size: int | None,
+def _check_compatible(name: str, hdr: dict[str, Any], want: CreateParams | None, size: int | None,
                       codec: int | None) -> None:
     if hdr["magic"] != _core.MAGIC or hdr["layout_version"] != _core.LAYOUT_VERSION:
         raise SegmentMismatch(
@@ -226,7 +227,7 @@ def list_stores() -> list[str]:
     return sorted(e[len(_PREFIX):] for e in entries if e.startswith(_PREFIX) and _NAME.match(e[len(_PREFIX):]))
 
 
-def segment_info(name: str) -> dict:
+def segment_info(name: str) -> dict[str, Any]:
     """Header fields of an existing store, without attaching to it."""
     check_name(name)
     shm = _open_existing(name)

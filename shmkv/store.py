@@ -18,8 +18,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from . import _core, segment, snapshot
-from .lsm import LSM
 from .errors import CodecError, InvalidArgument
+from .lsm import LSM
 from .sizes import parse_size
 
 DEFAULT_SIZE = "64MiB"
@@ -56,6 +56,7 @@ class Store(_core.Core):
 
     codec = "raw"
     path: str | None = None
+    _tier: LSM | None
     _tier_args: dict[str, Any] = {}
 
     def __enter__(self) -> Store:
@@ -150,7 +151,7 @@ class Store(_core.Core):
 
     def _after_fork(self) -> None:
         super()._after_fork()
-        if self._tier is not None:
+        if self._tier is not None and self.path is not None:
             # an LSM handle must not cross a fork (its flocks would be shared): reopen
             self._tier = LSM(self.path, **self._tier_args)
 
@@ -306,7 +307,7 @@ def attach(
         actual = PickleStore if store.codec_id == segment.CODEC_PICKLE else Store
         if actual is cls:
             if path is not None:
-                tier_args = {"durability": durability, "interval_ms": interval_ms}
+                tier_args: dict[str, Any] = {"durability": durability, "interval_ms": interval_ms}
                 try:
                     store._tier = LSM(path, **tier_args)
                 except BaseException:

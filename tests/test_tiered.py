@@ -9,9 +9,9 @@ import signal
 import time
 
 import pytest
+from checked_values import check_value, make_value
 
 import shmkv
-from checked_values import check_value, make_value
 
 CTX = mp.get_context("fork")
 
@@ -220,3 +220,24 @@ def test_damaged_snapshot_is_an_error_not_a_partial_restore(name, tmp_path):
 def test_bad_durability_is_rejected(name, tmp_path):
     with pytest.raises(shmkv.InvalidArgument):
         shmkv.attach(name, size="8MiB", path=tmp_path / "db", durability="sometimes")
+
+
+def test_forked_child_reopens_the_disk_tier(name, tmp_path):
+    kv = shmkv.attach(name, size="8MiB", path=tmp_path / "db", durability="none")
+    kv.put("p", b"parent")
+
+    def child():
+        kv.put("c", b"child")  # the inherited handle: memory re-registered, LSM reopened
+        assert kv.get("p") == b"parent"
+        kv.close()
+        os._exit(0)
+
+    p = CTX.Process(target=child)
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    assert kv.get("c") == b"child"
+    kv.close()
+    shmkv.unlink(name)
+    with shmkv.attach(name, size="8MiB", path=tmp_path / "db") as again:
+        assert again.get("c") == b"child"
