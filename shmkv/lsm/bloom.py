@@ -25,9 +25,13 @@ from . import format as fmt
 _MASK64 = (1 << 64) - 1
 
 
-def _hashes(key: bytes) -> tuple[int, int]:
+def key_hashes(key: bytes) -> tuple[int, int]:
+    """The probe seeds of ``key``: compute once per lookup, test against every table's filter."""
     h1, h2 = mmh3.hash64(key, 0, False)
     return h1, h2 | 1  # odd step: the probe sequence cannot collapse onto one bit
+
+
+_hashes = key_hashes
 
 
 class BloomFilter:
@@ -39,7 +43,9 @@ class BloomFilter:
         self.bits = bits
 
     @classmethod
-    def build(cls, keys: Iterable[bytes], count: int, bits_per_key: int = fmt.BLOOM_BITS_PER_KEY) -> BloomFilter:
+    def build(
+        cls, keys: Iterable[bytes], count: int, bits_per_key: int = fmt.BLOOM_BITS_PER_KEY
+    ) -> BloomFilter:
         k = max(1, min(30, round(bits_per_key * math.log(2))))
         nbits = max(64, count * bits_per_key)
         nbits = (nbits + 7) // 8 * 8
@@ -51,9 +57,11 @@ class BloomFilter:
                 bits[b >> 3] |= 1 << (b & 7)
         return cls(nbits, k, bits)
 
-    def may_contain(self, key: bytes) -> bool:
-        """False means the key is certainly absent; True means "read the table"."""
-        h1, h2 = _hashes(key)
+    def may_contain(self, key: bytes, hashes: tuple[int, int] | None = None) -> bool:
+        """False means the key is certainly absent; True means "read the table".
+
+        ``hashes``: :func:`key_hashes` of ``key``, if the caller already has them."""
+        h1, h2 = hashes or _hashes(key)
         nbits = self.nbits
         bits = self.bits
         for i in range(self.k):

@@ -49,7 +49,7 @@ class LevelOptions:
     target_file_bytes: int = 2 << 20
 
     def level_target(self, level: int) -> int:
-        return self.l1_bytes * self.multiplier ** (level - 1)
+        return int(self.l1_bytes * self.multiplier ** (level - 1))
 
 
 @dataclass
@@ -79,7 +79,9 @@ def pick(m: Manifest, opts: LevelOptions) -> Compaction | None:
     lv = best[1]
 
     def ratio(t: TableMeta) -> float:
-        return sum(o.size for o in levels[lv + 1] if o.overlaps(t.smallest, t.largest)) / max(1, t.size)
+        return sum(o.size for o in levels[lv + 1] if o.overlaps(t.smallest, t.largest)) / max(
+            1, t.size
+        )
 
     chosen = min(levels[lv], key=ratio)
     below = [o for o in levels[lv + 1] if o.overlaps(chosen.smallest, chosen.largest)]
@@ -111,9 +113,7 @@ def merge(sources: list[Iterator[Entry]]) -> Iterator[Entry]:
         yield key, kind, value, expire
 
 
-def drop_dead(
-    entries: Iterator[Entry], deeper: list[TableMeta], now_ms: int
-) -> Iterator[Entry]:
+def drop_dead(entries: Iterator[Entry], deeper: list[TableMeta], now_ms: int) -> Iterator[Entry]:
     """Drop tombstones/expired entries no deeper table can be shadowed by; see module doc."""
     deeper = sorted(deeper, key=lambda t: t.smallest)
     for key, kind, value, expire in entries:

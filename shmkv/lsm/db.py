@@ -76,12 +76,21 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from shmkv.errors import Corruption, Error, InvalidArgument, InvalidType, KeyTooLarge, StoreClosed, ValueTooLarge
+from shmkv.errors import (
+    Corruption,
+    Error,
+    InvalidArgument,
+    InvalidType,
+    KeyTooLarge,
+    StoreClosed,
+    ValueTooLarge,
+)
 
 from . import compaction
 from . import format as fmt
 from . import manifest as mf
 from . import wal as walmod
+from .bloom import key_hashes
 from .compaction import LevelOptions
 from .memtable import Memtable
 from .sstable import COMPRESSIONS, BlockCache, TableMeta, TableReader, TableWriter
@@ -211,7 +220,9 @@ class LSM:
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
         if durability == "interval":
-            self._syncer = threading.Thread(target=self._sync_loop, name="shmkv-lsm-sync", daemon=True)
+            self._syncer = threading.Thread(
+                target=self._sync_loop, name="shmkv-lsm-sync", daemon=True
+            )
             self._syncer.start()
 
     # ------------------------------------------------------------------ public API
@@ -230,10 +241,10 @@ class LSM:
         entries = []
         for it in items:
             if len(it) == 2:
-                k, v = it  # type: ignore[misc]
+                k, v = it
                 e = 0
             else:
-                k, v, e = it  # type: ignore[misc]
+                k, v, e = it
             entries.append((fmt.KIND_PUT, _key(k), _value(v), _expire(e)))
         if entries:
             self._write(entries)
@@ -268,7 +279,9 @@ class LSM:
     def __contains__(self, key: bytes) -> bool:
         return self.get_entry(key) is not None
 
-    def scan(self, start: bytes | None = None, stop: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+    def scan(
+        self, start: bytes | None = None, stop: bytes | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
         """Live ``(key, value)`` pairs with ``start <= key < stop`` in key order.
 
         A consistent snapshot taken at the first ``next()``; writes after that are not seen.
@@ -288,7 +301,11 @@ class LSM:
                 held.append(r)
                 sources.append(r.iter_from(start, stop))
             for lv in self._levels[1:]:
-                rs = [self._readers[t.number] for t in lv if t.overlaps(start, None if stop is None else stop)]
+                rs = [
+                    self._readers[t.number]
+                    for t in lv
+                    if t.overlaps(start, None if stop is None else stop)
+                ]
                 for r in rs:
                     r.ref()
                     held.append(r)
@@ -365,9 +382,16 @@ class LSM:
             live_wal = sum(g.offset for g in self._gens)
             live_user = sum(g.mem.user_bytes for g in self._gens)
             user = c.get("user_bytes", 0) + live_user
-            written = c.get("wal_bytes", 0) + live_wal + c.get("flush_bytes", 0) + c.get("compact_write_bytes", 0)
+            written = (
+                c.get("wal_bytes", 0)
+                + live_wal
+                + c.get("flush_bytes", 0)
+                + c.get("compact_write_bytes", 0)
+            )
             neg = self._c.bloom_negatives + sum(r.bloom_negatives for r in self._readers.values())
-            fp = self._c.bloom_false_positives + sum(r.bloom_false_positives for r in self._readers.values())
+            fp = self._c.bloom_false_positives + sum(
+                r.bloom_false_positives for r in self._readers.values()
+            )
             return {
                 "disk_bytes": disk,
                 "files_per_level": [len(lv) for lv in self._levels],
@@ -412,7 +436,12 @@ class LSM:
             if self._closed:
                 return
             try:
-                if self._dirty and self._gens and os.getpid() == self._pid:
+                if (
+                    self._dirty
+                    and self.durability != "none"
+                    and self._gens
+                    and os.getpid() == self._pid
+                ):
                     self._gens[-1].wal.sync()
             finally:
                 self._closed = True
@@ -458,10 +487,14 @@ class LSM:
                 for name in os.listdir(self.path):
                     gen = fmt.parse_wal_name(name)
                     p = os.path.join(self.path, name)
-                    if fmt.parse_sst_name(name) is not None or (gen is not None and gen != 1) or (
-                        gen == 1 and os.path.getsize(p) > fmt.WAL_HEADER.size
+                    if (
+                        fmt.parse_sst_name(name) is not None
+                        or (gen is not None and gen != 1)
+                        or (gen == 1 and os.path.getsize(p) > fmt.WAL_HEADER.size)
                     ):
-                        raise Corruption(f"{self.path}: MANIFEST is missing but data files exist ({name})")
+                        raise Corruption(
+                            f"{self.path}: MANIFEST is missing but data files exist ({name})"
+                        )
                 WalFile.create(self.path, 1).close()
                 mf.write(self.path, mf.Manifest(generation=1, wal_gen=1, next_file=1))
         finally:
@@ -577,15 +610,20 @@ class LSM:
             s = g.mem.get(key)
             if s is not None:
                 return s
+        hashes: tuple[int, int] | None = None
         for t in self._levels[0]:
             if t.smallest <= key <= t.largest:
-                s = self._readers[t.number].get(key)
+                hashes = hashes or key_hashes(key)
+                s = self._readers[t.number].get(key, hashes)
                 if s is not None:
                     return s
         for lv in self._levels[1:]:
-            t = _find(lv, key)
-            if t is not None:
-                s = self._readers[t.number].get(key)
+            if not lv:
+                continue
+            found = _find(lv, key)
+            if found is not None:
+                hashes = hashes or key_hashes(key)
+                s = self._readers[found.number].get(key, hashes)
                 if s is not None:
                     return s
         return None
@@ -676,7 +714,9 @@ class LSM:
         with tail.wal.locked():
             self._replay_locked(tail)
             if tail.sealed_to is not None:
-                raise Corruption(f"{tail.wal.path}: sealed by someone not holding the maintenance lock")
+                raise Corruption(
+                    f"{tail.wal.path}: sealed by someone not holding the maintenance lock"
+                )
             tail.wal.append_locked(walmod.encode_record(fmt.REC_SEAL, fmt.U64.pack(new_gen)))
             tail.wal.sync()
             self._replay_locked(tail)

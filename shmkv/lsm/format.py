@@ -131,7 +131,9 @@ U64 = struct.Struct("<Q")
 BLOCK_TRAILER = struct.Struct("<BI")  # compression, crc32
 INDEX_ENTRY_TAIL = struct.Struct("<QI")  # offset, size
 FILTER_HEAD = struct.Struct("<IB")  # nbits, k
-FOOTER = struct.Struct("<QQQQQII8s")  # filter_off, filter_len, index_off, index_len, count, version, pad, magic
+FOOTER = struct.Struct(
+    "<QQQQQII8s"
+)  # filter_off, filter_len, index_off, index_len, count, version, pad, magic
 MANIFEST_HEADER = struct.Struct("<8sIII")  # magic, version, length, crc32
 
 # Tunables that are *not* stored layout (a reader accepts any block size).

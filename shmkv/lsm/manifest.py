@@ -53,7 +53,7 @@ class Manifest:
         return out
 
     def encode(self) -> bytes:
-        body = msgpack.packb(
+        body: bytes = msgpack.packb(
             {
                 "generation": self.generation,
                 "wal_gen": self.wal_gen,
@@ -63,7 +63,9 @@ class Manifest:
             },
             use_bin_type=True,
         )
-        head = fmt.MANIFEST_HEADER.pack(fmt.MANIFEST_MAGIC, fmt.FORMAT_VERSION, len(body), zlib.crc32(body))
+        head = fmt.MANIFEST_HEADER.pack(
+            fmt.MANIFEST_MAGIC, fmt.FORMAT_VERSION, len(body), zlib.crc32(body)
+        )
         return head + body
 
     @classmethod
@@ -75,7 +77,9 @@ class Manifest:
         if magic != fmt.MANIFEST_MAGIC:
             raise Corruption(f"{path}: not a shmkv manifest (bad magic)")
         if version != fmt.FORMAT_VERSION:
-            raise Corruption(f"{path}: manifest format version {version}, expected {fmt.FORMAT_VERSION}")
+            raise Corruption(
+                f"{path}: manifest format version {version}, expected {fmt.FORMAT_VERSION}"
+            )
         body = data[hs:]
         if len(body) != length or zlib.crc32(body) != crc:
             raise Corruption(f"{path}: manifest checksum mismatch")

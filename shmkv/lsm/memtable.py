@@ -66,7 +66,9 @@ class Memtable:
             self._sorted = sorted(self._data)
         return self._sorted
 
-    def items(self, start: bytes | None = None, stop: bytes | None = None) -> list[tuple[bytes, Slot]]:
+    def items(
+        self, start: bytes | None = None, stop: bytes | None = None
+    ) -> list[tuple[bytes, Slot]]:
         """A snapshot (list) of entries with start <= key < stop, in key order, tombstones included.
 
         A list, not a generator: the caller may keep iterating while new records are applied.

@@ -15,13 +15,13 @@ Contracts:
 from __future__ import annotations
 
 import bisect
-import io
 import os
 import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import lz4.block
 
@@ -34,7 +34,7 @@ from .wal import _pread_all, io_error
 try:  # zstandard is optional: "lz4" is the default codec
     import zstandard
 except ImportError:  # pragma: no cover
-    zstandard = None
+    zstandard = None  # type: ignore[assignment]
 
 Entry = tuple[bytes, int, bytes, int]  # key, kind, value, expire_at_ms
 
@@ -58,7 +58,7 @@ class TableMeta:
     @classmethod
     def from_list(cls, row: list[object]) -> TableMeta:
         n, lvl, size, ent, lo, hi = row
-        return cls(int(n), int(lvl), int(size), int(ent), bytes(lo), bytes(hi))  # type: ignore[call-overload, arg-type]
+        return cls(int(n), int(lvl), int(size), int(ent), bytes(lo), bytes(hi))  # type: ignore[call-overload]
 
     def overlaps(self, lo: bytes | None, hi: bytes | None) -> bool:
         """Whether [smallest, largest] meets [lo, hi] (inclusive; None = unbounded)."""
@@ -82,7 +82,7 @@ def _decompress(codec: int, data: bytes) -> bytes:
     if codec == fmt.COMP_NONE:
         return data
     if codec == fmt.COMP_LZ4:
-        return lz4.block.decompress(data)
+        return bytes(lz4.block.decompress(data))
     if codec == fmt.COMP_ZSTD:
         if zstandard is None:  # pragma: no cover
             raise ValueError("zstd block but the zstandard module is missing")
@@ -97,12 +97,14 @@ class TableWriter:
     if left behind, since no manifest names it.
     """
 
-    def __init__(self, path: str, compression: str = "lz4", block_size: int = fmt.BLOCK_SIZE) -> None:
+    def __init__(
+        self, path: str, compression: str = "lz4", block_size: int = fmt.BLOCK_SIZE
+    ) -> None:
         self.path = path
         self.codec = COMPRESSIONS[compression]
         self.block_size = block_size
         try:
-            self._f: io.BufferedWriter | None = open(path, "wb", buffering=1 << 18)  # noqa: SIM115
+            self._f: BinaryIO | None = open(path, "wb", buffering=1 << 18)  # noqa: SIM115
         except OSError as e:
             raise io_error(e, path, "create table") from e
         self._offset = 0
@@ -173,11 +175,21 @@ class TableWriter:
             bloom = BloomFilter.build(self._keys, len(self._keys))
             f_off, f_len = self._write_block(bloom.encode(), fmt.COMP_NONE)
             index = b"".join(
-                fmt.U32.pack(len(k)) + k + fmt.INDEX_ENTRY_TAIL.pack(o, s) for k, o, s in self._index
+                fmt.U32.pack(len(k)) + k + fmt.INDEX_ENTRY_TAIL.pack(o, s)
+                for k, o, s in self._index
             )
             i_off, i_len = self._write_block(index, self.codec)
             self._f.write(
-                fmt.FOOTER.pack(f_off, f_len, i_off, i_len, len(self._keys), fmt.FORMAT_VERSION, 0, fmt.SST_MAGIC)
+                fmt.FOOTER.pack(
+                    f_off,
+                    f_len,
+                    i_off,
+                    i_len,
+                    len(self._keys),
+                    fmt.FORMAT_VERSION,
+                    0,
+                    fmt.SST_MAGIC,
+                )
             )
             self._offset += fmt.FOOTER.size
             self._f.flush()
@@ -371,9 +383,13 @@ class TableReader:
 
     # -- lookups --------------------------------------------------------------------------------
 
-    def get(self, key: bytes) -> tuple[int, bytes, int] | None:
-        """(kind, value, expire) of ``key`` in this table, or None. Tombstones are returned."""
-        if not self.bloom.may_contain(key):
+    def get(
+        self, key: bytes, hashes: tuple[int, int] | None = None
+    ) -> tuple[int, bytes, int] | None:
+        """(kind, value, expire) of ``key`` in this table, or None. Tombstones are returned.
+
+        ``hashes``: ``bloom.key_hashes(key)``, computed once by a caller probing many tables."""
+        if not self.bloom.may_contain(key, hashes):
             self.bloom_negatives += 1
             return None
         i = bisect.bisect_left(self.last_keys, key)
@@ -384,7 +400,9 @@ class TableReader:
         try:
             found = _block_search(block, key)
         except Exception as e:
-            raise self._corrupt(f"data block at offset {self.handles[i][0]} is malformed: {e}") from e
+            raise self._corrupt(
+                f"data block at offset {self.handles[i][0]} is malformed: {e}"
+            ) from e
         if found is None:
             self.bloom_false_positives += 1
         return found
@@ -397,7 +415,9 @@ class TableReader:
             try:
                 entries = list(_block_entries(block))
             except Exception as e:
-                raise self._corrupt(f"data block at offset {self.handles[bi][0]} is malformed: {e}") from e
+                raise self._corrupt(
+                    f"data block at offset {self.handles[bi][0]} is malformed: {e}"
+                ) from e
             for ent in entries:
                 k = ent[0]
                 if start is not None and k < start:
@@ -431,7 +451,9 @@ class TableReader:
             if entries and entries[-1][0] != self.last_keys[bi]:
                 problems.append(f"{self.path}: index key of block at offset {off} does not match")
         if count != self.entry_count and not problems:
-            problems.append(f"{self.path}: footer says {self.entry_count} entries, blocks hold {count}")
+            problems.append(
+                f"{self.path}: footer says {self.entry_count} entries, blocks hold {count}"
+            )
         return problems
 
 

@@ -73,7 +73,7 @@ def _verify_tables(path: str, m: mf.Manifest, max_levels: int) -> list[str]:
             r.unref()
     for lv in range(1, max_levels):
         tables = sorted((t for t in m.tables if t.level == lv), key=lambda t: t.smallest)
-        for a, b in zip(tables, tables[1:]):
+        for a, b in zip(tables, tables[1:], strict=False):
             if a.largest >= b.smallest:
                 problems.append(f"{path}: L{lv} tables {a.number} and {b.number} overlap")
     return problems

@@ -205,7 +205,9 @@ class WalFile:
             if magic != fmt.WAL_MAGIC:
                 raise Corruption(f"{path}: not a shmkv WAL (bad magic)")
             if version != fmt.FORMAT_VERSION:
-                raise Corruption(f"{path}: WAL format version {version}, expected {fmt.FORMAT_VERSION}")
+                raise Corruption(
+                    f"{path}: WAL format version {version}, expected {fmt.FORMAT_VERSION}"
+                )
             if hgen != gen:
                 raise Corruption(f"{path}: header says generation {hgen}")
         except BaseException:

@@ -20,7 +20,12 @@ def test_merge_keeps_only_the_newest_version_of_each_key() -> None:
     older = [(b"a", PUT, b"old", 0), (b"b", PUT, b"b", 0), (b"c", PUT, b"c-old", 0)]
     oldest = [(b"b", PUT, b"b-oldest", 0), (b"d", PUT, b"d", 0)]
     got = list(merge([iter(newest), iter(older), iter(oldest)]))
-    assert got == [(b"a", PUT, b"new", 0), (b"b", PUT, b"b", 0), (b"c", DEL, b"", 0), (b"d", PUT, b"d", 0)]
+    assert got == [
+        (b"a", PUT, b"new", 0),
+        (b"b", PUT, b"b", 0),
+        (b"c", DEL, b"", 0),
+        (b"d", PUT, b"d", 0),
+    ]
 
 
 def test_tombstone_is_dropped_only_when_nothing_deeper_overlaps_it() -> None:
@@ -43,8 +48,15 @@ def _t(n: int, level: int, lo: bytes, hi: bytes, size: int = 100) -> TableMeta:
 
 def test_l0_trigger_takes_all_of_l0_and_the_overlapping_l1_tables() -> None:
     opts = LevelOptions(l0_trigger=2)
-    m = Manifest(tables=[_t(5, 0, b"c", b"f"), _t(6, 0, b"a", b"d"), _t(1, 1, b"a", b"b"),
-                         _t(2, 1, b"e", b"g"), _t(3, 1, b"x", b"z")])
+    m = Manifest(
+        tables=[
+            _t(5, 0, b"c", b"f"),
+            _t(6, 0, b"a", b"d"),
+            _t(1, 1, b"a", b"b"),
+            _t(2, 1, b"e", b"g"),
+            _t(3, 1, b"x", b"z"),
+        ]
+    )
     c = pick(m, opts)
     assert c is not None and c.output_level == 1
     assert [t.number for t in c.inputs] == [6, 5, 1, 2]  # newest first; L1 table 3 untouched
@@ -52,15 +64,23 @@ def test_l0_trigger_takes_all_of_l0_and_the_overlapping_l1_tables() -> None:
 
 def test_oversized_level_compacts_the_table_with_least_overlap_below() -> None:
     opts = LevelOptions(l0_trigger=4, l1_bytes=150)
-    m = Manifest(tables=[_t(1, 1, b"a", b"c"), _t(2, 1, b"d", b"f"),
-                         _t(3, 2, b"a", b"b", 1000), _t(4, 2, b"b", b"c", 1000)])
+    m = Manifest(
+        tables=[
+            _t(1, 1, b"a", b"c"),
+            _t(2, 1, b"d", b"f"),
+            _t(3, 2, b"a", b"b", 1000),
+            _t(4, 2, b"b", b"c", 1000),
+        ]
+    )
     c = pick(m, opts)
     assert c is not None and (c.level, c.output_level) == (1, 2)
     assert [t.number for t in c.inputs] == [2]  # table 2 overlaps nothing in L2
 
 
 def test_tree_in_shape_needs_no_compaction() -> None:
-    assert pick(Manifest(tables=[_t(1, 0, b"a", b"b"), _t(2, 1, b"a", b"b")]), LevelOptions()) is None
+    assert (
+        pick(Manifest(tables=[_t(1, 0, b"a", b"b"), _t(2, 1, b"a", b"b")]), LevelOptions()) is None
+    )
 
 
 # -- through the LSM ---------------------------------------------------------------------------
@@ -80,7 +100,9 @@ def test_levels_stay_non_overlapping_under_random_writes(open_db: Open) -> None:
             db.put(k, v)
             model[k] = v
     s = db.stats()
-    assert s["compactions"] > 5 and sum(1 for n in s["files_per_level"][2:] if n) >= 1  # reached L2+
+    assert (
+        s["compactions"] > 5 and sum(1 for n in s["files_per_level"][2:] if n) >= 1
+    )  # reached L2+
     assert db.verify() == []  # includes the non-overlap check of L1+
     assert dict(db.scan()) == model
 

@@ -96,7 +96,9 @@ def test_scan_is_ordered_half_open_and_skips_dead_keys(open_db: Open) -> None:
     want = {b"k%03d" % i: b"v%d" % i for i in range(300) if i % 3}
     want[b"k005"] = b"new"
     assert list(db.scan()) == sorted(want.items())
-    assert list(db.scan(b"k100", b"k110")) == [(k, v) for k, v in sorted(want.items()) if b"k100" <= k < b"k110"]
+    assert list(db.scan(b"k100", b"k110")) == [
+        (k, v) for k, v in sorted(want.items()) if b"k100" <= k < b"k110"
+    ]
     assert list(db.scan(b"zzz")) == []
 
 
@@ -138,8 +140,14 @@ def test_stats_report_the_promised_numbers(open_db: Open) -> None:
     for i in range(2000):
         db.get(b"k%05d-absent" % i)  # inside the key ranges: the bloom decides
     s = db.stats()
-    for key in ("disk_bytes", "files_per_level", "bloom_false_positive_rate", "write_amplification",
-                "compactions", "flushes"):
+    for key in (
+        "disk_bytes",
+        "files_per_level",
+        "bloom_false_positive_rate",
+        "write_amplification",
+        "compactions",
+        "flushes",
+    ):
         assert key in s
     assert s["flushes"] > 0 and s["compactions"] > 0 and s["write_amplification"] > 1.0
     assert s["bloom_negatives"] > 0 and s["bloom_false_positive_rate"] < 0.05
@@ -307,7 +315,9 @@ def test_unreadable_table_gives_a_clear_error() -> None:
 def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], capture_output=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
     try:
@@ -392,7 +402,9 @@ class LSMvsDict(RuleBasedStateMachine):
     @rule(a=KEYS, b=KEYS)
     def scan_range(self, a: bytes, b: bytes) -> None:
         lo, hi = min(a, b), max(a, b)
-        assert list(self.db.scan(lo, hi)) == sorted((k, v) for k, v in self.model.items() if lo <= k < hi)
+        assert list(self.db.scan(lo, hi)) == sorted(
+            (k, v) for k, v in self.model.items() if lo <= k < hi
+        )
 
     @rule()
     def flush(self) -> None:
@@ -421,6 +433,9 @@ class LSMvsDict(RuleBasedStateMachine):
 
 
 LSMvsDict.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=40,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 test_lsm_matches_a_dict_model = LSMvsDict.TestCase

@@ -55,7 +55,9 @@ def test_levels_orders_l0_newest_first_and_others_by_key() -> None:
         ]
     )
     lv = m.levels(3)
-    assert [t.number for t in lv[0]] == [5, 1] and [t.number for t in lv[1]] == [2, 3] and lv[2] == []
+    assert (
+        [t.number for t in lv[0]] == [5, 1] and [t.number for t in lv[1]] == [2, 3] and lv[2] == []
+    )
 
 
 def test_a_flipped_bit_is_corruption_naming_the_file(tmp_path: Path) -> None:

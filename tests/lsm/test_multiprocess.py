@@ -42,7 +42,9 @@ class Echo:
                 f.close()
 
 
-def test_a_write_in_one_process_is_visible_to_the_next_get_in_another(open_db: Open, db_path: str) -> None:
+def test_a_write_in_one_process_is_visible_to_the_next_get_in_another(
+    open_db: Open, db_path: str
+) -> None:
     db = open_db(memtable_bytes=1 << 20)
     other = Echo(db_path)
     try:
@@ -63,7 +65,9 @@ def test_a_write_in_one_process_is_visible_to_the_next_get_in_another(open_db: O
         other.close()
 
 
-def test_concurrent_writers_through_flushes_and_compactions_lose_nothing(open_db: Open, db_path: str) -> None:
+def test_concurrent_writers_through_flushes_and_compactions_lose_nothing(
+    open_db: Open, db_path: str
+) -> None:
     n = 1000
     procs = [spawn("writer", db_path, f"w{i}", str(n), "8192") for i in range(3)]
     db = open_db(memtable_bytes=8192)
@@ -97,7 +101,7 @@ def test_readers_keep_working_while_another_process_compacts(open_db: Open) -> N
             rounds += 1
     finally:
         outs = [p.communicate(timeout=60) for p in readers]
-    for (out, err), p in zip(outs, readers):
+    for (out, err), p in zip(outs, readers, strict=False):
         assert p.returncode == 0, err
         fields = dict(f.split("=") for f in out.split())
         assert fields["bad"] == "0" and int(fields["scans"]) > 0 and int(fields["reads"]) > 0

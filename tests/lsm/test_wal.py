@@ -147,7 +147,9 @@ def test_reopen_drops_torn_tail_and_keeps_every_whole_record(
     assert db.get(b"after") == b"x" and db.verify() == []
 
 
-def test_reopen_refuses_a_corrupted_record_mid_wal(open_db: Callable[..., LSM], db_path: str) -> None:
+def test_reopen_refuses_a_corrupted_record_mid_wal(
+    open_db: Callable[..., LSM], db_path: str
+) -> None:
     db = open_db(memtable_bytes=1 << 20)
     for i in range(10):
         db.put(b"k%d" % i, b"v%d" % i)

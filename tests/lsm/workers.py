@@ -32,7 +32,9 @@ def _open(path: str, durability: str, memtable: int):  # noqa: ANN202
         path,
         durability=durability,
         memtable_bytes=memtable,
-        levels=LevelOptions(l0_trigger=2, l1_bytes=24 << 10, multiplier=4, target_file_bytes=8 << 10),
+        levels=LevelOptions(
+            l0_trigger=2, l1_bytes=24 << 10, multiplier=4, target_file_bytes=8 << 10
+        ),
     )
 
 
@@ -162,7 +164,10 @@ def writer(path: str, tag: str, count: str, memtable: str) -> None:
     db = _open(path, "none", int(memtable))
     n = int(count)
     for i in range(0, n, 10):
-        db.put_many((k, value_for(k), 0) for k in (f"{tag}-{j:06d}".encode() for j in range(i, min(n, i + 10))))
+        db.put_many(
+            (k, value_for(k), 0)
+            for k in (f"{tag}-{j:06d}".encode() for j in range(i, min(n, i + 10)))
+        )
     db.close()
     print("done", flush=True)
 
@@ -195,4 +200,10 @@ def echo(path: str) -> None:
 
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
-    {"crash_writer": crash_writer, "kill_at": kill_at, "reader": reader, "writer": writer, "echo": echo}[role](*args)
+    {
+        "crash_writer": crash_writer,
+        "kill_at": kill_at,
+        "reader": reader,
+        "writer": writer,
+        "echo": echo,
+    }[role](*args)
