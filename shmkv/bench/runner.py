@@ -425,48 +425,75 @@ def run_benchmark(
     progress: Progress | None = None,
 ) -> Outcome:
     """Run every (backend, process count) cell ``repeat`` times. Never raises for a backend's
-    failure (recorded in ``Outcome.failed``); Ctrl-C stops the run after teardown."""
+    failure (recorded in ``Outcome.failed``); Ctrl-C stops the run after teardown.
+
+    Every backend is set up and filled first, then the cells are interleaved: for each repeat,
+    for each process count, each backend in turn. Load from outside the benchmark drifts over
+    a run; interleaving spreads it over all backends instead of charging it to whichever ran
+    while it peaked. (Rejected: one backend at a time, which kept one server up at a time but
+    made ratios depend on when each backend happened to run.)
+    """
     progress = progress or NullProgress()
     out = Outcome()
     out.harness_ns = round(harness_ns_per_call(), 1)
     ctx = multiprocessing.get_context("spawn")
-    for name in backends:
-        adapter = adapters.make(name, config)
-        reason = adapter.unavailable()
-        if reason:
-            out.skipped.append((name, reason))
-            progress.note(f"skipped {name}: {reason}")
-            continue
-        counts = [p for p in procs_list if adapter.max_procs is None or p <= adapter.max_procs]
-        if not counts:
-            reason = f"runs at {adapter.max_procs} process only; asked for {list(procs_list)}"
-            out.skipped.append((name, reason))
-            progress.note(f"skipped {name}: {reason}")
-            continue
-        if len(counts) < len(procs_list):
-            out.notes.append(f"{name}: {adapter.label}")
-        try:
-            adapter.setup()
-            out.info[name] = adapter.describe()
-            if adapter.shared and workload.fill:
-                with adapter:
-                    out.fill_seconds[name] = round(fill(adapter, workload), 3)
-            for procs in counts:
-                runs = []
-                for rep in range(repeat):
+    ready: list[Adapter] = []
+    runs: dict[tuple[str, int], list[list[WorkerResult]]] = {}
+    try:
+        for name in backends:
+            adapter = adapters.make(name, config)
+            reason = adapter.unavailable()
+            if (
+                reason is None
+                and adapter.max_procs is not None
+                and min(procs_list) > adapter.max_procs
+            ):
+                reason = f"runs at {adapter.max_procs} process only; asked for {list(procs_list)}"
+            if reason:
+                out.skipped.append((name, reason))
+                progress.note(f"skipped {name}: {reason}")
+                continue
+            if adapter.max_procs is not None and max(procs_list) > adapter.max_procs:
+                out.notes.append(f"{name}: {adapter.label}")
+            try:
+                adapter.setup()
+                ready.append(adapter)
+                out.info[name] = adapter.describe()
+                if adapter.shared and workload.fill:
+                    with adapter:
+                        out.fill_seconds[name] = round(fill(adapter, workload), 3)
+            except Exception as e:  # noqa: BLE001 -- one backend's failure is a result
+                _fail(out, progress, name, e)
+        failed: set[str] = {name for name, _ in out.failed}
+        for rep in range(repeat):
+            for procs in procs_list:
+                for adapter in ready:
+                    name = adapter.name
+                    if name in failed or (
+                        adapter.max_procs is not None and procs > adapter.max_procs
+                    ):
+                        continue
                     progress.begin(name, procs, rep + 1, repeat)
-                    workers = run_cell(adapter, workload, procs, progress, ctx)
-                    runs.append(workers)
-                    cell = cell_from_runs(name, procs, [workers])
-                    progress.end(cell.ops_per_s)
-                out.cells.append(cell_from_runs(name, procs, runs))
-        except (WorkerFailed, Exception) as e:  # noqa: BLE001 -- one backend's failure is a result
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            out.failed.append((name, msg))
-            progress.note(f"{name} failed: {msg}")
-        finally:
+                    try:
+                        workers = run_cell(adapter, workload, procs, progress, ctx)
+                    except Exception as e:  # noqa: BLE001 -- one backend's failure is a result
+                        _fail(out, progress, name, e)
+                        failed.add(name)
+                        continue
+                    runs.setdefault((name, procs), []).append(workers)
+                    progress.end(cell_from_runs(name, procs, [workers]).ops_per_s)
+    finally:
+        for adapter in reversed(ready):
             adapter.teardown()
+    out.cells = [cell_from_runs(name, procs, rs) for (name, procs), rs in runs.items()]
     return out
+
+
+def _fail(out: Outcome, progress: Progress, name: str, e: BaseException) -> None:
+    text = str(e).strip()
+    msg = text.splitlines()[-1] if text else type(e).__name__
+    out.failed.append((name, msg))
+    progress.note(f"{name} failed: {msg}")
 
 
 __all__ = [
