@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,10 +79,16 @@ def test_small_run_prints_table_and_writes_json_and_plot(tmp_path: Path) -> None
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.bench
-def test_default_run_prints_the_comparison() -> None:
+def test_default_run_prints_the_comparison(tmp_path: Path) -> None:
     # The README's main job: no arguments, every installed peer (about 35 s on 2 quiet cores).
+    # Run outside the source tree, on the shmkv these tests import: in CI the installed one
+    # (a fresh clone's tree has no compiled extension), here maybe an in-place build.
+    import shmkv
+
+    env = {**os.environ, "PYTHONPATH": str(Path(shmkv.__file__).resolve().parents[1])}
     r = subprocess.run(
-        [sys.executable, "-m", "shmkv.bench.cli"], capture_output=True, text=True, timeout=120
-    )
+        [sys.executable, "-m", "shmkv.bench.cli"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "vs shmkv" in r.stdout and "shmkv at 2 processes" in r.stdout
