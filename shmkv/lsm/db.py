@@ -56,14 +56,19 @@ within a process are serialised by ``self._lock``). The design, and why:
   parent and child would not exclude each other); using one in the child raises ``Error``. Open
   the store in each worker.
 
-Lock order (outermost first): ``self._lock`` (threads) -> ``LOCK`` file (maintenance) -> a WAL's
-flock. Methods named ``_x_locked`` REQUIRE ``self._lock``.
+Lock order (outermost first): ``self._maint_mutex`` (maintenance, threads of this process) ->
+``LOCK`` file flock (maintenance, processes) -> ``self._lock`` (all in-process state) -> a WAL's
+flock. Methods named ``_x_locked`` REQUIRE ``self._lock``; maintenance methods take it only for
+short steps (seal, publish), so merges and table writes never block gets and puts.
 
-Maintenance (flush, then compactions) runs inline in the put that crosses ``memtable_bytes``,
-if no other process is doing it already (non-blocking lock). Rejected for now: a background
-thread -- pure-Python compaction holds the GIL anyway, and inline work is deterministic to test.
-A failed automatic flush (e.g. disk full) does not fail the already-durable put; it is recorded
-in ``stats()["last_maintenance_error"]`` and retried on the next put.
+Maintenance (flush, then compactions) runs in a background thread per handle, woken when the
+WAL backlog reaches ``memtable_bytes``; whichever process gets the ``LOCK`` first does it for
+everyone (the others skip: non-blocking). If the backlog reaches 4x ``memtable_bytes`` the writer
+does the work itself (a bounded write stall, as LevelDB's). ``background=False`` runs it inline
+in the put that crosses the threshold. Rejected: a maintenance daemon process -- one more thing
+to supervise, and the store must work from any set of worker processes with nobody in charge.
+A failed automatic flush (e.g. disk full) does not fail the already-durable put; it is
+recorded in ``stats()["last_maintenance_error"]`` and retried.
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ from .wal import WalFile, io_error
 
 DURABILITY = ("none", "interval", "fsync")
 _RETRIES = 100  # manifest re-reads before a vanished file is declared corruption
+_STALL_FACTOR = 4  # WAL backlog (x memtable_bytes) at which writers stop and flush themselves
 
 
 def _now_ms() -> int:
@@ -151,7 +157,12 @@ class LSM:
         is followed by more data; ``"truncate"`` drops the log from that record on (counted in
         ``stats()["wal_dropped_bytes"]``). A torn *tail* is always dropped silently: it was
         never acknowledged.
-    :param auto_maintenance: flush/compact automatically from puts (tests turn it off).
+    :param auto_maintenance: flush/compact automatically when ``memtable_bytes`` is reached.
+    :param background: do that automatic maintenance in a background thread (default), so a
+        put never waits for a compaction -- unless the WAL backlog reaches 4x
+        ``memtable_bytes`` (the thread cannot keep up), when the writer does the work itself
+        (a write stall that bounds memory). ``False``: inline, in the put that crosses the
+        threshold.
     :raises Corruption: a file of the store fails its checks.
     :raises FileAccessError: a file cannot be opened or read.
     """
@@ -168,6 +179,7 @@ class LSM:
         block_cache_bytes: int = 8 << 20,
         wal_recovery: str = "strict",
         auto_maintenance: bool = True,
+        background: bool = True,
     ) -> None:
         if durability not in DURABILITY:
             raise InvalidArgument(f"durability must be one of {DURABILITY}, not {durability!r}")
@@ -198,6 +210,11 @@ class LSM:
         self._dirty = False  # WAL written since the last fsync ("interval")
         self._last_error: str | None = None
         self._lock_fd = -1
+        self._maint_mutex = threading.Lock()
+        self._maint_wanted = threading.Event()
+        self._stop = threading.Event()
+        self._syncer: threading.Thread | None = None
+        self._maint_thread: threading.Thread | None = None
         try:
             os.makedirs(self.path, exist_ok=True)
             lock_path = os.path.join(self.path, fmt.LOCKFILE)
@@ -217,13 +234,16 @@ class LSM:
         except BaseException:
             self._release_all()
             raise
-        self._stop = threading.Event()
-        self._syncer: threading.Thread | None = None
         if durability == "interval":
             self._syncer = threading.Thread(
                 target=self._sync_loop, name="shmkv-lsm-sync", daemon=True
             )
             self._syncer.start()
+        if background and auto_maintenance:
+            self._maint_thread = threading.Thread(
+                target=self._maint_loop, name="shmkv-lsm-maintenance", daemon=True
+            )
+            self._maint_thread.start()
 
     # ------------------------------------------------------------------ public API
 
@@ -321,30 +341,18 @@ class LSM:
                 r.unref()
 
     def flush(self) -> None:
-        """Write all memtables to an L0 table now (then run due compactions). Waits for the lock."""
+        """Write all memtables to an L0 table now (then run due compactions). Waits for any
+        maintenance in progress, in this process or another."""
         with self._lock:
             self._check_open()
-            self._lock_maintenance(block=True)
-            try:
-                self._flush_locked(force=True)
-                self._compact_due_locked()
-            finally:
-                self._maintenance_unlock()
+        self._maintain(block=True, force_flush=True)
 
     def compact(self) -> None:
         """Flush, then merge every table into one sorted run at the deepest level (drops all
         tombstones and expired entries, reclaims space)."""
         with self._lock:
             self._check_open()
-            self._lock_maintenance(block=True)
-            try:
-                self._flush_locked(force=True)
-                comp = compaction.pick_full(self._manifest, self.opts)
-                if comp is not None:
-                    self._run_compaction_locked(comp)
-                self._collect_garbage_locked()
-            finally:
-                self._maintenance_unlock()
+        self._maintain(block=True, force_flush=True, full=True)
 
     def sync(self) -> None:
         """fsync the WAL now (any durability mode)."""
@@ -426,13 +434,16 @@ class LSM:
             }
 
     def close(self) -> None:
-        """Sync (unless durability is "none") and release every file. Idempotent."""
+        """Finish maintenance in progress, sync (unless durability is "none"), release every
+        file. Idempotent."""
         if self._closed:
             return
-        if self._syncer is not None:
-            self._stop.set()
-            self._syncer.join()
-        with self._lock:
+        self._stop.set()
+        self._maint_wanted.set()
+        for t in (self._syncer, self._maint_thread):
+            if t is not None and t is not threading.current_thread():
+                t.join()
+        with self._maint_mutex, self._lock:
             if self._closed:
                 return
             try:
@@ -652,8 +663,19 @@ class LSM:
                 self._c.wal_syncs += 1
             else:
                 self._dirty = True
-            if self.auto_maintenance and self._wal_bytes_locked() >= self.memtable_bytes:
-                self._auto_maintenance_locked()
+            backlog = self._wal_bytes_locked()
+        if not self.auto_maintenance or backlog < self.memtable_bytes:
+            return
+        if self._maint_thread is not None and backlog < _STALL_FACTOR * self.memtable_bytes:
+            self._maint_wanted.set()
+            return
+        # Inline mode, or the background thread cannot keep up: the writer does the work
+        # (a write stall, as in LevelDB: memory stays bounded). The put itself is durable
+        # already, so a failure here is recorded, not raised.
+        try:
+            self._maintain(block=self._maint_thread is not None)
+        except Error as e:
+            self._last_error = f"{type(e).__name__}: {e}"
 
     def _wal_bytes_locked(self) -> int:
         # Sealed-but-unflushed generations count: a failed flush must be retried soon.
@@ -671,7 +693,36 @@ class LSM:
                 except Exception as e:  # a thread must not die silently; surface it in stats
                     self._last_error = f"background fsync: {e}"
 
+    def _maint_loop(self) -> None:
+        """Background maintenance: woken by writers crossing ``memtable_bytes``, and once a
+        second to catch work that is due for other reasons (a failed flush, another process's
+        writes)."""
+        while not self._stop.is_set():
+            woken = self._maint_wanted.wait(1.0)
+            self._maint_wanted.clear()
+            if self._stop.is_set():
+                return
+            try:
+                if not woken:
+                    with self._lock:
+                        if self._closed:
+                            return
+                        due = self._wal_bytes_locked() >= self.memtable_bytes or (
+                            compaction.pick(self._manifest, self.opts) is not None
+                        )
+                    if not due:
+                        continue
+                self._maintain(block=False)
+                self._last_error = None
+            except Exception as e:  # a thread must not die silently; surface it in stats
+                self._last_error = f"background maintenance: {type(e).__name__}: {e}"
+
     # ------------------------------------------------------------------ maintenance
+    #
+    # Lock order: self._maint_mutex (threads of this process; flock cannot tell them apart)
+    # -> LOCK flock (processes) -> self._lock, which maintenance takes only for short steps:
+    # merging and writing tables run without it, so other threads keep reading and writing.
+    # Methods below without the _locked suffix REQUIRE that self._lock is NOT held.
 
     def _try_maintenance_lock(self) -> bool:
         try:
@@ -686,44 +737,65 @@ class LSM:
     def _maintenance_unlock(self) -> None:
         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _auto_maintenance_locked(self) -> None:
-        if not self._try_maintenance_lock():
-            return  # another process is flushing/compacting; it will seal our WAL too
-        try:
-            self._flush_locked(force=False)
-            self._compact_due_locked()
-            self._last_error = None
-        except Error as e:
-            # The put that got us here is already durable; do not fail it. Retried next put.
-            self._last_error = f"{type(e).__name__}: {e}"
-        finally:
-            self._maintenance_unlock()
+    def _maintain(self, *, block: bool, force_flush: bool = False, full: bool = False) -> None:
+        """Flush (when due, or forced), then the due compactions (or one full compaction).
 
-    def _flush_locked(self, force: bool) -> None:
-        """REQUIRES: self._lock and the maintenance lock. Seal the WAL, write sealed generations
-        to one L0 table, install a manifest that starts at the new generation."""
-        self._refresh_locked(force=True)
-        self._catch_up_locked()
-        tail = self._gens[-1]
-        if not force and self._wal_bytes_locked() < self.memtable_bytes:
-            return  # someone flushed while we waited
-        if not any(g.mem.records for g in self._gens):
+        Non-blocking (``block=False``) gives up at once if this process or another is already
+        doing maintenance: that one will seal and flush our WAL as well.
+        """
+        if not self._maint_mutex.acquire(blocking=block):
             return
-        new_gen = tail.gen + 1
-        WalFile.create(self.path, new_gen).close()
-        with tail.wal.locked():
-            self._replay_locked(tail)
-            if tail.sealed_to is not None:
-                raise Corruption(
-                    f"{tail.wal.path}: sealed by someone not holding the maintenance lock"
-                )
-            tail.wal.append_locked(walmod.encode_record(fmt.REC_SEAL, fmt.U64.pack(new_gen)))
-            tail.wal.sync()
-            self._replay_locked(tail)
-        assert tail.sealed_to == new_gen, "Invariant: our own SEAL is the last record"
-        self._catch_up_locked()  # opens the new generation
-        flushed = [g for g in self._gens if g.sealed_to is not None]
-        m = self._manifest
+        try:
+            if block:
+                self._lock_maintenance(True)
+            elif not self._try_maintenance_lock():
+                return
+            try:
+                if self._closed:
+                    return
+                self._flush(force_flush)
+                if full:
+                    with self._lock:
+                        comp = compaction.pick_full(self._manifest, self.opts)
+                    if comp is not None:
+                        self._run_compaction(comp)
+                    with self._lock:
+                        self._collect_garbage_locked()
+                else:
+                    self._compact_due()
+            finally:
+                self._maintenance_unlock()
+        finally:
+            self._maint_mutex.release()
+
+    def _flush(self, force: bool) -> None:
+        """REQUIRES: the maintenance lock. Seal the WAL, write the sealed generations to one L0
+        table, install a manifest that starts at the new generation."""
+        with self._lock:
+            self._refresh_locked(force=True)
+            self._catch_up_locked()
+            tail = self._gens[-1]
+            if not force and self._wal_bytes_locked() < self.memtable_bytes:
+                return  # someone flushed while we waited
+            if not any(g.mem.records for g in self._gens):
+                return
+            new_gen = tail.gen + 1
+            WalFile.create(self.path, new_gen).close()
+            with tail.wal.locked():
+                self._replay_locked(tail)
+                if tail.sealed_to is not None:
+                    raise Corruption(
+                        f"{tail.wal.path}: sealed by someone not holding the maintenance lock"
+                    )
+                tail.wal.append_locked(walmod.encode_record(fmt.REC_SEAL, fmt.U64.pack(new_gen)))
+                tail.wal.sync()
+                self._replay_locked(tail)
+            assert tail.sealed_to == new_gen, "Invariant: our own SEAL is the last record"
+            self._catch_up_locked()  # opens the new generation
+            # Invariant: sealed generations never change again, and only a manifest written by
+            # the maintenance-lock holder (us) can drop them: safe to read without self._lock.
+            flushed = [g for g in self._gens if g.sealed_to is not None]
+            m = self._manifest
         number = m.next_file
         stream = compaction.drop_dead(
             compaction.merge([g.mem.iter_entries() for g in reversed(flushed)]),
@@ -756,41 +828,59 @@ class LSM:
             tables=m.tables + ([meta] if meta else []),
             counters=c,
         )
-        self._publish_locked(new)
+        with self._lock:
+            assert self._manifest.generation == m.generation, "Invariant: only we publish"
+            self._publish_locked(new)
         for g in flushed:
             _unlink_quiet(g.wal.path)
 
-    def _compact_due_locked(self) -> None:
-        """REQUIRES: self._lock and the maintenance lock."""
+    def _compact_due(self) -> None:
+        """REQUIRES: the maintenance lock."""
         for _ in range(64):  # bounded: each round strictly reduces the most urgent score
-            comp = compaction.pick(self._manifest, self.opts)
-            if comp is None:
+            with self._lock:
+                comp = compaction.pick(self._manifest, self.opts)
+            if comp is None or self._stop.is_set():
                 return
-            self._run_compaction_locked(comp)
+            self._run_compaction(comp)
 
-    def _run_compaction_locked(self, comp: compaction.Compaction) -> None:
-        m = self._manifest
-        next_file = [m.next_file]
+    def _run_compaction(self, comp: compaction.Compaction) -> None:
+        """REQUIRES: the maintenance lock. Merge without self._lock; publish under it."""
+        with self._lock:
+            m = self._manifest
+            readers = {t.number: self._readers[t.number] for t in comp.inputs}
+            for r in readers.values():
+                r.ref()  # a reload in another thread must not close them under the merge
+        try:
+            next_file = [m.next_file]
 
-        def new_writer() -> tuple[int, TableWriter]:
-            n = next_file[0]
-            next_file[0] += 1
-            return n, TableWriter(self._sst_path(n), self.compression)
+            def new_writer() -> tuple[int, TableWriter]:
+                n = next_file[0]
+                next_file[0] += 1
+                return n, TableWriter(self._sst_path(n), self.compression)
 
-        outputs = compaction.run(comp, m, self._readers, self.opts, new_writer, _now_ms())
-        inputs = {t.number for t in comp.inputs}
-        c = dict(m.counters)
-        c["compactions"] = c.get("compactions", 0) + 1
-        c["compact_read_bytes"] = c.get("compact_read_bytes", 0) + sum(t.size for t in comp.inputs)
-        c["compact_write_bytes"] = c.get("compact_write_bytes", 0) + sum(t.size for t in outputs)
-        new = replace(
-            m,
-            generation=m.generation + 1,
-            next_file=next_file[0],
-            tables=[t for t in m.tables if t.number not in inputs] + outputs,
-            counters=c,
-        )
-        self._publish_locked(new)
+            outputs = compaction.run(comp, m, readers, self.opts, new_writer, _now_ms())
+            inputs = {t.number for t in comp.inputs}
+            c = dict(m.counters)
+            c["compactions"] = c.get("compactions", 0) + 1
+            c["compact_read_bytes"] = c.get("compact_read_bytes", 0) + sum(
+                t.size for t in comp.inputs
+            )
+            c["compact_write_bytes"] = c.get("compact_write_bytes", 0) + sum(
+                t.size for t in outputs
+            )
+            new = replace(
+                m,
+                generation=m.generation + 1,
+                next_file=next_file[0],
+                tables=[t for t in m.tables if t.number not in inputs] + outputs,
+                counters=c,
+            )
+            with self._lock:
+                assert self._manifest.generation == m.generation, "Invariant: only we publish"
+                self._publish_locked(new)
+        finally:
+            for r in readers.values():
+                r.unref()
         for n in inputs:
             _unlink_quiet(self._sst_path(n))
 

@@ -51,7 +51,12 @@ def open_db(db_path: str) -> Iterator[Callable[..., LSM]]:
     handles: list[LSM] = []
 
     def _open(**kw: object) -> LSM:
-        opts: dict[str, object] = {"durability": "none", "memtable_bytes": 4096, "levels": SMALL}
+        opts: dict[str, object] = {
+            "durability": "none",
+            "memtable_bytes": 4096,
+            "levels": SMALL,
+            "background": False,  # deterministic: flushes happen inside the put that is due
+        }
         opts.update(kw)
         db = LSM(db_path, **opts)  # type: ignore[arg-type]
         handles.append(db)

@@ -439,3 +439,53 @@ LSMvsDict.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_lsm_matches_a_dict_model = LSMvsDict.TestCase
+
+
+# -- background maintenance and threads ----------------------------------------------------------
+
+
+def test_background_thread_flushes_and_compacts_while_puts_continue(open_db: Open) -> None:
+    db = open_db(background=True)
+    for i in range(3000):
+        db.put(b"k%05d" % i, b"v%d" % i)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        s = db.stats()
+        if s["flushes"] > 5 and s["compactions"] > 0 and s["wal_bytes"] < 4 * 4096 + 4096:
+            break
+        time.sleep(0.05)
+    assert s["flushes"] > 5 and s["compactions"] > 0, s
+    assert s["last_maintenance_error"] is None
+    assert all(db.get(b"k%05d" % i) == b"v%d" % i for i in range(3000))
+    assert db.verify() == []
+
+
+def test_threads_sharing_one_handle_see_a_consistent_store(open_db: Open) -> None:
+    import threading
+
+    db = open_db(background=True)
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for i in range(600):
+                k = b"t%d-%04d" % (t, i)
+                db.put(k, k)
+                if i % 3 == 0:
+                    db.delete(b"t%d-%04d" % (t, i // 2))
+                assert db.get(k) in (k, None)  # None only if this very key was deleted above
+            list(db.scan(b"t%d-" % t, b"t%d." % t))
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
+    for t in range(4):
+        deleted = {b"t%d-%04d" % (t, i // 2) for i in range(0, 600, 3)}
+        want = {b"t%d-%04d" % (t, i) for i in range(600)} - deleted
+        assert {k for k, _ in db.scan(b"t%d-" % t, b"t%d." % t)} == want
+    assert db.verify() == []
