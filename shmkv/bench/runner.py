@@ -1,11 +1,12 @@
 """Runs a workload against each backend at each process count, and times it.
 
-For each backend (in the parent): ``setup()``, fill once (shared backends), then for each process
-count and repeat one *cell run*: N workers started with the ``spawn`` context (a fresh
-interpreter: no inherited handles, locks or shared-memory mappings), each of which opens the
-backend itself, builds its op stream, and waits at a barrier with the parent. After the barrier
-every worker runs its timed loop for the same duration (or op count) and sends back its counts
-and sampled latencies. ``teardown()`` always runs, also on an error or Ctrl-C.
+In the parent, every backend is ``setup()`` and filled once (shared backends) first; then, for
+each repeat, each process count, each backend in turn, one *cell run*: N workers started with
+the ``spawn`` context (a fresh interpreter: no inherited handles, locks or shared-memory
+mappings), each of which opens the backend itself, builds its op stream, and waits at a barrier
+with the parent. After the barrier every worker runs its timed loop for the same duration (or op
+count) and sends back its counts and sampled latencies. ``teardown()`` always runs, also on an
+error or Ctrl-C.
 
 Timing contract:
 
