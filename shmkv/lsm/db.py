@@ -77,6 +77,7 @@ import fcntl
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -104,6 +105,21 @@ from .wal import WalFile, io_error
 DURABILITY = ("none", "interval", "fsync")
 _RETRIES = 100  # manifest re-reads before a vanished file is declared corruption
 _STALL_FACTOR = 4  # WAL backlog (x memtable_bytes) at which writers stop and flush themselves
+
+
+# Every open handle, so a forked child can drop its copies (see _after_fork_in_child).
+_live: weakref.WeakSet[LSM] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child, inherited handles are dead: their threads did not survive and their
+    locks may be held forever. Close their fds *without* flock(LOCK_UN) -- the open file
+    descriptions are shared with the parent, and unlocking would release the parent's locks."""
+    for db in list(_live):
+        db._abandon_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _now_ms() -> int:
@@ -244,6 +260,7 @@ class LSM:
                 target=self._maint_loop, name="shmkv-lsm-maintenance", daemon=True
             )
             self._maint_thread.start()
+        _live.add(self)
 
     # ------------------------------------------------------------------ public API
 
@@ -283,8 +300,9 @@ class LSM:
     def get_entry(self, key: bytes) -> tuple[bytes, int] | None:
         """``(value, expire_at_ms)`` of a live key, or None."""
         key = _key(key)
+        self._check_open()  # before the lock: fork safety
         with self._lock:
-            self._check_open()
+            self._check_open()  # again: close() may have run while we waited
             self._refresh_locked()
             self._catch_up_locked()
             self._c.gets += 1
@@ -307,8 +325,9 @@ class LSM:
         A consistent snapshot taken at the first ``next()``; writes after that are not seen.
         Tables stay open (by reference) until the iterator is exhausted or closed.
         """
+        self._check_open()  # before the lock: fork safety
         with self._lock:
-            self._check_open()
+            self._check_open()  # again: close() may have run while we waited
             self._refresh_locked()
             self._catch_up_locked()
             sources: list[Iterator[tuple[bytes, int, bytes, int]]] = []
@@ -343,21 +362,24 @@ class LSM:
     def flush(self) -> None:
         """Write all memtables to an L0 table now (then run due compactions). Waits for any
         maintenance in progress, in this process or another."""
+        self._check_open()  # before the lock: fork safety
         with self._lock:
-            self._check_open()
+            self._check_open()  # again: close() may have run while we waited
         self._maintain(block=True, force_flush=True)
 
     def compact(self) -> None:
         """Flush, then merge every table into one sorted run at the deepest level (drops all
         tombstones and expired entries, reclaims space)."""
+        self._check_open()  # before the lock: fork safety
         with self._lock:
-            self._check_open()
+            self._check_open()  # again: close() may have run while we waited
         self._maintain(block=True, force_flush=True, full=True)
 
     def sync(self) -> None:
         """fsync the WAL now (any durability mode)."""
+        self._check_open()  # before the lock: fork safety
         with self._lock:
-            self._check_open()
+            self._check_open()  # again: close() may have run while we waited
             self._gens[-1].wal.sync()
             self._dirty = False
             self._c.wal_syncs += 1
@@ -366,15 +388,17 @@ class LSM:
         """Check manifest, every table block and every live WAL record; return problems found."""
         from .verify import verify_store
 
+        self._check_open()  # before the lock: fork safety
         with self._lock:
-            self._check_open()
+            self._check_open()  # again: close() may have run while we waited
             return verify_store(self.path, self.opts.max_levels)
 
     def stats(self) -> dict[str, Any]:
         """Counters and sizes. ``write_amplification`` = bytes written to disk (WAL + flushes +
         compactions) / key+value bytes put, store-wide. Bloom numbers are this process's."""
+        self._check_open()  # before the lock: fork safety
         with self._lock:
-            self._check_open()
+            self._check_open()  # again: close() may have run while we waited
             self._refresh_locked()
             self._catch_up_locked()
             m = self._manifest
@@ -438,6 +462,7 @@ class LSM:
         file. Idempotent."""
         if self._closed:
             return
+        self._check_open()
         self._stop.set()
         self._maint_wanted.set()
         for t in (self._syncer, self._maint_thread):
@@ -467,10 +492,23 @@ class LSM:
     # ------------------------------------------------------------------ open / view
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise StoreClosed(f"LSM {self.path} is closed")
+        """Call before taking self._lock: after a fork it may be held by a thread that is gone."""
         if os.getpid() != self._pid:
             raise Error("an LSM handle cannot be used across fork(); open the store in the child")
+        if self._closed:
+            raise StoreClosed(f"LSM {self.path} is closed")
+
+    def _abandon_in_child(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        fds = [g.wal.fd for g in self._gens] + [r.fd for r in self._readers.values()]
+        for fd in [*fds, self._lock_fd]:
+            try:
+                if fd >= 0:
+                    os.close(fd)
+            except OSError:
+                pass
 
     def _release_all(self) -> None:
         for g in self._gens:
@@ -643,8 +681,9 @@ class LSM:
 
     def _write(self, entries: list[tuple[int, bytes, bytes, int]]) -> None:
         data = walmod.encode_batch(entries)
+        self._check_open()  # before the lock: fork safety
         with self._lock:
-            self._check_open()
+            self._check_open()  # again: close() may have run while we waited
             self._refresh_locked()
             self._catch_up_locked()
             while True:
@@ -674,7 +713,7 @@ class LSM:
         # already, so a failure here is recorded, not raised.
         try:
             self._maintain(block=self._maint_thread is not None)
-        except Error as e:
+        except (Error, OSError) as e:
             self._last_error = f"{type(e).__name__}: {e}"
 
     def _wal_bytes_locked(self) -> int:

@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 import lz4.block
 
-from shmkv.errors import Corruption
+from shmkv.errors import Corruption, Error
 
 from . import format as fmt
 from .bloom import BloomFilter
@@ -149,8 +149,11 @@ class TableWriter:
         crc = zlib.crc32(bytes((codec,)), zlib.crc32(data))
         trailer = fmt.BLOCK_TRAILER.pack(codec, crc)
         off = self._offset
-        self._f.write(data)
-        self._f.write(trailer)
+        try:
+            self._f.write(data)
+            self._f.write(trailer)
+        except OSError as e:
+            raise io_error(e, self.path, "write table") from e
         size = len(data) + len(trailer)
         self._offset += size
         return off, size
@@ -196,9 +199,11 @@ class TableWriter:
             os.fsync(self._f.fileno())
             self._f.close()
             self._f = None
-        except OSError as e:
+        except BaseException as e:
             self.abandon()
-            raise io_error(e, self.path, "write table") from e
+            if isinstance(e, OSError) and not isinstance(e, Error):
+                raise io_error(e, self.path, "write table") from e
+            raise
         assert self.smallest is not None and self._last is not None
         self.bytes_written = self._offset
         return TableMeta(number, level, self._offset, len(self._keys), self.smallest, self._last)

@@ -489,3 +489,32 @@ def test_threads_sharing_one_handle_see_a_consistent_store(open_db: Open) -> Non
         want = {b"t%d-%04d" % (t, i) for i in range(600)} - deleted
         assert {k for k, _ in db.scan(b"t%d-" % t, b"t%d." % t)} == want
     assert db.verify() == []
+
+
+@pytest.mark.multiprocess
+def test_handle_used_after_fork_raises_and_leaves_the_parent_working(open_db: Open) -> None:
+    db = open_db()
+    db.put(b"k", b"v")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            try:
+                db.get(b"k")
+                msg = b"no error"
+            except shmkv.Error as e:
+                msg = str(e).encode()
+            db.close()  # harmless: the handle was abandoned at fork
+            with LSM(db.path, durability="none") as mine:  # the right way
+                msg += b"|" + (mine.get(b"k") or b"None")
+            os.write(w, msg)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    assert "across fork" in out and out.endswith("|v"), out
+    db.put(b"k2", b"v2")  # the parent's locks were not released by the child
+    db.flush()
+    assert db.get(b"k2") == b"v2" and db.verify() == []
