@@ -362,17 +362,13 @@ class LSM:
     def flush(self) -> None:
         """Write all memtables to an L0 table now (then run due compactions). Waits for any
         maintenance in progress, in this process or another."""
-        self._check_open()  # before the lock: fork safety
-        with self._lock:
-            self._check_open()  # again: close() may have run while we waited
+        self._check_open()
         self._maintain(block=True, force_flush=True)
 
     def compact(self) -> None:
         """Flush, then merge every table into one sorted run at the deepest level (drops all
         tombstones and expired entries, reclaims space)."""
-        self._check_open()  # before the lock: fork safety
-        with self._lock:
-            self._check_open()  # again: close() may have run while we waited
+        self._check_open()
         self._maintain(block=True, force_flush=True, full=True)
 
     def sync(self) -> None:
