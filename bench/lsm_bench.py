@@ -39,8 +39,9 @@ load average ~2.8, so treat the numbers as +-20%; default command)::
 
 Reading: durable (fsync-bound) puts match LevelDB; everything CPU-bound is pure Python and
 2-10x slower than C++ (the hot paths are candidates for ext/). Write amplification is higher
-than LevelDB's on this small set because our L1 target (10 MiB) is reached sooner relative to
-the data (LevelDB's memtable is 4 MiB; the bench runs ours at 1 MiB to exercise compaction).
+than LevelDB's; a likely cause (not yet measured apart) is that the bench runs our memtable at
+1 MiB to exercise compaction, against LevelDB's 4 MiB write buffer: 4x more L0 tables, and
+every L0 -> L1 merge rewrites the overlapping L1 tables.
 """
 
 from __future__ import annotations
