@@ -41,8 +41,8 @@ Reading: durable (fsync-bound) puts match LevelDB; everything CPU-bound is pure 
 2-10x slower than C++ (the hot paths are candidates for ext/). Write amplification is higher
 than LevelDB's. Part of it is the bench's 1 MiB memtable (chosen to exercise compaction)
 against LevelDB's 4 MiB write buffer: ``--memtable-mib 4`` measured 3.1 instead of 4.06. The
-rest is that our L0 -> L1 merge takes *all* of L0 plus every overlapping L1 table (random keys:
-all of L1), where LevelDB splits L1 into 2 MiB files and limits the overlap it rewrites.
+rest (3.1 vs 2.3) is not explained yet; LevelDB's larger L0 trigger window for slowdowns and
+its seek-triggered compactions are the first differences to look at.
 """
 
 from __future__ import annotations
