@@ -209,7 +209,7 @@ def fmt_ratio(r: float | None) -> str:
         return f"{r:.1f}x"
     if r >= 1:
         return f"{r:.2f}x"
-    return f"{r:.2g}x" if r > 0 else "0x"
+    return f"{r:#.2g}x" if r > 0 else "0x"  # "#": keep trailing zeros (0.10x, not 0.1x)
 
 
 def _label(backend: str) -> str:
