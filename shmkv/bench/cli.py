@@ -25,7 +25,14 @@ import click
 
 from .adapters import NAMES, BackendConfig
 from .progress import LineProgress
-from .report import build_report, command_line, render_table, validate, write_plot
+from .report import (
+    build_report,
+    command_line,
+    machine_info,
+    render_table,
+    validate,
+    write_plot,
+)
 from .runner import NullProgress, run_benchmark
 from .workload import KeyDist, Mix, SizeDist, Workload, parse_size
 
@@ -234,6 +241,7 @@ def main(
     )
     progress = NullProgress() if quiet else LineProgress(sys.stderr)
     started = dt.datetime.now(dt.timezone.utc)
+    machine = machine_info()  # before the run: its load average is the load we started under
     t0 = time.monotonic()
     print(f"shmkv-bench: {workload.describe()}; processes {procs_list}", file=sys.stderr)
     old = signal.signal(signal.SIGTERM, _sigterm)
@@ -251,6 +259,7 @@ def main(
         command=command_line(),
         started=started,
         seconds=time.monotonic() - t0,
+        machine=machine,
     )
     validate(report)
     print(render_table(report), file=out)
