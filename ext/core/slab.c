@@ -221,15 +221,31 @@ static int automove_locked(store_t *st, uint32_t cls, uint32_t held_stripe) {
 int shmkv_alloc_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t *out) {
     class_t *c = &st->classes[cls];
     uint32_t off = 0;
+    c->allocs++;
+    c->recent_allocs++;
     if (st->pending && st->pending_cls == cls) {
+        /* This process's last replaced version, of this very class: reuse it in place. It
+         * keeps its LRU position with the active bit set (a second chance at the tail), so
+         * a put that replaces a value touches no list and no other item's cache line --
+         * what lets puts from several processes scale on one class. */
         uint32_t p = st->pending;
         st->pending = 0;
         item_t *pit = shmkv_item(st, p);
-        if (shmkv_chunk_class(st, p) == (int)cls && pit->state == IT_UNLINKED && pit->owner == st->slot + 1 && pit->cls == cls)
-            shmkv_free_locked(st, cls, p);
+        if (shmkv_chunk_class(st, p) == (int)cls && pit->state == IT_UNLINKED &&
+            pit->owner == st->slot + 1 && pit->cls == cls) {
+            pit->state = IT_INFLIGHT;
+            pit->active = 1;
+            pit->hnext = 0;
+            shmkv_me(st)->inflight = p;
+            if (pit->listed != LS_LRU) {
+                if (pit->listed == LS_FREE) shmkv_list_remove(st, c, pit, p);
+                shmkv_list_push_head(st, c, pit, p, LS_LRU);
+            }
+            CRASH_POINT(st, 1);
+            *out = p;
+            return 0;
+        }
     }
-    c->allocs++;
-    c->recent_allocs++;
     if (!c->free_head) {
         if (grab_page_locked(st, cls) != 0) {
             int tried = 0;
