@@ -27,6 +27,12 @@ cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
     bint PyUnicode_CheckExact(object o)
 
+cdef extern from "Python.h":
+    PyObject **PySequence_Fast_ITEMS(object o)
+
+cdef extern from *:
+    void __builtin_prefetch(const void *p)
+
 cdef extern from "errno.h":
     enum: EDEADLK
 
@@ -321,20 +327,26 @@ cdef class Core:
         return rc == 1
 
     def get_many(self, keys):
-        """Return {key: value} for the keys that are present (one C call per key, no
-        Python-level call in between)."""
+        """Return {key: value} for the keys that are present. The batch is looked up in C
+        with its memory accesses overlapped (shmkv_prefetch_* in table.c)."""
         cdef const char *k
-        cdef Py_ssize_t kn
+        cdef Py_ssize_t kn, i, n
         cdef int err
         cdef PyObject *r
+        cdef uint64_t hashes[64]
         self._check()
+        seq = keys if type(keys) is list or type(keys) is tuple else list(keys)
+        n = len(seq)
         out = {}
         self._busy += 1
         try:
-            for key in keys:
+            for i in range(n):
+                key = seq[i]
+                if i % 64 == 0:
+                    self._prefetch(seq, i, hashes)
                 _key(key, &k, &kn)
                 err = 0
-                r = shmkv_get(&self.st, k, kn, &err)
+                r = shmkv_get_hashed(&self.st, k, kn, hashes[i % 64], &err)
                 if r == NULL:
                     if err != SHMKV_ENOTFOUND:
                         self._fail(err, kn, 0)
@@ -349,6 +361,20 @@ cdef class Core:
         finally:
             self._busy -= 1
         return out
+
+    cdef int _prefetch(self, object seq, Py_ssize_t start, uint64_t *hashes) except -1:
+        """Hash keys seq[start:start+64] into `hashes`, prefetching buckets, then items."""
+        cdef const char *k
+        cdef Py_ssize_t kn, j, m = min(64, len(seq) - start)
+        cdef PyObject **items = PySequence_Fast_ITEMS(seq)
+        for j in range(m):  # the key objects themselves are scattered in the heap
+            __builtin_prefetch(items[start + j])
+        for j in range(m):
+            _key(<object>items[start + j], &k, &kn)
+            hashes[j] = shmkv_prefetch_bucket(&self.st, k, kn)
+        for j in range(m):
+            shmkv_prefetch_item(&self.st, hashes[j])
+        return 0
 
     # -- writes --------------------------------------------------------------------------
 
@@ -425,28 +451,54 @@ cdef class Core:
 
     def put_many(self, mapping, ttl=None):
         """Store every (key, value) of a mapping or an iterable of pairs. All keys and
-        values are checked before the first is stored, so bad input stores nothing."""
+        values are checked before the first is stored, so bad input stores nothing; then
+        the batch is stored in C with its memory accesses overlapped."""
         cdef uint64_t expire = _expiry(ttl)
         cdef const char *k
-        cdef Py_ssize_t kn
+        cdef Py_ssize_t kn, vn, i, n
+        cdef uint64_t hashes[64]
+        cdef int rc
+        self._check()
         pairs = list(mapping.items()) if hasattr(mapping, "items") else list(mapping)
+        keys = []
+        values = []
         for pair in pairs:
             key, value = pair
             _key(key, &k, &kn)
             if kn == 0 or kn > self.max_key:
                 self._fail(SHMKV_EKEYLEN, kn, 0)
-            if self._tier is None and isinstance(value, (bytes, bytearray, memoryview)) and \
-                    len(value) + kn + SHMKV_ITEM_HDR > self.max_item:
-                self._fail(SHMKV_EVALLEN, kn, len(value))
-            if isinstance(value, str) or not (isinstance(value, (bytes, bytearray, memoryview))
-                                              or hasattr(value, "__buffer__")):
+            if type(value) is not bytes:
+                if isinstance(value, str):
+                    raise _errors.InvalidType(
+                        f"value for key {key!r} must be bytes-like, not str: encode it")
                 try:
-                    memoryview(value)
+                    value = bytes(memoryview(value))
                 except TypeError:
                     raise _errors.InvalidType(
                         f"value for key {key!r} must be bytes-like, not {type(value).__name__}") from None
-        for key, value in pairs:
-            self._put(key, value, expire, 0)
+            vn = PyBytes_GET_SIZE(value)
+            if self._tier is None and vn + kn + SHMKV_ITEM_HDR > self.max_item:
+                self._fail(SHMKV_EVALLEN, kn, vn)
+            keys.append(key)
+            values.append(value)
+        n = len(keys)
+        if self._tier is not None:
+            for i in range(n):
+                self._put(keys[i], values[i], expire, 0)
+            return
+        self._busy += 1
+        try:
+            for i in range(n):
+                if i % 64 == 0:
+                    self._prefetch(keys, i, hashes)
+                _key(keys[i], &k, &kn)
+                value = values[i]
+                rc = shmkv_put_hashed(&self.st, k, kn, PyBytes_AS_STRING(value),
+                                      PyBytes_GET_SIZE(value), expire, 0, hashes[i % 64])
+                if rc < 0:
+                    self._fail(rc, kn, PyBytes_GET_SIZE(value))
+        finally:
+            self._busy -= 1
 
     def incr(self, key, delta=1):
         """Add `delta` to the decimal counter under `key` (absent counts as 0), atomically

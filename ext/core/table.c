@@ -88,8 +88,38 @@ static void remove_locked(store_t *st, uint32_t *link, uint32_t off) {
     shmkv_free_unlinked(st, it->cls, off);
 }
 
-PyObject *shmkv_get(store_t *st, const char *k, size_t klen, int *err) {
+/* Batches (get_many): a lookup is two dependent cache misses (bucket, then item). Hashing
+ * every key of a batch and prefetching its bucket, then prefetching every bucket's first
+ * item, overlaps those misses across the batch instead of paying them one after another.
+ * Reading a bucket without its stripe here is only a hint: prefetch never faults, and the
+ * real lookup happens under the lock. */
+uint64_t shmkv_prefetch_bucket(store_t *st, const char *k, size_t klen) {
     uint64_t hv = shmkv_hash(k, klen, st->hdr->seed);
+    uint32_t b = bucket_of(st, hv);
+    __builtin_prefetch(&st->buckets[b]);
+    __builtin_prefetch(&st->stripes[b & st->stripe_mask]);
+    return hv;
+}
+
+void shmkv_prefetch_item(store_t *st, uint64_t hv) {
+    uint32_t off = __atomic_load_n(&st->buckets[bucket_of(st, hv)], __ATOMIC_RELAXED);
+    uint64_t byte = (uint64_t)off * SHMKV_UNIT;
+    if (!off || byte < st->hdr->off_pages) return;
+    uint64_t page = (byte - st->hdr->off_pages) / st->hdr->page_size;
+    if (page >= st->hdr->npages) return;
+    uint32_t cls = st->pagemeta[page].cls;
+    if (cls >= st->hdr->nclasses) return;
+    /* the whole chunk (header, key, value), up to 2 KiB: the copy then streams from cache */
+    uint32_t size = st->classes[cls].size;
+    if (size > 2048) size = 2048;
+    for (uint32_t i = 0; i < size; i += 64) __builtin_prefetch(st->base + byte + i);
+}
+
+PyObject *shmkv_get(store_t *st, const char *k, size_t klen, int *err) {
+    return shmkv_get_hashed(st, k, klen, shmkv_hash(k, klen, st->hdr->seed), err);
+}
+
+PyObject *shmkv_get_hashed(store_t *st, const char *k, size_t klen, uint64_t hv, int *err) {
     uint32_t b = bucket_of(st, hv), s = b & st->stripe_mask;
     uint32_t *link;
     PyObject *res = NULL;
@@ -189,9 +219,14 @@ static int put_locked(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls
 
 int shmkv_put(store_t *st, const char *k, size_t klen, const char *v, size_t vlen,
               uint64_t expire_ms, int only_if_absent) {
+    return shmkv_put_hashed(st, k, klen, v, vlen, expire_ms, only_if_absent,
+                            shmkv_hash(k, klen, st->hdr->seed));
+}
+
+int shmkv_put_hashed(store_t *st, const char *k, size_t klen, const char *v, size_t vlen,
+                     uint64_t expire_ms, int only_if_absent, uint64_t hv) {
     int cls, rc = check_sizes(st, klen, vlen, &cls);
     if (rc) return rc;
-    uint64_t hv = shmkv_hash(k, klen, st->hdr->seed);
     uint32_t b = bucket_of(st, hv), s = b & st->stripe_mask, h32 = (uint32_t)(hv >> 32);
     if ((rc = shmkv_stripe_lock(st, s)) < 0) return rc;
     if (only_if_absent) {

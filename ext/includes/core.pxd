@@ -105,9 +105,14 @@ cdef extern from "core/core.h":
     void shmkv_free_pending(store_t *st)
 
     PyObject *shmkv_get(store_t *st, const char *k, size_t klen, int *err)
+    PyObject *shmkv_get_hashed(store_t *st, const char *k, size_t klen, uint64_t hv, int *err)
+    uint64_t shmkv_prefetch_bucket(store_t *st, const char *k, size_t klen)
+    void shmkv_prefetch_item(store_t *st, uint64_t hv)
     int shmkv_contains(store_t *st, const char *k, size_t klen)
     int shmkv_put(store_t *st, const char *k, size_t klen, const char *v, size_t vlen,
                   uint64_t expire_ms, int only_if_absent)
+    int shmkv_put_hashed(store_t *st, const char *k, size_t klen, const char *v, size_t vlen,
+                         uint64_t expire_ms, int only_if_absent, uint64_t hv)
     int shmkv_delete(store_t *st, const char *k, size_t klen)
     int shmkv_incr(store_t *st, const char *k, size_t klen, int64_t delta, int64_t *out)
     int shmkv_clear(store_t *st)
