@@ -268,8 +268,8 @@ cdef class Core:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def get(self, key, default=None):
-        """Return the value stored under `key` (bytes), or `default` when absent/expired."""
+    cdef inline object _lookup(self, object key):
+        """The value of `key` (memory, then the disk tier), or _MISSING."""
         cdef const char *k
         cdef Py_ssize_t kn
         cdef int err = 0
@@ -280,36 +280,24 @@ cdef class Core:
         cdef PyObject *r = shmkv_get(&self.st, k, kn, &err)
         self._busy -= 1
         if r == NULL:
-            if err == SHMKV_ENOTFOUND:
-                if self._tier is not None:
-                    res = self._read_through(k, kn)
-                    return default if res is _MISSING else res
-                return default
-            self._fail(err, kn, 0)
+            if err != SHMKV_ENOTFOUND:
+                self._fail(err, kn, 0)
+            if self._tier is not None:
+                return self._read_through(k, kn)
+            return _MISSING
         res = <object>r
         Py_DECREF(res)
         return res
 
+    def get(self, key, default=None):
+        """Return the value stored under `key` (bytes), or `default` when absent/expired."""
+        res = self._lookup(key)
+        return default if res is _MISSING else res
+
     def __getitem__(self, key):
-        cdef const char *k
-        cdef Py_ssize_t kn
-        cdef int err = 0
-        if self._base == NULL:
-            self._check()
-        _key(key, &k, &kn)
-        self._busy += 1
-        cdef PyObject *r = shmkv_get(&self.st, k, kn, &err)
-        self._busy -= 1
-        if r == NULL:
-            if err == SHMKV_ENOTFOUND:
-                if self._tier is not None:
-                    res = self._read_through(k, kn)
-                    if res is not _MISSING:
-                        return res
-                raise KeyError(key)
-            self._fail(err, kn, 0)
-        res = <object>r
-        Py_DECREF(res)
+        res = self._lookup(key)
+        if res is _MISSING:
+            raise KeyError(key)
         return res
 
     def __contains__(self, key):

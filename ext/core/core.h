@@ -104,6 +104,7 @@ uint32_t shmkv_stripe_of(store_t *st, uint64_t h);
 int shmkv_stripe_lock(store_t *st, uint32_t s);
 void shmkv_stripe_unlock(store_t *st, uint32_t s);
 int shmkv_unlink_from_chain_locked(store_t *st, item_t *it, uint32_t off);
+int shmkv_unlink_victim(store_t *st, item_t *it, uint32_t off, uint32_t held_stripe);
 PyObject *shmkv_get(store_t *st, const char *k, size_t klen, int *err);
 PyObject *shmkv_get_hashed(store_t *st, const char *k, size_t klen, uint64_t hv, int *err);
 uint64_t shmkv_prefetch_bucket(store_t *st, const char *k, size_t klen);

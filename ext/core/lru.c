@@ -65,23 +65,10 @@ int shmkv_evict_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t
                 rotate(st, c, it, off);
                 continue;
             }
-            uint64_t hv = shmkv_hash(ITEM_KEY(it), it->klen, st->hdr->seed);
-            uint32_t s = shmkv_stripe_of(st, hv);
-            if (s != held_stripe) {
-                int rc = shmkv_trylock(&st->stripes[s].m);
-                if (rc == 1) {
-                    shmkv_repair_stripe_locked(st, s);
-                    shmkv_lock_consistent(&st->stripes[s].m);
-                } else if (rc != 0) {
-                    rotate(st, c, it, off);
-                    continue;
-                }
+            if (shmkv_unlink_victim(st, it, off, held_stripe) != 0) {
+                rotate(st, c, it, off); /* its stripe is busy: try the next one */
+                continue;
             }
-            if (__atomic_load_n(&it->state, __ATOMIC_ACQUIRE) == IT_LINKED &&
-                shmkv_unlink_from_chain_locked(st, it, off))
-                __atomic_sub_fetch(&st->hdr->nitems, 1, __ATOMIC_RELAXED);
-            CRASH_POINT(st, 5); /* class + victim stripe held mid-eviction */
-            if (s != held_stripe) shmkv_unlock(&st->stripes[s].m);
             if (expired) STAT(st, ST_EXPIRED);
             else {
                 c->evictions++;

@@ -118,19 +118,7 @@ static int evacuate_page_locked(store_t *st, uint32_t d, uint32_t p, uint32_t he
         if (state == IT_INFLIGHT) {
             if (shmkv_slot_alive(st, (uint32_t)it->owner - 1)) { ok = 0; break; }
         } else if (state == IT_LINKED) {
-            uint64_t hv = shmkv_hash(ITEM_KEY(it), it->klen, st->hdr->seed);
-            uint32_t s = shmkv_stripe_of(st, hv);
-            if (s != held_stripe) {
-                int rc = shmkv_trylock(&st->stripes[s].m);
-                if (rc == 1) {
-                    shmkv_repair_stripe_locked(st, s);
-                    shmkv_lock_consistent(&st->stripes[s].m);
-                } else if (rc != 0) { ok = 0; break; }
-            }
-            if (__atomic_load_n(&it->state, __ATOMIC_ACQUIRE) == IT_LINKED &&
-                shmkv_unlink_from_chain_locked(st, it, off))
-                __atomic_sub_fetch(&st->hdr->nitems, 1, __ATOMIC_RELAXED);
-            if (s != held_stripe) shmkv_unlock(&st->stripes[s].m);
+            if (shmkv_unlink_victim(st, it, off, held_stripe) != 0) { ok = 0; break; }
             c->evictions++;
             STAT(st, ST_EVICTIONS);
         }

@@ -77,6 +77,28 @@ int shmkv_unlink_from_chain_locked(store_t *st, item_t *it, uint32_t off) {
     return 0;
 }
 
+/* REQUIRES: a class lock (the caller's: eviction or a page move), and `held_stripe` if the
+ * caller holds one. Takes the victim's stripe with trylock -- blocking would break the lock
+ * order -- and removes it from its chain. 0: it is unreachable now; -1: its stripe is busy. */
+int shmkv_unlink_victim(store_t *st, item_t *it, uint32_t off, uint32_t held_stripe) {
+    uint32_t s = shmkv_stripe_of(st, shmkv_hash(ITEM_KEY(it), it->klen, st->hdr->seed));
+    if (s != held_stripe) {
+        int rc = shmkv_trylock(&st->stripes[s].m);
+        if (rc == 1) {
+            shmkv_repair_stripe_locked(st, s);
+            shmkv_lock_consistent(&st->stripes[s].m);
+        } else if (rc != 0) {
+            return -1;
+        }
+    }
+    if (__atomic_load_n(&it->state, __ATOMIC_ACQUIRE) == IT_LINKED &&
+        shmkv_unlink_from_chain_locked(st, it, off))
+        __atomic_sub_fetch(&st->hdr->nitems, 1, __ATOMIC_RELAXED);
+    CRASH_POINT(st, 5); /* class + victim stripe held mid-eviction */
+    if (s != held_stripe) shmkv_unlock(&st->stripes[s].m);
+    return 0;
+}
+
 /* REQUIRES: stripe of the item, which *link points at. Unlinks and frees it. */
 static void remove_locked(store_t *st, uint32_t *link, uint32_t off) {
     item_t *it = shmkv_item(st, off);
