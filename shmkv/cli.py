@@ -121,6 +121,33 @@ def create(name: str, size: str, codec: str) -> None:
         _fail(e)
 
 
+@main.command()
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False))
+def dump(name: str, file: str) -> None:
+    """Snapshot the memory tier of store NAME to FILE (for a warm restart)."""
+    try:
+        with _open(name) as kv:
+            n = kv.dump(file)
+    except Error as e:
+        _fail(e)
+    click.echo(f"{name}: {n} items written to {file}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("name")
+@click.option("--size", default=None, help="Segment size when the store must be created.")
+def restore(file: str, name: str, size: str | None) -> None:
+    """Load the snapshot FILE into store NAME (created if needed)."""
+    try:
+        with attach(name, size=size) as kv:
+            n = kv.load(file)
+    except Error as e:
+        _fail(e)
+    click.echo(f"{name}: {n} items restored from {file}")
+
+
 def _describe(pid: int) -> str:
     """A process's command line, for humans (psutil: portable process facts)."""
     try:

@@ -45,6 +45,19 @@ def test_ls_stats_check(name):
         assert r.exit_code == 0 and "ok" in r.output
 
 
+def test_dump_and_restore(name, tmp_path):
+    snap = str(tmp_path / "s.snap")
+    with shmkv.attach(name, size="8MiB") as kv:
+        kv.put_many({f"k{i}": b"v%d" % i for i in range(100)})
+    r = run("dump", name, snap)
+    assert r.exit_code == 0 and "100 items" in r.output
+    shmkv.unlink(name)
+    r = run("restore", snap, name, "--size", "8MiB")
+    assert r.exit_code == 0 and "100 items" in r.output
+    with shmkv.attach(name) as kv:
+        assert kv["k42"] == b"v42"
+
+
 def test_missing_store_is_a_clear_error(name):
     for args in (("get", name, "k"), ("stats", name), ("check", name), ("rm", name)):
         r = run(*args)
