@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
 import sys
 import time
 import uuid
@@ -23,6 +24,7 @@ from typing import Any
 import click
 
 from .adapters import BackendConfig
+from .cli import _sigterm
 from .memory import MemoryResult, measure
 from .progress import LineProgress
 from .report import build_report, command_line, fmt_ratio, fmt_us, machine_info, package_versions
@@ -226,7 +228,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 def main(duration: float, repeat: int, memory: bool, json_path: str | None, quiet: bool) -> None:
     """The core speed report: shmkv get/put beside dict and LMDB, batches, bytes per item."""
-    doc = run(duration, repeat, memory, quiet)
+    old = signal.signal(signal.SIGTERM, _sigterm)  # unwind like Ctrl-C: stores torn down
+    try:
+        doc = run(duration, repeat, memory, quiet)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stores and servers cleaned up", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, old)
     sys.stdout.write(render_markdown(doc))
     if json_path:
         with open(json_path, "w") as f:
