@@ -241,3 +241,17 @@ def test_forked_child_reopens_the_disk_tier(name, tmp_path):
     shmkv.unlink(name)
     with shmkv.attach(name, size="8MiB", path=tmp_path / "db") as again:
         assert again.get("c") == b"child"
+
+
+def test_put_many_goes_to_disk_in_one_batch(name, tmp_path):
+    with shmkv.attach(name, size="8MiB", path=tmp_path / "db", durability="fsync") as kv:
+        kv.put("a", b"old")
+        assert kv["a"] == b"old"  # in memory
+        syncs = kv.stats()["disk"]["wal_syncs"]
+        kv.put_many({"a": b"new", **{f"k{i}": b"v" for i in range(200)}})
+        assert kv.stats()["disk"]["wal_syncs"] - syncs <= 2
+        assert kv["a"] == b"new"
+        assert kv.get_many(["k0", "k199"]) == {"k0": b"v", "k199": b"v"}
+    shmkv.unlink(name)
+    with shmkv.attach(name, size="8MiB", path=tmp_path / "db") as kv:
+        assert kv["a"] == b"new" and kv["k150"] == b"v"
