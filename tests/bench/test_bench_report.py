@@ -109,7 +109,7 @@ def test_validate_names_the_problem(mutate: object, message: str) -> None:
 def test_table_shows_rows_ratios_skips_failures_and_the_verdict() -> None:
     text = render_table(_report(_outcome()))
     assert "vs shmkv" in text and "p99.9 us" in text
-    assert "1,000,000" in text and "0.01x" in text
+    assert "1,000,000" in text and "0.010x" in text
     assert "skipped memcached: memcached not on PATH" in text
     assert "FAILED diskcache: OSError: disk full" in text
     assert "shmkv at 1 process: 1,000,000 ops/s = 0.25x dict, 100x redis" in text
