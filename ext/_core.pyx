@@ -29,6 +29,7 @@ cdef extern from "Python.h":
 
 cdef extern from "Python.h":
     PyObject **PySequence_Fast_ITEMS(object o)
+    dict _PyDict_NewPresized(Py_ssize_t n)
 
 cdef extern from *:
     void __builtin_prefetch(const void *p)
@@ -326,17 +327,23 @@ cdef class Core:
         cdef int err
         cdef PyObject *r
         cdef uint64_t hashes[64]
+        cdef const char *ptrs[64]
+        cdef Py_ssize_t lens[64]
+        cdef PyObject **items
+        cdef dict out
         self._check()
         seq = keys if type(keys) is list or type(keys) is tuple else list(keys)
         n = len(seq)
-        out = {}
+        items = PySequence_Fast_ITEMS(seq)
+        out = _PyDict_NewPresized(n)
         self._busy += 1
         try:
             for i in range(n):
-                key = seq[i]
+                key = <object>items[i]
                 if i % 64 == 0:
-                    self._prefetch(seq, i, hashes)
-                _key(key, &k, &kn)
+                    self._prefetch(seq, i, hashes, ptrs, lens)
+                k = ptrs[i % 64]
+                kn = lens[i % 64]
                 err = 0
                 r = shmkv_get_hashed(&self.st, k, kn, hashes[i % 64], &err)
                 if r == NULL:
@@ -354,16 +361,17 @@ cdef class Core:
             self._busy -= 1
         return out
 
-    cdef int _prefetch(self, object seq, Py_ssize_t start, uint64_t *hashes) except -1:
-        """Hash keys seq[start:start+64] into `hashes`, prefetching buckets, then items."""
-        cdef const char *k
-        cdef Py_ssize_t kn, j, m = min(64, len(seq) - start)
+    cdef int _prefetch(self, object seq, Py_ssize_t start, uint64_t *hashes,
+                       const char **ptrs, Py_ssize_t *lens) except -1:
+        """Keys seq[start:start+64] (a list or tuple): their bytes into ptrs/lens, their
+        hashes into `hashes`, prefetching the key objects, buckets, then chunks."""
+        cdef Py_ssize_t j, m = min(64, len(seq) - start)
         cdef PyObject **items = PySequence_Fast_ITEMS(seq)
         for j in range(m):  # the key objects themselves are scattered in the heap
             __builtin_prefetch(items[start + j])
         for j in range(m):
-            _key(<object>items[start + j], &k, &kn)
-            hashes[j] = shmkv_prefetch_bucket(&self.st, k, kn)
+            _key(<object>items[start + j], &ptrs[j], &lens[j])
+            hashes[j] = shmkv_prefetch_bucket(&self.st, ptrs[j], lens[j])
         for j in range(m):
             shmkv_prefetch_item(&self.st, hashes[j])
         return 0
@@ -469,6 +477,8 @@ cdef class Core:
         cdef const char *k
         cdef Py_ssize_t kn, vn, i, n
         cdef uint64_t hashes[64]
+        cdef const char *ptrs[64]
+        cdef Py_ssize_t lens[64]
         cdef int rc
         self._check()
         pairs = list(mapping.items()) if hasattr(mapping, "items") else list(mapping)
@@ -501,8 +511,9 @@ cdef class Core:
         try:
             for i in range(n):
                 if i % 64 == 0:
-                    self._prefetch(keys, i, hashes)
-                _key(keys[i], &k, &kn)
+                    self._prefetch(keys, i, hashes, ptrs, lens)
+                k = ptrs[i % 64]
+                kn = lens[i % 64]
                 value = values[i]
                 rc = shmkv_put_hashed(&self.st, k, kn, PyBytes_AS_STRING(value),
                                       PyBytes_GET_SIZE(value), expire, 0, hashes[i % 64])
