@@ -216,7 +216,10 @@ class PickleStore(Store):
         super().put_many([(k, self._encode(v)) for k, v in pairs], ttl)
 
     def items(self) -> Iterator[tuple[bytes, Any]]:
-        return ((k, self._decode(v)) for k, v in self._scan(1))
+        return ((k, self._decode(v)) for k, v in super().items())
+
+    def scan(self, start: bytes | str | None = None, stop: bytes | str | None = None) -> Iterator[tuple[bytes, Any]]:
+        return ((k, self._decode(v)) for k, v in super().scan(start, stop))
 
     def incr(self, key: Any, delta: int = 1) -> int:
         raise InvalidArgument("incr needs a raw store: counters are stored as decimal bytes")

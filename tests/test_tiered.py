@@ -226,6 +226,17 @@ def test_damaged_snapshot_is_an_error_not_a_partial_restore(name, tmp_path):
         assert len(kv) == 0
 
 
+def test_pickle_codec_over_a_disk_tier(name, tmp_path):
+    with shmkv.attach(name, size="8MiB", codec="pickle", path=tmp_path / "db", durability="none") as kv:
+        kv["a"] = {"x": 1}
+        kv.put("b", [1, 2])
+        assert dict(kv.items()) == {b"a": {"x": 1}, b"b": [1, 2]}
+        assert list(kv.scan("a", "b")) == [(b"a", {"x": 1})]
+    shmkv.unlink(name)
+    with shmkv.attach(name, size="8MiB", codec="pickle", path=tmp_path / "db") as kv:
+        assert kv["b"] == [1, 2]
+
+
 def test_bad_durability_is_rejected(name, tmp_path):
     with pytest.raises(shmkv.InvalidArgument):
         shmkv.attach(name, size="8MiB", path=tmp_path / "db", durability="sometimes")
