@@ -209,8 +209,6 @@ static int automove_locked(store_t *st, uint32_t cls, uint32_t held_stripe) {
 int shmkv_alloc_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t *out) {
     class_t *c = &st->classes[cls];
     uint32_t off = 0;
-    c->allocs++;
-    c->recent_allocs++;
     if (st->pending && st->pending_cls == cls) {
         /* This process's last replaced version, of this very class: reuse it in place. It
          * keeps its LRU position with the active bit set (a second chance at the tail), so
@@ -231,9 +229,11 @@ int shmkv_alloc_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t
             }
             CRASH_POINT(st, 1);
             *out = p;
-            return 0;
+            return 0; /* a replacement: no new demand on the class, so no alloc counted */
         }
     }
+    c->allocs++;
+    c->recent_allocs++;
     if (!c->free_head) {
         if (grab_page_locked(st, cls) != 0) {
             int tried = 0;
