@@ -8,9 +8,8 @@ An external server has the workload's keys deleted at teardown, nothing else.
 
 from __future__ import annotations
 
-from ..servers import MemcachedServer, ping_rtt_us, server_version
-from ..workload import make_key
-from .base import Adapter
+from ..servers import MemcachedServer, server_version
+from .server_base import ServerAdapter
 
 
 def _parse_addr(addr: str) -> tuple[str, int]:
@@ -18,7 +17,7 @@ def _parse_addr(addr: str) -> tuple[str, int]:
     return (host or "127.0.0.1", int(port))
 
 
-class MemcachedAdapter(Adapter):
+class MemcachedAdapter(ServerAdapter):
     name = "memcached"
     label = "memcached via pymemcache over 127.0.0.1 TCP"
 
@@ -45,30 +44,11 @@ class MemcachedAdapter(Adapter):
             self.addr = ("127.0.0.1", self._h_server.port)
             self.external = False
 
-    def teardown(self) -> None:
-        server = self.__dict__.pop("_h_server", None)
-        if server is not None:
-            server.stop()
-        elif getattr(self, "external", False):
-            self.open()
-            try:
-                ks = self.config.key_size
-                for start in range(0, self.config.keys, 1000):
-                    stop = min(start + 1000, self.config.keys)
-                    self.delete_many([make_key(i, ks) for i in range(start, stop)])
-            finally:
-                self.close()
-            self.external = False
-
     def describe(self) -> str:
         import pymemcache
 
         server = "external" if self.config.memcached_addr else server_version("memcached")
-        srv = self.__dict__.get("_h_server")
-        if srv is not None:  # the loopback floor under every op, measured without a client
-            server += (
-                f"; raw ping round trip p50 {ping_rtt_us(srv.port, srv.ping, srv.pong):.0f} us"
-            )
+        server = self._server_note(server)
         return f"pymemcache {pymemcache.__version__}; {server}"
 
     def open(self) -> None:

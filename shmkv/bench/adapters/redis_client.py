@@ -13,12 +13,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..servers import RedisServer, ping_rtt_us, server_version
-from ..workload import make_key
-from .base import Adapter
+from ..servers import RedisServer, server_version
+from .server_base import ServerAdapter
 
 
-class RedisAdapter(Adapter):
+class RedisAdapter(ServerAdapter):
     name = "redis"
     label = "Redis via redis-py over 127.0.0.1 TCP (no persistence)"
 
@@ -42,30 +41,11 @@ class RedisAdapter(Adapter):
             self.url = f"redis://{self._h_server.address}/0"
             self.external = False
 
-    def teardown(self) -> None:
-        server = self.__dict__.pop("_h_server", None)
-        if server is not None:
-            server.stop()
-        elif getattr(self, "external", False):
-            self.open()
-            try:
-                ks = self.config.key_size
-                for start in range(0, self.config.keys, 1000):
-                    stop = min(start + 1000, self.config.keys)
-                    self.delete_many([make_key(i, ks) for i in range(start, stop)])
-            finally:
-                self.close()
-            self.external = False
-
     def describe(self) -> str:
         import redis
 
         server = "external" if self.config.redis_url else server_version("redis-server")
-        srv = self.__dict__.get("_h_server")
-        if srv is not None:  # the loopback floor under every op, measured without a client
-            server += (
-                f"; raw ping round trip p50 {ping_rtt_us(srv.port, srv.ping, srv.pong):.0f} us"
-            )
+        server = self._server_note(server)
         return f"redis-py {redis.__version__}; {server}"
 
     def open(self) -> None:
