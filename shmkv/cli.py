@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -21,6 +23,15 @@ def _open(name: str) -> Store:
 
 def _fail(e: Exception) -> None:
     raise click.ClickException(str(e))
+
+
+@contextmanager
+def _errors_as_messages() -> Iterator[None]:
+    """shmkv errors end the command with their message (exit 1), not a traceback."""
+    try:
+        yield
+    except Error as e:
+        _fail(e)
 
 
 @click.group()
@@ -60,11 +71,8 @@ def ls_cmd(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stats(name: str, as_json: bool) -> None:
     """Show the counters and memory use of store NAME."""
-    try:
-        with _open(name) as kv:
-            s = kv.stats()
-    except Error as e:
-        _fail(e)
+    with _errors_as_messages(), _open(name) as kv:
+        s = kv.stats()
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -84,11 +92,8 @@ def stats(name: str, as_json: bool) -> None:
 @click.argument("name")
 def check(name: str) -> None:
     """Verify every structure of store NAME (exit 1 if a problem is found)."""
-    try:
-        with _open(name) as kv:
-            problems = kv.verify()
-    except Error as e:
-        _fail(e)
+    with _errors_as_messages(), _open(name) as kv:
+        problems = kv.verify()
     for p in problems:
         click.echo(p)
     if problems:
@@ -101,10 +106,8 @@ def check(name: str) -> None:
 def rm(names: tuple[str, ...]) -> None:
     """Remove stores (attached processes keep their mapping until they close)."""
     for name in names:
-        try:
+        with _errors_as_messages():
             segment.unlink(name)
-        except Error as e:
-            _fail(e)
         click.echo(f"removed {name}")
 
 
@@ -114,11 +117,8 @@ def rm(names: tuple[str, ...]) -> None:
 @click.option("--codec", type=click.Choice(["raw", "pickle"]), default="raw", show_default=True)
 def create(name: str, size: str, codec: str) -> None:
     """Create store NAME (or check that it exists with this size)."""
-    try:
-        with attach(name, size=size, codec=codec) as kv:
-            click.echo(f"{name}: {format_size(kv.stats()['segment_bytes'])}")
-    except Error as e:
-        _fail(e)
+    with _errors_as_messages(), attach(name, size=size, codec=codec) as kv:
+        click.echo(f"{name}: {format_size(kv.stats()['segment_bytes'])}")
 
 
 @main.command()
@@ -126,11 +126,8 @@ def create(name: str, size: str, codec: str) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 def dump(name: str, file: str) -> None:
     """Snapshot the memory tier of store NAME to FILE (for a warm restart)."""
-    try:
-        with _open(name) as kv:
-            n = kv.dump(file)
-    except Error as e:
-        _fail(e)
+    with _errors_as_messages(), _open(name) as kv:
+        n = kv.dump(file)
     click.echo(f"{name}: {n} items written to {file}")
 
 
@@ -140,11 +137,8 @@ def dump(name: str, file: str) -> None:
 @click.option("--size", default=None, help="Segment size when the store must be created.")
 def restore(file: str, name: str, size: str | None) -> None:
     """Load the snapshot FILE into store NAME (created if needed)."""
-    try:
-        with attach(name, size=size) as kv:
-            n = kv.load(file)
-    except Error as e:
-        _fail(e)
+    with _errors_as_messages(), attach(name, size=size) as kv:
+        n = kv.load(file)
     click.echo(f"{name}: {n} items restored from {file}")
 
 
@@ -171,11 +165,8 @@ def _show(value: Any) -> str:
 @click.argument("key")
 def get(name: str, key: str) -> None:
     """Print the value of KEY (exit 1 when absent)."""
-    try:
-        with _open(name) as kv:
-            value = kv.get(key)
-    except Error as e:
-        _fail(e)
+    with _errors_as_messages(), _open(name) as kv:
+        value = kv.get(key)
     if value is None:
         click.echo(f"{key}: not found", err=True)
         sys.exit(1)
@@ -189,11 +180,8 @@ def get(name: str, key: str) -> None:
 @click.option("--ttl", type=float, default=None, help="Seconds until the item expires.")
 def put(name: str, key: str, value: str, ttl: float | None) -> None:
     """Store VALUE (UTF-8) under KEY."""
-    try:
-        with _open(name) as kv:
-            kv.put(key, value if kv.codec == "pickle" else value.encode(), ttl=ttl)
-    except Error as e:
-        _fail(e)
+    with _errors_as_messages(), _open(name) as kv:
+        kv.put(key, value if kv.codec == "pickle" else value.encode(), ttl=ttl)
 
 
 @main.command("del")
@@ -201,11 +189,8 @@ def put(name: str, key: str, value: str, ttl: float | None) -> None:
 @click.argument("key")
 def delete(name: str, key: str) -> None:
     """Delete KEY (exit 1 when absent)."""
-    try:
-        with _open(name) as kv:
-            found = kv.delete(key)
-    except Error as e:
-        _fail(e)
+    with _errors_as_messages(), _open(name) as kv:
+        found = kv.delete(key)
     if not found:
         click.echo(f"{key}: not found", err=True)
         sys.exit(1)
