@@ -96,6 +96,15 @@ class Adapter:
             setattr(self, op, _unset)
 
     # -- parent side -----------------------------------------------------------------------
+    @staticmethod
+    def missing_package(module: str, label: str | None = None) -> str | None:
+        """A one-line reason when the optional client package `module` cannot be imported."""
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{label or module} not installed (pip install 'shmkv[bench]')"
+        return None
+
     def unavailable(self) -> str | None:
         """None if this backend can run here, else a one-line reason (missing package or
         binary, or a capacity the backend cannot honour). Must not raise."""

@@ -20,10 +20,9 @@ class DiskcacheAdapter(Adapter):
     label = "diskcache.Cache on a temp directory (SQLite + files)"
 
     def unavailable(self) -> str | None:
-        try:
-            import diskcache  # noqa: F401
-        except ImportError:
-            return "diskcache not installed (pip install 'shmkv[bench]')"
+        missing = self.missing_package("diskcache")
+        if missing:
+            return missing
         return super().unavailable()
 
     def setup(self) -> None:

@@ -30,10 +30,9 @@ class LmdbAdapter(Adapter):
     evicts = False
 
     def unavailable(self) -> str | None:
-        try:
-            import lmdb  # noqa: F401
-        except ImportError:
-            return "lmdb not installed (pip install 'shmkv[bench]')"
+        missing = self.missing_package("lmdb")
+        if missing:
+            return missing
         return super().unavailable()
 
     def setup(self) -> None:

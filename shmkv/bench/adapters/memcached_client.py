@@ -22,10 +22,9 @@ class MemcachedAdapter(ServerAdapter):
     label = "memcached via pymemcache over 127.0.0.1 TCP"
 
     def unavailable(self) -> str | None:
-        try:
-            import pymemcache  # noqa: F401
-        except ImportError:
-            return "pymemcache not installed (pip install 'shmkv[bench]')"
+        missing = self.missing_package("pymemcache")
+        if missing:
+            return missing
         if not self.config.memcached_addr and MemcachedServer.which() is None:
             return "memcached not on PATH (apt-get install memcached) and no --memcached"
         if self.config.memcached_addr and self.config.capacity:

@@ -22,10 +22,9 @@ class RedisAdapter(ServerAdapter):
     label = "Redis via redis-py over 127.0.0.1 TCP (no persistence)"
 
     def unavailable(self) -> str | None:
-        try:
-            import redis  # noqa: F401
-        except ImportError:
-            return "redis (redis-py) not installed (pip install 'shmkv[bench]')"
+        missing = self.missing_package("redis", "redis (redis-py)")
+        if missing:
+            return missing
         if not self.config.redis_url and RedisServer.which() is None:
             return "redis-server not on PATH (apt-get install redis-server) and no --redis-url"
         if self.config.redis_url and self.config.capacity:
