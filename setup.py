@@ -1,4 +1,5 @@
-"""Build of the Cython extension shmkv._core (ext/_core.pyx over the C core in ext/core/).
+"""Build of the Cython extensions: shmkv._core (ext/_core.pyx over the C core in ext/core/) and
+shmkv.lsm._accel (ext/_lsm.pyx, the spill tier's hot loops).
 
 SHMKV_DEBUG=1 builds with Cython annotation and line tracing, -O0 -g and C asserts on.
 """
@@ -24,9 +25,18 @@ ext = Extension(
     libraries=["pthread"],
 )
 
+accel = Extension(
+    "shmkv.lsm._accel",
+    sources=["ext/_lsm.pyx"],
+    include_dirs=["ext"],
+    depends=["ext/lsm/accel.h"],
+    extra_compile_args=flags,
+    define_macros=macros,
+)
+
 setup(
     ext_modules=cythonize(
-        [ext],
+        [ext, accel],
         include_path=["ext"],
         annotate=DEBUG,
         compiler_directives={"language_level": 3, "linetrace": DEBUG},

@@ -30,11 +30,11 @@ Merging invariants:
 
 from __future__ import annotations
 
-import heapq
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from . import _accel
 from . import format as fmt
 from .manifest import Manifest
 from .sstable import Entry, TableMeta, TableReader, TableWriter
@@ -99,30 +99,15 @@ def pick_full(m: Manifest, opts: LevelOptions) -> Compaction | None:
 
 
 def merge(sources: list[Iterator[Entry]]) -> Iterator[Entry]:
-    """Merge sorted sources (newest first) into one sorted stream, newest version per key."""
-
-    def tag(i: int, it: Iterator[Entry]) -> Iterator[tuple[bytes, int, int, bytes, int]]:
-        for key, kind, value, expire in it:
-            yield key, i, kind, value, expire
-
-    last: bytes | None = None
-    for key, _, kind, value, expire in heapq.merge(*(tag(i, s) for i, s in enumerate(sources))):
-        if key == last:
-            continue  # an older version, shadowed
-        last = key
-        yield key, kind, value, expire
+    """Merge sorted sources (newest first) into one sorted stream, newest version per key
+    (a heap in C: ``_accel.Merge``)."""
+    return _accel.Merge(sources)
 
 
 def drop_dead(entries: Iterator[Entry], deeper: list[TableMeta], now_ms: int) -> Iterator[Entry]:
-    """Drop tombstones/expired entries no deeper table can be shadowed by; see module doc."""
-    deeper = sorted(deeper, key=lambda t: t.smallest)
-    for key, kind, value, expire in entries:
-        dead = kind == fmt.KIND_DELETE or (expire != 0 and expire <= now_ms)
-        if not dead:
-            yield key, kind, value, expire
-        elif any(t.smallest <= key <= t.largest for t in deeper):
-            yield key, fmt.KIND_DELETE, b"", 0
-        # else: nothing older below can resurface; drop it
+    """Drop tombstones/expired entries no deeper table can be shadowed by; see module doc.
+    (In C: ``_accel.DropDead``.)"""
+    return _accel.DropDead(entries, [(t.smallest, t.largest) for t in deeper], now_ms)
 
 
 def run(
@@ -145,18 +130,16 @@ def run(
     outputs: list[TableMeta] = []
     paths: list[str] = []
     writer: TableWriter | None = None
-    number = 0
     try:
-        for key, kind, value, expire in stream:
-            if writer is None:
-                number, writer = new_writer()
-                paths.append(writer.path)
-            writer.add(key, kind, value, expire)
-            if writer.approx_size >= opts.target_file_bytes:
+        done = False
+        while not done:
+            number, writer = new_writer()
+            paths.append(writer.path)
+            done = writer.add_from(stream, opts.target_file_bytes)
+            if len(writer):
                 outputs.append(writer.finish(number, comp.output_level))
-                writer = None
-        if writer is not None:
-            outputs.append(writer.finish(number, comp.output_level))
+            else:
+                writer.abandon()  # the stream ended exactly at the last table's end
             writer = None
     except BaseException:
         if writer is not None:

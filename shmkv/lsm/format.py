@@ -10,6 +10,7 @@ Directory
 
     <dir>/MANIFEST            current manifest (replaced by rename, never edited in place)
     <dir>/LOCK                flock()ed exclusively by whoever flushes or compacts
+    <dir>/SHARED              one page every process maps: change counter + WAL lock (below)
     <dir>/wal-<gen>.log       write-ahead logs; gen is a 16-digit decimal, oldest live = manifest.wal_gen
     <dir>/<number>.sst        SSTables; number is a 16-digit decimal from manifest.next_file
     <dir>/*.tmp               leftovers of an interrupted write; removed by the next maintenance
@@ -81,6 +82,23 @@ SSTable file
     | filter_off | filter_len | index_off | index_len | entry_count | version | magic |
     | u64        | u64        | u64       | u64       | u64         | u32 +4  | 8 B   |
     +------------+------------+-----------+-----------+-------------+---------+-------+
+
+SHARED page
+-----------
+::
+
+    +--------+---------+---------+---------+--------------+------------------+-------------+
+    | magic  | version | boot id | inode   | (zeros)      | counter u64      | WAL lock     |
+    | 8 B    | u32     | 36 B    | u64     | to offset 64 | at offset 64     | at 128: a    |
+    +--------+---------+---------+---------+--------------+------------------+ robust mutex |
+                                                                              +-------------+
+    A 4096-byte file every process of the store maps MAP_SHARED (``_accel.SharedPage``).
+    The counter is bumped (atomic add) before and after every WAL append or seal and after
+    every manifest replacement; only equality matters: a process that loads the value it saw
+    at its last full look skips stat/fstat. The WAL lock serialises appends and replays. The
+    page is never fsynced; it is reinitialised (under flock of the file, magic written last)
+    when its boot id and inode are not this boot's and this file's -- after a reboot or a copy
+    nobody can hold the lock.
 
 Manifest file
 -------------
@@ -170,3 +188,4 @@ def parse_sst_name(name: str) -> int | None:
 
 MANIFEST = "MANIFEST"
 LOCKFILE = "LOCK"
+SHARED = "SHARED"

@@ -19,7 +19,7 @@ import os
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -27,6 +27,7 @@ import lz4.block
 
 from shmkv.errors import Corruption, Error
 
+from . import _accel
 from . import format as fmt
 from .bloom import BloomFilter
 from .wal import _pread_all, io_error
@@ -108,39 +109,29 @@ class TableWriter:
         except OSError as e:
             raise io_error(e, path, "create table") from e
         self._offset = 0
-        self._block: list[bytes] = []
-        self._offsets: list[int] = []
-        self._block_bytes = 0
+        self._b = _accel.BlockBuilder(block_size)  # the open block, every key, the last key
         self._index: list[tuple[bytes, int, int]] = []
-        self._keys: list[bytes] = []
-        self._last: bytes | None = None
-        self.smallest: bytes | None = None
         self.bytes_written = 0
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._b.keys)
+
+    @property
+    def smallest(self) -> bytes | None:
+        return self._b.keys[0] if self._b.keys else None
 
     @property
     def approx_size(self) -> int:
-        return self._offset + self._block_bytes
+        return self._offset + self._b.block_bytes
 
     def add(self, key: bytes, kind: int, value: bytes, expire_at_ms: int) -> None:
-        if self._last is not None and key <= self._last:
-            raise ValueError("TableWriter.add: keys must be strictly increasing")
-        entry_len = fmt.ENTRY_HEAD.size + len(key) + len(value)
-        if self._block and entry_len >= self.block_size:
-            self._finish_block()  # a big value gets a block of its own
-        if self.smallest is None:
-            self.smallest = key
-        self._offsets.append(self._block_bytes)
-        self._block.append(fmt.ENTRY_HEAD.pack(kind, len(key), len(value), expire_at_ms))
-        self._block.append(key)
-        self._block.append(value)
-        self._block_bytes += entry_len
-        self._keys.append(key)
-        self._last = key
-        if self._block_bytes >= self.block_size:
-            self._finish_block()
+        """Add one entry; keys must be strictly increasing."""
+        _accel.fill_table(self, self._b, ((key, kind, value, expire_at_ms),), 0)
+
+    def add_from(self, entries: Iterable[Entry], max_bytes: int = 0) -> bool:
+        """Add (key, kind, value, expire) entries in key order until they run out (True) or the
+        table reaches ``max_bytes`` (False: the rest of ``entries`` is for the next table)."""
+        return _accel.fill_table(self, self._b, entries, max_bytes)
 
     def _write_block(self, raw: bytes, codec: int) -> tuple[int, int]:
         assert self._f is not None
@@ -159,23 +150,22 @@ class TableWriter:
         return off, size
 
     def _finish_block(self) -> None:
-        if not self._block:
+        taken = self._b.take()
+        if taken is None:
             return
-        tail = b"".join(fmt.U32.pack(o) for o in self._offsets) + fmt.U32.pack(len(self._offsets))
-        raw = b"".join(self._block) + tail
+        raw, last = taken
         off, size = self._write_block(raw, self.codec)
-        assert self._last is not None
-        self._index.append((self._last, off, size))
-        self._block, self._offsets, self._block_bytes = [], [], 0
+        self._index.append((last, off, size))
 
     def finish(self, number: int = 0, level: int = 0) -> TableMeta:
         """Write filter, index and footer, fsync, close. Returns the table's metadata."""
         assert self._f is not None
-        if not self._keys:
+        keys = self._b.keys
+        if not keys:
             raise ValueError("TableWriter.finish: an empty table is never written")
         try:
             self._finish_block()
-            bloom = BloomFilter.build(self._keys, len(self._keys))
+            bloom = BloomFilter.build(keys, len(keys))
             f_off, f_len = self._write_block(bloom.encode(), fmt.COMP_NONE)
             index = b"".join(
                 fmt.U32.pack(len(k)) + k + fmt.INDEX_ENTRY_TAIL.pack(o, s)
@@ -188,7 +178,7 @@ class TableWriter:
                     f_len,
                     i_off,
                     i_len,
-                    len(self._keys),
+                    len(keys),
                     fmt.FORMAT_VERSION,
                     0,
                     fmt.SST_MAGIC,
@@ -204,9 +194,8 @@ class TableWriter:
             if isinstance(e, OSError) and not isinstance(e, Error):
                 raise io_error(e, self.path, "write table") from e
             raise
-        assert self.smallest is not None and self._last is not None
         self.bytes_written = self._offset
-        return TableMeta(number, level, self._offset, len(self._keys), self.smallest, self._last)
+        return TableMeta(number, level, self._offset, len(keys), keys[0], keys[-1])
 
     def abandon(self) -> None:
         if self._f is not None:
@@ -397,14 +386,19 @@ class TableReader:
         if not self.bloom.may_contain(key, hashes):
             self.bloom_negatives += 1
             return None
+        return self.find(key)
+
+    def find(self, key: bytes) -> tuple[int, bytes, int] | None:
+        """:meth:`get` for a caller that has checked the bloom filter already (``_accel.Probe``);
+        a miss here is a bloom false positive and is counted as one."""
         i = bisect.bisect_left(self.last_keys, key)
         if i == len(self.last_keys):
             self.bloom_false_positives += 1
             return None
         block = self._data_block(i)
         try:
-            found = _block_search(block, key)
-        except Exception as e:
+            found = _accel.block_search(block, key)
+        except ValueError as e:
             raise self._corrupt(
                 f"data block at offset {self.handles[i][0]} is malformed: {e}"
             ) from e
@@ -414,22 +408,18 @@ class TableReader:
 
     def iter_from(self, start: bytes | None = None, stop: bytes | None = None) -> Iterator[Entry]:
         """Entries with start <= key < stop in key order (tombstones included)."""
-        i = 0 if start is None else bisect.bisect_left(self.last_keys, start)
-        for bi in range(i, len(self.handles)):
+        first = 0 if start is None else bisect.bisect_left(self.last_keys, start)
+        for bi in range(first, len(self.handles)):
             block = self._data_block(bi)
             try:
-                entries = list(_block_entries(block))
-            except Exception as e:
+                entries = _accel.block_entries(block, start if bi == first else None, stop)
+            except ValueError as e:
                 raise self._corrupt(
                     f"data block at offset {self.handles[bi][0]} is malformed: {e}"
                 ) from e
-            for ent in entries:
-                k = ent[0]
-                if start is not None and k < start:
-                    continue
-                if stop is not None and k >= stop:
-                    return
-                yield ent
+            yield from entries
+            if stop is not None and self.last_keys[bi] >= stop:
+                return
 
     def verify(self) -> list[str]:
         """Read every block; report problems (checksums, order, counts, index, filter)."""
@@ -439,11 +429,11 @@ class TableReader:
         for bi, (off, _) in enumerate(self.handles):
             try:
                 block = self._read_block(*self.handles[bi])
-                entries = list(_block_entries(block))
+                entries = _accel.block_entries(block)
             except Corruption as e:
                 problems.append(str(e))
                 continue
-            except Exception as e:
+            except ValueError as e:
                 problems.append(f"{self.path}: data block at offset {off} is malformed: {e}")
                 continue
             for k, _kind, _v, _e in entries:
@@ -460,49 +450,3 @@ class TableReader:
                 f"{self.path}: footer says {self.entry_count} entries, blocks hold {count}"
             )
         return problems
-
-
-def _block_search(block: bytes, key: bytes) -> tuple[int, bytes, int] | None:
-    """Binary search by the block's offset array. REQUIRES: block passed its checksum."""
-    (n,) = fmt.U32.unpack_from(block, len(block) - 4)
-    base = len(block) - 4 - 4 * n
-    head = fmt.ENTRY_HEAD
-    hs = head.size
-    u32 = fmt.U32.unpack_from
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        (off,) = u32(block, base + 4 * mid)
-        (_, klen, _, _) = head.unpack_from(block, off)
-        k = block[off + hs : off + hs + klen]
-        if k < key:
-            lo = mid + 1
-        elif k > key:
-            hi = mid
-        else:
-            kind, klen, vlen, expire = head.unpack_from(block, off)
-            vs = off + hs + klen
-            if vs + vlen > base:
-                raise ValueError("entry overruns the block")
-            return kind, block[vs : vs + vlen], expire
-    return None
-
-
-def _block_entries(block: bytes) -> Iterator[Entry]:
-    (n,) = fmt.U32.unpack_from(block, len(block) - 4)
-    end = len(block) - 4 - 4 * n
-    if end < 0:
-        raise ValueError("offset array larger than the block")
-    head = fmt.ENTRY_HEAD
-    hs = head.size
-    pos = 0
-    for _ in range(n):
-        kind, klen, vlen, expire = head.unpack_from(block, pos)
-        ks = pos + hs
-        vs = ks + klen
-        pos = vs + vlen
-        if pos > end:
-            raise ValueError("entry overruns the block")
-        yield block[ks:vs], kind, block[vs:pos], expire
-    if pos != end:
-        raise ValueError("block has bytes between its entries and its offsets")

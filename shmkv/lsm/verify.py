@@ -16,13 +16,24 @@ import os
 
 from shmkv.errors import Error
 
+from . import _accel
 from . import format as fmt
 from . import manifest as mf
 from .sstable import TableReader
 from .wal import WalFile
 
 
-def verify_store(path: str, max_levels: int = 7) -> list[str]:
+def verify_store(
+    path: str, max_levels: int = 7, page: _accel.SharedPage | None = None
+) -> list[str]:
+    """Problems found in the store at ``path`` ([] when clean). ``page``: the store's shared page
+    if the caller has it open (its WAL lock is taken to read each live WAL)."""
+    if page is None:
+        page = _accel.SharedPage(os.path.join(path, fmt.SHARED))
+        try:
+            return verify_store(path, max_levels, page)
+        finally:
+            page.close()
     for _ in range(20):
         try:
             got = mf.read(path)
@@ -31,7 +42,7 @@ def verify_store(path: str, max_levels: int = 7) -> list[str]:
         if got is None:
             return [f"{path}: MANIFEST is missing"]
         m, ident = got
-        problems = _verify_tables(path, m, max_levels) + _verify_wals(path, m)
+        problems = _verify_tables(path, m, max_levels) + _verify_wals(path, m, page)
         if not problems or mf.identity(path) == ident:
             return problems
         # The manifest changed under us (flush/compaction elsewhere): check the new one.
@@ -79,12 +90,12 @@ def _verify_tables(path: str, m: mf.Manifest, max_levels: int) -> list[str]:
     return problems
 
 
-def _verify_wals(path: str, m: mf.Manifest) -> list[str]:
+def _verify_wals(path: str, m: mf.Manifest, page: _accel.SharedPage) -> list[str]:
     problems: list[str] = []
     gen: int | None = m.wal_gen
     while gen is not None:
         try:
-            w = WalFile.open(path, gen)
+            w = WalFile.open(path, gen, page)
         except FileNotFoundError:
             problems.append(f"{os.path.join(path, fmt.wal_name(gen))}: live WAL is missing")
             break

@@ -2,9 +2,9 @@
 
 Process safety (the contract db.py builds on):
 
-- Appends happen only while holding ``flock(LOCK_EX)`` on the WAL file itself
-  (:meth:`WalFile.locked`). One record is one ``write(2)``; the lock makes records from different
-  processes land whole and back to back.
+- Appends happen only while holding the store's WAL lock (:meth:`WalFile.locked`: the robust
+  process-shared mutex of ``_accel.SharedPage``, one per store). One record is one ``write(2)``;
+  the lock makes records from different processes land whole and back to back.
 - Under that lock the file holds only whole records, except for a *torn tail* left by a writer
   that died inside its write. Whoever next holds the lock and reads to EOF finds it
   (:attr:`Replay.torn`) and cuts it off (:meth:`WalFile.truncate`) before appending, so a torn
@@ -21,7 +21,6 @@ Process safety (the contract db.py builds on):
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import zlib
 from collections.abc import Iterable, Iterator
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 
 from shmkv.errors import Corruption
 
+from . import _accel
 from . import format as fmt
 from .errors import DiskFull, FileAccessError
 
@@ -45,50 +45,25 @@ def encode_record(rtype: int, payload: bytes | bytearray | memoryview) -> bytes:
 
 
 def encode_batch(entries: Iterable[Entry]) -> bytes:
-    """Frame a batch of entries as WAL records.
+    """Frame a batch of entries as WAL records (in C: ``_accel.encode_batch``).
 
     A batch larger than ``_CHUNK`` becomes several records written with one ``write(2)``: each
     record is atomic on replay; the batch as a whole is not (``put_many`` promises no atomicity).
     """
-    out: list[bytes] = []
-    parts: list[bytes] = []
-    count = 0
-    size = 0
-    for kind, key, value, expire in entries:
-        parts.append(fmt.ENTRY_HEAD.pack(kind, len(key), len(value), expire))
-        parts.append(key)
-        parts.append(value)
-        count += 1
-        size += fmt.ENTRY_HEAD.size + len(key) + len(value)
-        if size >= _CHUNK:
-            out.append(encode_record(fmt.REC_BATCH, fmt.U32.pack(count) + b"".join(parts)))
-            parts, count, size = [], 0, 0
-    if count:
-        out.append(encode_record(fmt.REC_BATCH, fmt.U32.pack(count) + b"".join(parts)))
-    return b"".join(out)
+    return _accel.encode_batch(list(entries), _CHUNK)
+
+
+def encode_put(kind: int, key: bytes, value: bytes, expire_at_ms: int) -> bytes:
+    """``encode_batch([(kind, key, value, expire_at_ms)])``, the single-put fast path."""
+    return _accel.encode_put(kind, key, value, expire_at_ms)
 
 
 _CHUNK = 32 << 20
 
 
-def decode_batch(payload: bytes | memoryview) -> Iterator[Entry]:
+def decode_batch(payload: bytes | memoryview) -> list[Entry]:
     """REQUIRES: payload passed its data_crc. Raises ValueError if the structure is inconsistent."""
-    mv = memoryview(payload)
-    (count,) = fmt.U32.unpack_from(mv, 0)
-    pos = 4
-    head = fmt.ENTRY_HEAD
-    for _ in range(count):
-        kind, klen, vlen, expire = head.unpack_from(mv, pos)
-        pos += head.size
-        key = bytes(mv[pos : pos + klen])
-        pos += klen
-        value = bytes(mv[pos : pos + vlen])
-        pos += vlen
-        if pos > len(mv) or kind not in (fmt.KIND_PUT, fmt.KIND_DELETE):
-            raise ValueError("batch entry overruns its record or has an unknown kind")
-        yield kind, key, value, expire
-    if pos != len(mv):
-        raise ValueError("batch has trailing bytes")
+    return _accel.decode_batch(payload)
 
 
 @dataclass
@@ -155,15 +130,16 @@ def parse(buf: bytes, base: int) -> Replay:
 class WalFile:
     """One open ``wal-<gen>.log``. Not thread-safe: db.py serialises calls with its own lock."""
 
-    def __init__(self, path: str, gen: int, fd: int) -> None:
+    def __init__(self, path: str, gen: int, fd: int, page: _accel.SharedPage) -> None:
         self.path = path
         self.gen = gen
         self.fd = fd
+        self.page = page  # whose lock guards appends (and replays) of every WAL of the store
 
     # -- opening ---------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, dirpath: str, gen: int) -> WalFile:
+    def create(cls, dirpath: str, gen: int, page: _accel.SharedPage) -> WalFile:
         """Create ``wal-<gen>.log`` with its header, durably (file and directory fsynced).
 
         REQUIRES: nobody can be appending to this generation yet (the previous WAL is not
@@ -185,10 +161,10 @@ class WalFile:
         except OSError as e:
             _unlink_quiet(tmp)
             raise io_error(e, tmp, "create WAL") from e
-        return cls.open(dirpath, gen)
+        return cls.open(dirpath, gen, page)
 
     @classmethod
-    def open(cls, dirpath: str, gen: int) -> WalFile:
+    def open(cls, dirpath: str, gen: int, page: _accel.SharedPage) -> WalFile:
         """Open an existing WAL. FileNotFoundError propagates (the caller reloads the manifest)."""
         path = os.path.join(dirpath, fmt.wal_name(gen))
         try:
@@ -213,7 +189,7 @@ class WalFile:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, gen, fd)
+        return cls(path, gen, fd, page)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -224,12 +200,12 @@ class WalFile:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold flock(LOCK_EX) on this WAL. Lock order: the LOCK file (maintenance) before a WAL."""
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        """Hold the store's WAL lock. Lock order: the LOCK file (maintenance) before it."""
+        self.page.lock()
         try:
             yield
         finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            self.page.unlock()
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -250,10 +226,13 @@ class WalFile:
 
     # -- writing (REQUIRES: self.locked() held, and the caller has read to EOF) -------------------
 
-    def append_locked(self, data: bytes) -> tuple[int, int]:
+    def append_locked(self, data: bytes, start: int | None = None) -> tuple[int, int]:
         """Append whole records; return (start, end) offsets. On failure nothing is left behind:
-        a short or failed write is cut back to ``start`` and DiskFull/FileAccessError raised."""
-        start = self.size()
+        a short or failed write is cut back to ``start`` and DiskFull/FileAccessError raised.
+
+        ``start``: the current end of file, when the caller knows it (saves an fstat)."""
+        if start is None:
+            start = self.size()
         try:
             _write_all(self.fd, data, self.path)
         except OSError as e:

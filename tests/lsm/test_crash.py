@@ -161,6 +161,7 @@ def test_many_random_sigkills_lose_no_acknowledged_write(db_path: str, durabilit
 
 
 KILL_POINTS = [
+    "pre:wal_write",  # change counter bumped, nothing written yet
     "torn:wal_write",  # half a WAL record on disk
     "post:wal_write",  # whole record written, not yet acknowledged
     "pre:wal_create",  # flush: before the new WAL generation exists

@@ -10,6 +10,7 @@ import pytest
 from shmkv.errors import Corruption
 from shmkv.lsm import LSM
 from shmkv.lsm import format as fmt
+from shmkv.lsm._accel import SharedPage
 from shmkv.lsm.wal import WalFile, decode_batch, encode_batch, encode_record, parse
 
 PUT, DEL = fmt.KIND_PUT, fmt.KIND_DELETE
@@ -97,17 +98,18 @@ def test_data_after_a_seal_is_corruption() -> None:
 
 
 def test_wal_file_with_a_bad_header_is_refused(tmp_path: os.PathLike[str]) -> None:
-    w = WalFile.create(str(tmp_path), 5)
+    page = SharedPage(os.path.join(str(tmp_path), fmt.SHARED))
+    w = WalFile.create(str(tmp_path), 5, page)
     w.close()
     p = os.path.join(str(tmp_path), fmt.wal_name(5))
     with open(p, "r+b") as f:
         f.write(b"NOTAWAL!")
     with pytest.raises(Corruption, match="bad magic"):
-        WalFile.open(str(tmp_path), 5)
+        WalFile.open(str(tmp_path), 5, page)
 
 
 def test_append_and_read_back_under_the_lock(tmp_path: os.PathLike[str]) -> None:
-    w = WalFile.create(str(tmp_path), 1)
+    w = WalFile.create(str(tmp_path), 1, SharedPage(os.path.join(str(tmp_path), fmt.SHARED)))
     try:
         with w.locked():
             start, end = w.append_locked(encode_batch([(PUT, b"k", b"v", 0)]))
