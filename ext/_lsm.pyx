@@ -25,6 +25,8 @@ from cpython.tuple cimport PyTuple_GET_ITEM
 
 import mmh3
 
+from shmkv.errors import Corruption as _Corruption
+
 cdef extern from "Python.h":
     PyObject *PyIter_Next(object o)
     void *PyMem_Malloc(size_t n)
@@ -61,6 +63,13 @@ cdef enum:
     PAGE_MUTEX = 128   # offset of the WAL append lock (a pthread_mutex_t, <= 64 bytes)
 
 cdef object _hash64 = mmh3.hash64
+cdef object _io_error = None  # wal.io_error, set by set_io_error (wal imports this module)
+
+
+def set_io_error(f):
+    """Install wal.io_error, which maps an OSError to DiskFull/FileAccessError."""
+    global _io_error
+    _io_error = f
 
 
 def crc32(data, uint32_t crc=0):
@@ -290,6 +299,29 @@ cdef class Probe:
         return out
 
 
+    def lookup(self, bytes key not None, list gens, decompress):
+        """The newest entry (kind, value, expire) for ``key`` -- memtables of ``gens`` (objects
+        with a ``mem``, oldest first) newest first, then the tables -- or None. A table whose
+        bloom filter let the key through but does not hold it counts a false positive on its
+        reader. Errors of a table read are raised as Corruption naming the file."""
+        cdef Py_ssize_t i
+        for i in range(len(gens) - 1, -1, -1):
+            slot = (<Memtable>gens[i].mem)._data.get(key)
+            if slot is not None:
+                return slot
+        for r in self.candidates(key):
+            try:
+                slot = table_find(r, key, decompress)
+            except ValueError as e:
+                raise _Corruption(f"{r.path}: {e}") from e
+            except OSError as e:
+                raise _io_error(e, r.path, "read table") from e
+            if slot is not None:
+                return slot
+            r.bloom_false_positives += 1
+        return None
+
+
 cdef tuple _row(r):
     smallest, largest, reader = r
     bloom = reader.bloom
@@ -385,6 +417,130 @@ def block_entries(bytes block not None, bytes start=None, bytes stop=None):
     if pos != end:
         raise ValueError("block has bytes between its entries and its offsets")
     return out
+
+
+# -- reading tables ---------------------------------------------------------------------------
+
+cdef extern from "unistd.h" nogil:
+    ssize_t pread(int fd, void *buf, size_t n, long off)
+
+import zlib as _zlib
+from collections import OrderedDict as _OrderedDict
+
+cdef object _crc32 = _zlib.crc32  # zlib's is faster than the table code above on big blocks
+
+
+cdef class BlockCache:
+    """LRU of decompressed, verified data blocks, keyed by (table number, offset). Atomic
+    under the GIL (no Python code runs inside a method), so threads need no lock.
+
+    Blocks larger than ``max_block`` (big values) are never cached: one would evict everything.
+    """
+
+    cdef object _d
+    cdef public long long capacity, max_block, hits, misses
+    cdef long long _bytes
+
+    def __init__(self, long long capacity=8 << 20, long long max_block=256 << 10):
+        self._d = _OrderedDict()
+        self.capacity = capacity
+        self.max_block = max_block
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+    cpdef get(self, k):
+        b = self._d.get(k)
+        if b is None:
+            self.misses += 1
+            return None
+        self._d.move_to_end(k)
+        self.hits += 1
+        return b
+
+    cpdef put(self, k, bytes b):
+        if PyBytes_GET_SIZE(b) > self.max_block or self.capacity <= 0 or k in self._d:
+            return
+        self._d[k] = b
+        self._bytes += PyBytes_GET_SIZE(b)
+        while self._bytes > self.capacity:
+            _, old = self._d.popitem(last=False)
+            self._bytes -= PyBytes_GET_SIZE(<bytes>old)
+
+
+def read_block(int fd, uint64_t off, Py_ssize_t size, decompress):
+    """Read, check and decompress the stored block at (off, size) of ``fd``: ValueError (to be
+    prefixed with the file's name) on a short read, a checksum mismatch or a bad codec; OSError
+    from pread. ``decompress(codec, body)`` undoes the block's compression (sstable.py)."""
+    if size < 5:
+        raise ValueError(f"block at offset {off} is too short")
+    cdef bytes buf = PyBytes_FromStringAndSize(NULL, size)
+    cdef char *p = PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t got = 0
+    cdef ssize_t n = 0
+    cdef int err = 0
+    with nogil:
+        while got < size:
+            n = pread(fd, p + got, size - got, off + got)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                err = errno
+                break
+            if n == 0:
+                break
+            got += n
+    if err:
+        raise OSError(err, "cannot read table")
+    if got != size:
+        raise ValueError(f"short read at offset {off} (file truncated?)")
+    cdef int codec = <uint8_t>p[size - 5]
+    # the crc covers the contents and the codec byte, which are contiguous: one pass
+    if _crc32(memoryview(buf)[:size - 4]) != shmkv_ld32(p + size - 4):
+        raise ValueError(f"block at offset {off}: checksum mismatch")
+    if codec == 0:
+        return PyBytes_FromStringAndSize(p, size - 5)
+    try:
+        return decompress(codec, memoryview(buf)[:size - 5])
+    except Exception as e:
+        raise ValueError(f"block at offset {off}: cannot decompress ({e})") from e
+
+
+cpdef bytes table_block(reader, Py_ssize_t i, decompress):
+    """Data block ``i`` of a TableReader (from its cache, else read and cached). Raises as
+    read_block."""
+    cdef tuple h = <tuple>reader.handles[i]
+    cache = reader.cache
+    ck = (reader.number, h[0])
+    if cache is not None:
+        b = (<BlockCache>cache).get(ck)
+        if b is not None:
+            return <bytes>b
+    b = read_block(reader.fd, h[0], h[1], decompress)
+    if PyBytes_GET_SIZE(<bytes>b) < 4:
+        raise ValueError(f"data block at offset {h[0]} is malformed")
+    if cache is not None:
+        (<BlockCache>cache).put(ck, <bytes>b)
+    return <bytes>b
+
+
+def table_find(reader, bytes key not None, decompress):
+    """(kind, value, expire) of ``key`` in a TableReader, or None: the index by binary search,
+    then the one data block that may hold it. Raises as read_block."""
+    cdef list last = <list>reader.last_keys
+    cdef Py_ssize_t lo = 0, hi = len(last), mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if _cmp(<bytes>last[mid], key) < 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo == len(last):
+        return None
+    block = table_block(reader, lo, decompress)
+    try:
+        return block_search(block, key)
+    except ValueError as e:
+        raise ValueError(f"data block at offset {reader.handles[lo][0]} is malformed: {e}") from e
 
 
 # -- building tables ----------------------------------------------------------------------------

@@ -107,7 +107,7 @@ from . import manifest as mf
 from . import wal as walmod
 from .compaction import LevelOptions
 from .memtable import Memtable
-from .sstable import COMPRESSIONS, BlockCache, TableMeta, TableReader, TableWriter
+from .sstable import COMPRESSIONS, BlockCache, TableMeta, TableReader, TableWriter, _decompress
 from .wal import WalFile, io_error
 
 DURABILITY = ("none", "interval", "fsync")
@@ -695,16 +695,9 @@ class LSM:
                 raise Corruption(f"{g.wal.path}: malformed batch record: {e}") from e
 
     def _lookup_locked(self, key: bytes) -> tuple[int, bytes, int] | None:
-        """Newest entry for key (tombstones included) across memtables and tables."""
-        for g in reversed(self._gens):
-            s = g.mem.get(key)
-            if s is not None:
-                return s
-        for r in self._probe.candidates(key):  # range and bloom checks in C, newest first
-            s = r.find(key)
-            if s is not None:
-                return s
-        return None
+        """Newest entry for key (tombstones included) across memtables and tables: one C call
+        (range, bloom, index and block checks in ``_accel.Probe.lookup``)."""
+        return self._probe.lookup(key, self._gens, _decompress)
 
     # ------------------------------------------------------------------ writes
 

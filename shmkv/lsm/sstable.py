@@ -18,7 +18,6 @@ import bisect
 import os
 import threading
 import zlib
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -210,42 +209,9 @@ class TableWriter:
             pass
 
 
-class BlockCache:
-    """LRU of decompressed, verified data blocks, keyed by (table number, offset). Thread-safe.
-
-    Blocks larger than ``max_block`` (big values) are never cached: one would evict everything.
-    """
-
-    def __init__(self, capacity: int = 8 << 20, max_block: int = 256 << 10) -> None:
-        self.capacity = capacity
-        self.max_block = max_block
-        self._d: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, k: tuple[int, int]) -> bytes | None:
-        with self._lock:
-            b = self._d.get(k)
-            if b is None:
-                self.misses += 1
-                return None
-            self._d.move_to_end(k)
-            self.hits += 1
-            return b
-
-    def put(self, k: tuple[int, int], b: bytes) -> None:
-        if len(b) > self.max_block or self.capacity <= 0:
-            return
-        with self._lock:
-            if k in self._d:
-                return
-            self._d[k] = b
-            self._bytes += len(b)
-            while self._bytes > self.capacity:
-                _, old = self._d.popitem(last=False)
-                self._bytes -= len(old)
+# LRU of decompressed, verified data blocks keyed by (table number, offset); in C, where each
+# method is atomic under the GIL, so threads share it without a lock.
+BlockCache = _accel.BlockCache
 
 
 class TableReader:
@@ -347,33 +313,20 @@ class TableReader:
 
     def _read_block(self, off: int, size: int) -> bytes:
         """Read, check and decompress the block at (off, size). Raises Corruption on any mismatch."""
-        if size < fmt.BLOCK_TRAILER.size:
-            raise self._corrupt(f"block at offset {off} is too short")
-        buf = self._pread(size, off)
-        body = memoryview(buf)[: size - fmt.BLOCK_TRAILER.size]
-        codec, crc = fmt.BLOCK_TRAILER.unpack_from(buf, size - fmt.BLOCK_TRAILER.size)
-        if zlib.crc32(bytes((codec,)), zlib.crc32(body)) != crc:
-            raise self._corrupt(f"block at offset {off}: checksum mismatch")
         try:
-            if codec == fmt.COMP_NONE:
-                return buf[: size - fmt.BLOCK_TRAILER.size]
-            return _decompress(codec, body)  # type: ignore[arg-type]
-        except Exception as e:
-            raise self._corrupt(f"block at offset {off}: cannot decompress ({e})") from e
+            return _accel.read_block(self.fd, off, size, _decompress)
+        except ValueError as e:
+            raise self._corrupt(str(e)) from e
+        except OSError as e:
+            raise io_error(e, self.path, "read table") from e
 
     def _data_block(self, i: int) -> bytes:
-        off, size = self.handles[i]
-        key = (self.number, off)
-        if self.cache is not None:
-            b = self.cache.get(key)
-            if b is not None:
-                return b
-        b = self._read_block(off, size)
-        if len(b) < 4:
-            raise self._corrupt(f"data block at offset {off} is malformed")
-        if self.cache is not None:
-            self.cache.put(key, b)
-        return b
+        try:
+            return _accel.table_block(self, i, _decompress)
+        except ValueError as e:
+            raise self._corrupt(str(e)) from e
+        except OSError as e:
+            raise io_error(e, self.path, "read table") from e
 
     # -- lookups --------------------------------------------------------------------------------
 
@@ -391,17 +344,12 @@ class TableReader:
     def find(self, key: bytes) -> tuple[int, bytes, int] | None:
         """:meth:`get` for a caller that has checked the bloom filter already (``_accel.Probe``);
         a miss here is a bloom false positive and is counted as one."""
-        i = bisect.bisect_left(self.last_keys, key)
-        if i == len(self.last_keys):
-            self.bloom_false_positives += 1
-            return None
-        block = self._data_block(i)
         try:
-            found = _accel.block_search(block, key)
+            found = _accel.table_find(self, key, _decompress)
         except ValueError as e:
-            raise self._corrupt(
-                f"data block at offset {self.handles[i][0]} is malformed: {e}"
-            ) from e
+            raise self._corrupt(str(e)) from e
+        except OSError as e:
+            raise io_error(e, self.path, "read table") from e
         if found is None:
             self.bloom_false_positives += 1
         return found

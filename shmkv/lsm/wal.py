@@ -301,3 +301,6 @@ def io_error(e: OSError, path: str, what: str) -> Exception:
     if e.errno in _DISK_FULL:
         return DiskFull(f"disk full: cannot {what} {path}: {e.strerror}", e.errno, path)
     return FileAccessError(e.errno or 0, f"cannot {what}: {e.strerror or e}", path)
+
+
+_accel.set_io_error(io_error)
