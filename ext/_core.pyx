@@ -21,6 +21,7 @@ from includes.core cimport *
 from functools import partial
 
 from shmkv import errors as _errors
+from shmkv.lsm.format import MAX_VALUE as _LSM_MAX_VALUE  # keys: max_key <= 65535 < its MAX_KEY
 
 
 cdef extern from "Python.h":
@@ -55,11 +56,6 @@ cdef object _MISSING = object()
 
 def _nothing():
     return None
-
-
-def _tier_put(tier, bytes k, bytes v, unsigned long long expire):
-    tier.put(k, v, expire)
-    return (v, expire)
 
 
 def _tier_add(tier, bytes k, bytes v, unsigned long long expire, list outcome):
@@ -434,7 +430,10 @@ cdef class Core:
             outcome = []
             self._through(k, kn, 0, partial(_tier_add, self._tier, kb, value, expire, outcome))
             return 0 if outcome else SHMKV_EEXISTS
-        self._through(k, kn, 1, partial(_tier_put, self._tier, kb, value, expire))
+        if len(value) > _LSM_MAX_VALUE:
+            raise _errors.ValueTooLarge(
+                f"value is {len(value)} bytes; the disk tier's limit is {_LSM_MAX_VALUE}")
+        self._through(k, kn, 1, partial(self._tier.put_checked, kb, value, expire))
         return 0
 
     cdef int _put_many_through(self, list keys, list values, uint64_t expire) except -1:

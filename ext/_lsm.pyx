@@ -1051,21 +1051,34 @@ cdef class SharedPage:
 
     def append(self, int fd, bytes data not None, long long start, uint64_t seen):
         """The whole locked append, when nothing changed since ``seen``: lock; if the counter
-        still equals ``seen``: bump, write ``data`` at the end of ``fd`` (which is ``start``),
-        bump, unlock and return the counter after. Returns 0 (nothing written, lock released)
-        when the counter moved: the caller must catch up first. A failed write is cut back to
-        ``start`` and raised as OSError."""
-        cdef const char *p = PyBytes_AS_STRING(data)
-        cdef Py_ssize_t left = PyBytes_GET_SIZE(data), total = left
-        cdef ssize_t n = 0
-        cdef int err = 0
-        cdef uint64_t after
+        still equals ``seen``, append_locked() and unlock, returning the counter after. Returns
+        0 (nothing written, lock released) when the counter moved: the caller must catch up."""
         self._lock()
         if shmkv_epoch_load(self._word) != seen:
             pthread_mutex_unlock(self._mutex)
             self._held -= 1
             return 0
-        shmkv_epoch_bump(self._word)
+        try:
+            return self._append_locked(fd, data, start)
+        finally:
+            pthread_mutex_unlock(self._mutex)
+            self._held -= 1
+
+    def append_locked(self, int fd, bytes data not None, long long start):
+        """REQUIRES: the lock, and ``start`` is the end of ``fd``'s last whole record. Bump the
+        counter, write ``data`` at the end of ``fd``, bump again; return the counter after.
+        A failed write is cut back to ``start`` and raised as OSError (counter bumped)."""
+        if self._word == NULL:
+            raise ValueError("shared page closed")
+        return self._append_locked(fd, data, start)
+
+    cdef uint64_t _append_locked(self, int fd, bytes data, long long start) except? 0:
+        cdef const char *p = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t left = PyBytes_GET_SIZE(data), total = left
+        cdef ssize_t n = 0
+        cdef int err = 0
+        cdef uint64_t after
+        shmkv_epoch_bump(self._word)  # before the write: a writer killed in it has bumped
         with nogil:
             _maybe_crash(1, fd, p, left)
             _maybe_crash(2, fd, p, left)
@@ -1086,8 +1099,6 @@ cdef class SharedPage:
             else:
                 _maybe_crash(3, fd, NULL, total)
         after = shmkv_epoch_bump(self._word)
-        pthread_mutex_unlock(self._mutex)
-        self._held -= 1
         if err:
             raise OSError(err, "cannot append to the WAL")
         return after

@@ -288,9 +288,19 @@ class LSM:
             value = _value(value)
         if type(expire_at_ms) is not int or expire_at_ms < 0:
             expire_at_ms = _expire(expire_at_ms)
-        entry = (fmt.KIND_PUT, key, value, expire_at_ms)
-        self._write((entry,), walmod.encode_put(*entry))
+        self.put_checked(key, value, expire_at_ms)
+
+    def put_checked(self, key: bytes, value: bytes, expire_at_ms: int) -> tuple[bytes, int]:
+        """:meth:`put` for a caller that has validated its arguments (the memory tier, which
+        runs this under a stripe lock and needs it lean); returns ``(value, expire_at_ms)``,
+        the entry the memory tier then caches. REQUIRES: bytes key of 1..MAX_KEY bytes, bytes
+        value of at most MAX_VALUE bytes, int expire_at_ms >= 0."""
+        self._write(
+            ((fmt.KIND_PUT, key, value, expire_at_ms),),
+            walmod.encode_put(fmt.KIND_PUT, key, value, expire_at_ms),
+        )
         self._c.puts += 1
+        return value, expire_at_ms
 
     def put_many(self, items: Iterable[tuple[bytes, bytes, int] | tuple[bytes, bytes]]) -> None:
         """Store many items with one WAL append and one fsync. Not atomic as a whole."""
@@ -719,21 +729,21 @@ class LSM:
             g = self._gens[-1]
             after = 0
             if g.sealed_to is None:
-                after = _append(page, g, data, self._seen)  # 0: the counter moved; catch up
+                try:  # 0: the counter moved since our last look; catch up below
+                    after = page.append(g.wal.fd, data, g.offset, self._seen)
+                except OSError as e:
+                    raise io_error(e, g.wal.path, "append to WAL") from e
             while not after:
                 with g.wal.locked():
                     self._replay_locked(g)  # someone appended (or died appending) meanwhile
                     if g.sealed_to is None:
-                        page.bump()  # before the write: see "Noticing change"
-                        try:
-                            g.wal.append_locked(data, g.offset)
-                        finally:
-                            after = page.bump()
+                        after = g.wal.append_locked(data, g.offset)
                 if not after:
                     self._catch_up_locked()  # sealed under us: move to the next generation
                     g = self._gens[-1]
             if len(entries) == 1:
-                g.mem.apply(*entries[0])
+                kind, key, value, expire = entries[0]
+                g.mem.apply(kind, key, value, expire)
             else:
                 g.mem.apply_all(entries)
             g.offset += len(data)
@@ -870,13 +880,7 @@ class LSM:
                     raise Corruption(
                         f"{tail.wal.path}: sealed by someone not holding the maintenance lock"
                     )
-                self._page.bump()  # type: ignore[union-attr]
-                try:
-                    tail.wal.append_locked(
-                        walmod.encode_record(fmt.REC_SEAL, fmt.U64.pack(new_gen))
-                    )
-                finally:
-                    self._page.bump()  # type: ignore[union-attr]
+                tail.wal.append_locked(walmod.encode_record(fmt.REC_SEAL, fmt.U64.pack(new_gen)))
                 tail.wal.sync()
                 self._replay_locked(tail)
             assert tail.sealed_to == new_gen, "Invariant: our own SEAL is the last record"
@@ -1007,15 +1011,6 @@ class LSM:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _append(page: _accel.SharedPage, g: _Gen, data: bytes, seen: int) -> int:
-    """``SharedPage.append`` with its OSError mapped like every other WAL write. (A module
-    function: the crash tests hook it.)"""
-    try:
-        return page.append(g.wal.fd, data, g.offset, seen)
-    except OSError as e:
-        raise io_error(e, g.wal.path, "append to WAL") from e
 
 
 def _open_page(path: str) -> _accel.SharedPage:

@@ -226,22 +226,18 @@ class WalFile:
 
     # -- writing (REQUIRES: self.locked() held, and the caller has read to EOF) -------------------
 
-    def append_locked(self, data: bytes, start: int | None = None) -> tuple[int, int]:
-        """Append whole records; return (start, end) offsets. On failure nothing is left behind:
-        a short or failed write is cut back to ``start`` and DiskFull/FileAccessError raised.
+    def append_locked(self, data: bytes, start: int | None = None) -> int:
+        """Append whole records (``SharedPage.append_locked``: the change counter is bumped
+        before and after); return the counter after. On failure nothing is left behind: a short
+        or failed write is cut back to ``start`` and DiskFull/FileAccessError raised.
 
         ``start``: the current end of file, when the caller knows it (saves an fstat)."""
         if start is None:
             start = self.size()
         try:
-            _write_all(self.fd, data, self.path)
+            return self.page.append_locked(self.fd, data, start)
         except OSError as e:
-            try:
-                os.ftruncate(self.fd, start)
-            except OSError:
-                pass  # the next locker will find and cut the torn tail
             raise io_error(e, self.path, "append to WAL") from e
-        return start, start + len(data)
 
     def truncate_locked(self, offset: int) -> None:
         """Cut a torn tail. REQUIRES: the lock, and ``offset`` is the end of the last good record."""

@@ -112,8 +112,9 @@ def test_append_and_read_back_under_the_lock(tmp_path: os.PathLike[str]) -> None
     w = WalFile.create(str(tmp_path), 1, SharedPage(os.path.join(str(tmp_path), fmt.SHARED)))
     try:
         with w.locked():
-            start, end = w.append_locked(encode_batch([(PUT, b"k", b"v", 0)]))
-        assert start == fmt.WAL_HEADER.size and end == w.size()
+            before = w.page.load()
+            assert w.append_locked(encode_batch([(PUT, b"k", b"v", 0)])) == before + 2
+        assert w.size() == fmt.WAL_HEADER.size + len(encode_batch([(PUT, b"k", b"v", 0)]))
         rep = w.read_from(0)
         assert [list(decode_batch(p)) for _, p in rep.records] == [[(PUT, b"k", b"v", 0)]]
     finally:

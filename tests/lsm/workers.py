@@ -94,33 +94,9 @@ def kill_at(path: str, target: str, nth: str) -> None:
     if name == "wal_write":  # only the WAL's own writes (create, append), not the manifest's
         from shmkv.lsm import _accel
 
-        # Appends take the C fast path (db._append -> SharedPage.append) unless something
-        # changed since the writer last looked; both paths count toward the same nth, and the
-        # C one dies at the same three places through its test hook.
-        orig_write = walmod._write_all
-        orig_append = dbmod._append
-
-        def fast(page, g, data, seen):  # noqa: ANN001, ANN202
-            if len(data) > 40 and page.load() == seen:  # it will write, not bail out
-                left[0] -= 1
-                if left[0] == 0:
-                    _accel.crash_in_append(1, when)
-            return orig_append(page, g, data, seen)
-
-        def torn(fd: int, data: bytes, p: str) -> None:
-            if len(data) > 40:
-                left[0] -= 1
-                if left[0] == 0:
-                    if when == "torn":
-                        os.write(fd, bytes(data)[: len(data) // 2])
-                    if when in ("torn", "pre"):
-                        die()
-            orig_write(fd, data, p)
-            if left[0] == 0 and when == "post":
-                die()
-
-        dbmod._append = fast
-        walmod._write_all = torn
+        # Every WAL append of the LSM is written by SharedPage (C); its test hook dies at the
+        # same three places: before the write, half-way through it, after it (lock held).
+        _accel.crash_in_append(int(nth), when)
     else:
         owner, attr = {
             "manifest_write": (mfmod, "write"),  # db.py calls mf.write(...)
