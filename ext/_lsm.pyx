@@ -543,6 +543,63 @@ def table_find(reader, bytes key not None, decompress):
         raise ValueError(f"data block at offset {reader.handles[lo][0]} is malformed: {e}") from e
 
 
+cdef class TableIter:
+    """Entries (key, kind, value, expire) of a TableReader with start <= key < stop, in key
+    order, tombstones included: block by block (cached or read, checked), decoded in C.
+    Read errors are raised as Corruption / FileAccessError naming the file."""
+
+    cdef object _reader, _decompress
+    cdef list _last_keys, _cur
+    cdef Py_ssize_t _bi, _first, _n, _pos
+    cdef bytes _start, _stop
+    cdef bint _done
+
+    def __init__(self, reader, bytes start=None, bytes stop=None, decompress=None):
+        cdef list last = <list>reader.last_keys
+        cdef Py_ssize_t lo = 0, hi = len(last), mid
+        if start is not None:
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if _cmp(<bytes>last[mid], start) < 0:
+                    lo = mid + 1
+                else:
+                    hi = mid
+        self._reader, self._decompress = reader, decompress
+        self._last_keys = last
+        self._first = self._bi = lo
+        self._n = len(last)
+        self._start, self._stop = start, stop
+        self._cur = []
+        self._pos = 0
+        self._done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while self._pos >= len(self._cur):
+            if self._done or self._bi >= self._n:
+                raise StopIteration
+            try:
+                block = table_block(self._reader, self._bi, self._decompress)
+                self._cur = block_entries(
+                    block, self._start if self._bi == self._first else None, self._stop)
+            except ValueError as e:
+                msg = str(e)
+                if not msg.startswith(("block", "data block", "short read")):
+                    msg = f"data block at offset {self._reader.handles[self._bi][0]} is malformed: {msg}"
+                raise _Corruption(f"{self._reader.path}: {msg}") from e
+            except OSError as e:
+                raise _io_error(e, self._reader.path, "read table") from e
+            if self._stop is not None and _cmp(<bytes>self._last_keys[self._bi], self._stop) >= 0:
+                self._done = True
+            self._bi += 1
+            self._pos = 0
+        e = self._cur[self._pos]
+        self._pos += 1
+        return e
+
+
 # -- building tables ----------------------------------------------------------------------------
 
 cdef class BlockBuilder:

@@ -355,19 +355,9 @@ class TableReader:
         return found
 
     def iter_from(self, start: bytes | None = None, stop: bytes | None = None) -> Iterator[Entry]:
-        """Entries with start <= key < stop in key order (tombstones included)."""
-        first = 0 if start is None else bisect.bisect_left(self.last_keys, start)
-        for bi in range(first, len(self.handles)):
-            block = self._data_block(bi)
-            try:
-                entries = _accel.block_entries(block, start if bi == first else None, stop)
-            except ValueError as e:
-                raise self._corrupt(
-                    f"data block at offset {self.handles[bi][0]} is malformed: {e}"
-                ) from e
-            yield from entries
-            if stop is not None and self.last_keys[bi] >= stop:
-                return
+        """Entries with start <= key < stop in key order (tombstones included); an iterator in
+        C (``_accel.TableIter``) that reads one block at a time."""
+        return _accel.TableIter(self, start, stop, _decompress)
 
     def verify(self) -> list[str]:
         """Read every block; report problems (checksums, order, counts, index, filter)."""
