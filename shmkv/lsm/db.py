@@ -71,10 +71,14 @@ short steps (seal, publish), so merges and table writes never block gets and put
 
 Maintenance (flush, then compactions) runs in a background thread per handle, woken when the
 WAL backlog reaches ``memtable_bytes``; whichever process gets the ``LOCK`` first does it for
-everyone (the others skip: non-blocking). If the backlog reaches 4x ``memtable_bytes`` the writer
-does the work itself (a bounded write stall, as LevelDB's). ``background=False`` runs it inline
-in the put that crosses the threshold. Rejected: a maintenance daemon process -- one more thing
-to supervise, and the store must work from any set of worker processes with nobody in charge.
+everyone (the others skip: non-blocking). By default the thread hands each round to a helper
+*child* process of the handle (helper.py): the work then runs on another core instead of taking
+the writer's GIL. The helper is owned by its handle (started on first need, ended by close or
+by the parent's death via EOF), so nobody has to supervise it. If the backlog reaches 4x
+``memtable_bytes`` the writer does the work itself (a bounded write stall, as LevelDB's).
+``background=False`` runs it inline in the put that crosses the threshold. Rejected: a
+maintenance daemon shared by the store -- one more thing to supervise, and the store must work
+from any set of worker processes with nobody in charge.
 A failed automatic flush (e.g. disk full) does not fail the already-durable put; it is
 recorded in ``stats()["last_maintenance_error"]`` and retried.
 """
@@ -88,7 +92,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from shmkv.errors import (
@@ -106,6 +110,7 @@ from . import format as fmt
 from . import manifest as mf
 from . import wal as walmod
 from .compaction import LevelOptions
+from .helper import Helper
 from .memtable import Memtable
 from .sstable import COMPRESSIONS, BlockCache, TableMeta, TableReader, TableWriter, _decompress
 from .wal import WalFile, io_error
@@ -187,6 +192,10 @@ class LSM:
         ``memtable_bytes`` (the thread cannot keep up), when the writer does the work itself
         (a write stall that bounds memory). ``False``: inline, in the put that crosses the
         threshold.
+    :param helper: with background maintenance, the thread hands each round to a helper
+        process (``shmkv.lsm.helper``, started on first need, ended by close) so flushes and
+        compactions run on another core instead of taking this process's GIL from its
+        writers. ``False``: the thread does the work itself.
     :raises Corruption: a file of the store fails its checks.
     :raises FileAccessError: a file cannot be opened or read.
     """
@@ -204,6 +213,7 @@ class LSM:
         wal_recovery: str = "strict",
         auto_maintenance: bool = True,
         background: bool = True,
+        helper: bool = True,
     ) -> None:
         if durability not in DURABILITY:
             raise InvalidArgument(f"durability must be one of {DURABILITY}, not {durability!r}")
@@ -221,6 +231,19 @@ class LSM:
         self.opts = levels or LevelOptions()
         self.wal_recovery = wal_recovery
         self.auto_maintenance = auto_maintenance
+        self._helper: Helper | None = None
+        if helper and background and auto_maintenance:
+            self._helper = Helper(
+                self.path,
+                {
+                    "durability": "none",  # the helper never acknowledges writes
+                    "compression": compression,
+                    "memtable_bytes": memtable_bytes,
+                    "block_cache_bytes": 1 << 20,
+                    "wal_recovery": wal_recovery,
+                    "levels": asdict(self.opts),
+                },
+            )
         self._lock = threading.RLock()
         self._closed = False
         self._forked = False
@@ -498,6 +521,8 @@ class LSM:
         for t in (self._syncer, self._maint_thread):
             if t is not None and t is not threading.current_thread():
                 t.join()
+        if self._helper is not None:
+            self._helper.stop()
         with self._maint_mutex, self._lock:
             if self._closed:
                 return
@@ -533,6 +558,8 @@ class LSM:
             return
         self._closed = True
         self._forked = True
+        if self._helper is not None:
+            self._helper.abandon_in_child()
         fds = [g.wal.fd for g in self._gens] + [r.fd for r in self._readers.values()]
         for fd in [*fds, self._lock_fd]:
             try:
@@ -663,8 +690,7 @@ class LSM:
         while i < len(self._gens):
             g = self._gens[i]
             if g.sealed_to is None and g.wal.size() > g.offset:
-                with g.wal.locked():
-                    self._replay_locked(g)
+                self._replay_unlocked(g)
             if g.sealed_to is not None and i == len(self._gens) - 1:
                 try:
                     w = WalFile.open(self.path, g.sealed_to, self._page)
@@ -675,6 +701,22 @@ class LSM:
                     continue
                 self._gens.append(_Gen(w, Memtable(w.gen)))
             i += 1
+
+    def _replay_unlocked(self, g: _Gen) -> None:
+        """Apply the WAL's new whole records without taking the WAL lock, so a reader catching
+        up (the maintenance helper replays megabytes) never holds up writers.
+
+        Safe because the WAL is append-only and every record is checksummed: a record that
+        reads whole and valid is final. What a lock-free read cannot judge is its *end*: a
+        record still being written looks exactly like a torn one. So any anomaly -- a torn
+        tail or a bad record -- is looked at again under the lock, where it is definitive
+        (:meth:`_replay_locked`)."""
+        rep = g.wal.read_from(g.offset)
+        self._apply(g, rep.records)
+        g.offset = rep.end
+        if rep.torn or rep.corrupt is not None:
+            with g.wal.locked():
+                self._replay_locked(g)
 
     def _replay_locked(self, g: _Gen) -> None:
         """REQUIRES: g.wal.locked(). Apply records from g.offset to EOF; cut a torn tail."""
@@ -760,7 +802,8 @@ class LSM:
         if not self.auto_maintenance or backlog < self.memtable_bytes:
             return
         if self._maint_thread is not None and backlog < _STALL_FACTOR * self.memtable_bytes:
-            self._maint_wanted.set()
+            if not self._maint_wanted.is_set():
+                self._maint_wanted.set()
             return
         # Inline mode, or the background thread cannot keep up: the writer does the work
         # (a write stall, as in LevelDB: memory stays bounded). The put itself is durable
@@ -805,8 +848,11 @@ class LSM:
                         )
                     if not due:
                         continue
-                self._maintain(block=False)
-                self._last_error = None
+                if self._helper is not None:
+                    self._last_error = self._helper.round()
+                else:
+                    self._maintain(block=False)
+                    self._last_error = None
             except Exception as e:  # a thread must not die silently; surface it in stats
                 self._last_error = f"background maintenance: {type(e).__name__}: {e}"
 

@@ -35,6 +35,7 @@ def _open(path: str, durability: str, memtable: int):  # noqa: ANN202
         levels=LevelOptions(
             l0_trigger=2, l1_bytes=24 << 10, multiplier=4, target_file_bytes=8 << 10
         ),
+        helper=os.environ.get("SHMKV_TEST_HELPER") == "1",  # in-process: the kill hooks see it
     )
 
 
