@@ -800,6 +800,9 @@ class LSM:
                 g.offset - fmt.WAL_HEADER.size if len(self._gens) == 1 else self._wal_bytes_locked()
             )
         if not self.auto_maintenance or backlog < self.memtable_bytes:
+            h = self._helper
+            if h is not None and h.pid is None and backlog >= self.memtable_bytes >> 1:
+                h.ensure_started()  # never started yet: let it import while we fill up
             return
         if self._maint_thread is not None and backlog < _STALL_FACTOR * self.memtable_bytes:
             if not self._maint_wanted.is_set():

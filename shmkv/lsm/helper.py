@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from typing import IO, Any
 
 _SHMKV_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,6 +32,7 @@ class Helper:
         self.path = path
         self.options = options
         self._p: subprocess.Popen[bytes] | None = None
+        self._start_lock = threading.Lock()  # the writer and the maintenance thread may race
 
     def _start(self) -> subprocess.Popen[bytes]:
         # The helper must run this very shmkv (not one the working directory or PYTHONPATH
@@ -51,12 +53,23 @@ class Helper:
     def pid(self) -> int | None:
         return self._p.pid if self._p is not None else None
 
+    def ensure_started(self) -> subprocess.Popen[bytes]:
+        """Start the helper if it is not running (it needs ~0.1 s to import before its first
+        round: the writer calls this at half a memtable, so the first round does not wait)."""
+        with self._start_lock:
+            p = self._p
+            if p is not None and p.poll() is not None:  # died (killed?): drop its pipes
+                _close_quiet(p.stdin)
+                _close_quiet(p.stdout)
+                p = None
+            if p is None:
+                p = self._p = self._start()
+            return p
+
     def round(self) -> str | None:
         """Run one maintenance round in the helper; None when it went fine, else the error.
         A helper that died is restarted on the next round."""
-        p = self._p
-        if p is None or p.poll() is not None:
-            p = self._p = self._start()
+        p = self.ensure_started()
         assert p.stdin is not None and p.stdout is not None
         try:
             p.stdin.write(b"go\n")
