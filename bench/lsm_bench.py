@@ -25,24 +25,25 @@ Last results (2 vCPU VM, ext4 on virtio, Python 3.11.7, plyvel 1.5.1; default co
 memtable is 4 MiB like LevelDB's write buffer; treat the numbers as +-20%)::
 
     engine     op             ops/s p50    p50 us    p90 us    p99 us    max us
-    shmkv.lsm  put fsync           5139     198.6     230.0     322.9     438.6
-               put interval      270408       3.5       3.7       7.4      51.2
-               put none          138245       3.5       6.4      52.8   26413.3   (bg compaction)
-               get (on disk)     151545       7.8       8.4      10.0     149.0
-               get (absent)      805378       1.2       1.2       2.3      50.1
-               scan             2130085 keys/s (245.0 MB/s); write amplification 3.10
-    leveldb    put fsync           4754     201.5     267.3     332.6    1342.7
-               put none          330698       2.7       3.2       6.6    1482.2
-               get (on disk)     106738      11.8      13.4      22.8     588.1
-               get (absent)      446080       1.9       2.1      13.2     508.2
-               scan             1448698 keys/s (166.6 MB/s); write amplification 2.30
+    shmkv.lsm  put fsync           4690     198.2     278.9     359.9     668.2
+               put interval      242357       3.8       4.1       8.5      67.6
+               put none          189188       3.8       4.7       9.8   56704.9   (sustained)
+               get (on disk)     154003       7.5       8.3      15.4     169.0
+               get (absent)      691634       1.3       1.4       3.1      58.7
+               scan             2378827 keys/s (273.6 MB/s); write amplification 2.74
+    leveldb    put fsync           5269     186.4     214.7     272.2     325.6
+               put none          341708       2.6       3.1       6.5    1132.5
+               get (on disk)     111020      11.6      12.9      22.5     414.9
+               get (absent)      429750       2.0       2.2      13.4     291.4
+               scan             1441049 keys/s (165.7 MB/s); write amplification 2.30
 
-Reading: fsync puts match LevelDB; gets, negative lookups and scans are faster than LevelDB
-from Python (the hot paths are C in ext/_lsm.pyx, and plyvel pays its own binding costs). A
-put costs 3.5 us against 2.7 us at p50, but sustained "none" throughput is 0.42x: flushes and
-compactions run in a thread of the writing process and share its GIL, while LevelDB compacts
-on the other core. Write amplification is higher than LevelDB's (3.1 vs 2.3); LevelDB's larger
-L0 slowdown window and its seek-triggered compactions are the first differences to look at.
+Reading: fsync puts are disk-bound for both (0.89x here, 1.05-1.08x in other runs); gets,
+negative lookups and scans are faster than LevelDB from Python (1.4-1.65x: the hot paths are
+C in ext/_lsm.pyx, and plyvel pays its own binding costs). Sustained "none" puts are 0.55x: a
+put costs 3.8 us against 2.6 us at p50, and flushes/compactions run in a helper process (on
+the other core), whose catch-up reads and table fsyncs still slow the writer's appends a
+little. Write amplification is higher than LevelDB's (2.74 vs 2.3); LevelDB's larger L0
+slowdown window and its seek-triggered compactions are the first differences to look at.
 """
 
 from __future__ import annotations
