@@ -35,7 +35,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import _accel
-from . import format as fmt
 from .manifest import Manifest
 from .sstable import Entry, TableMeta, TableReader, TableWriter
 

@@ -247,7 +247,7 @@ class LSM:
         self._lock = threading.RLock()
         self._closed = False
         self._forked = False
-        self._page: _accel.SharedPage | None = None
+        self._page: _accel.SharedPage = None  # type: ignore[assignment]  # set first in the try below
         self._seen = -1  # change counter loaded before our last full look; -1: never looked
         self._cache = BlockCache(block_cache_bytes)
         self._c = _Counters()
@@ -359,7 +359,7 @@ class LSM:
         with self._lock:
             if self._closed:
                 self._check_open()  # close() ran while we waited
-            if self._page.load() != self._seen:  # type: ignore[union-attr]
+            if self._page.load() != self._seen:
                 self._sync_view_locked()
             self._c.gets += 1
             slot = self._lookup_locked(key)
@@ -677,10 +677,10 @@ class LSM:
         self._mid = ident
         self._levels = m.levels(self.opts.max_levels)
         self._c.bloom_negatives += self._probe.negatives
-        r = self._readers
+        rd = self._readers
         self._probe = _accel.Probe(
-            [(t.smallest, t.largest, r[t.number]) for t in self._levels[0]],
-            [[(t.smallest, t.largest, r[t.number]) for t in lv] for lv in self._levels[1:]],
+            [(t.smallest, t.largest, rd[t.number]) for t in self._levels[0]],
+            [[(t.smallest, t.largest, rd[t.number]) for t in lv] for lv in self._levels[1:]],
         )
         self._c.manifest_reloads += 1
 
@@ -762,7 +762,6 @@ class LSM:
         if self._closed:
             self._check_open()  # before the lock: after a fork it may be held by a dead thread
         page = self._page
-        assert page is not None
         with self._lock:
             if self._closed:
                 self._check_open()  # close() ran while we waited
@@ -1027,7 +1026,7 @@ class LSM:
     def _publish_locked(self, new: mf.Manifest) -> None:
         """Write ``new`` durably, then make it our view. On failure the old manifest stays."""
         mf.write(self.path, new)
-        self._page.bump()  # type: ignore[union-attr]  # after the rename: others reload
+        self._page.bump()  # after the rename: others reload
         for _ in range(_RETRIES):
             ident = mf.identity(self.path)
             try:

@@ -14,7 +14,6 @@ Contracts:
 
 from __future__ import annotations
 
-import bisect
 import os
 import threading
 import zlib
