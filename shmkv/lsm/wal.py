@@ -10,9 +10,11 @@ Process safety (the contract db.py builds on):
   (:attr:`Replay.torn`) and cuts it off (:meth:`WalFile.truncate`) before appending, so a torn
   record is never followed by a good one. A bad record that *is* followed by data is corruption
   (:attr:`Replay.corrupt`), reported, never skipped silently.
-- Readers replay under the same lock, so every anomaly they see is definitive. (Rejected:
-  lock-free tailing. A reader cannot tell a record still being written from a torn one, and the
-  lock is only taken when ``fstat`` shows the file grew, so it costs little.)
+- Readers catch up *without* the lock: in an append-only log a record that reads whole and
+  passes its checksums is final. What a lock-free reader cannot judge is the end: a record
+  still being written looks like a torn one. So any anomaly is read again under the lock,
+  where it is definitive (db.py ``_replay_unlocked``). (It was: every replay under the lock --
+  until a maintenance helper replaying megabytes held every writer up.)
 - A WAL is *sealed* by appending a SEAL record naming the next generation (under the lock,
   after catching up). Nothing is appended after a seal; a writer that replays up to a seal moves
   on to the next file. This is how several processes switch WALs without a shared memory word.
