@@ -1086,6 +1086,11 @@ cdef class SharedPage:
             with nogil:
                 rc = shmkv_page_lock_blocking(self._mutex)
         if rc == 1:
+            # The owner died inside its critical section, maybe half-way through a write whose
+            # pre-bump a reader had already seen (its look found no new bytes yet). Bump now,
+            # holding the lock: every process's view is stale from here, so nobody appends
+            # on the fast path until someone has replayed (and cut the torn tail) under the lock.
+            shmkv_epoch_bump(self._word)
             self.owner_deaths += 1
             rc = 0
         if rc:

@@ -118,6 +118,7 @@ from .wal import WalFile, io_error
 DURABILITY = ("none", "interval", "fsync")
 _RETRIES = 100  # manifest re-reads before a vanished file is declared corruption
 _STALL_FACTOR = 4  # WAL backlog (x memtable_bytes) at which writers stop and flush themselves
+_HELPER_GIVE_UP = 3  # helper deaths in a row (none answering a round) before maintaining in-thread
 
 
 # Every open handle, so a forked child can drop its copies (see _after_fork_in_child).
@@ -852,6 +853,13 @@ class LSM:
                         continue
                 if self._helper is not None:
                     self._last_error = self._helper.round()
+                    if self._helper.exits >= _HELPER_GIVE_UP:
+                        # It cannot run here (say sys.executable is not a Python, as under
+                        # some embedding servers): maintain in this thread from now on.
+                        self._helper.stop()
+                        self._helper = None
+                        self._last_error = f"maintenance helper unusable: {self._last_error}"
+                        self._maintain(block=False)
                 else:
                     self._maintain(block=False)
                     self._last_error = None

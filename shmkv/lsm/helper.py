@@ -32,6 +32,8 @@ class Helper:
         self.path = path
         self.options = options
         self._p: subprocess.Popen[bytes] | None = None
+        self.executable = sys.executable  # may be empty or not a Python (embedded interpreters)
+        self.exits = 0  # rounds in a row that ended with the helper gone: it cannot run here?
         self._start_lock = threading.Lock()  # the writer and the maintenance thread may race
 
     def _start(self) -> subprocess.Popen[bytes]:
@@ -42,7 +44,7 @@ class Helper:
             "from shmkv.lsm.helper import main; sys.exit(main(sys.argv[1:]))"
         )
         return subprocess.Popen(
-            [sys.executable, "-c", boot, self.path, json.dumps(self.options)],
+            [self.executable, "-c", boot, self.path, json.dumps(self.options)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -69,7 +71,11 @@ class Helper:
     def round(self) -> str | None:
         """Run one maintenance round in the helper; None when it went fine, else the error.
         A helper that died is restarted on the next round."""
-        p = self.ensure_started()
+        try:
+            p = self.ensure_started()
+        except OSError as e:  # no such executable, no processes left, ...
+            self.exits += 1
+            return f"cannot start the maintenance helper: {e}"
         assert p.stdin is not None and p.stdout is not None
         try:
             p.stdin.write(b"go\n")
@@ -79,7 +85,9 @@ class Helper:
             line = f"error helper pipe: {e}".encode()
         if not line:
             self._reap()
+            self.exits += 1
             return "maintenance helper exited"
+        self.exits = 0
         text = line.decode(errors="replace").strip()
         return None if text == "ok" else text.removeprefix("error ")
 

@@ -337,6 +337,37 @@ def _snapshot_while_locked(path: str) -> None:
     page.unlock()
 
 
+def _die_mid_append(path: str, wal: str) -> None:
+    page = _accel.SharedPage(path)
+    fd = os.open(wal, os.O_RDWR | os.O_APPEND)
+    page.lock()
+    page.bump()  # what append does before writing
+    os.write(fd, b"half a rec")
+    os.kill(os.getpid(), 9)
+
+
+def test_a_writer_killed_mid_append_stops_every_fast_path(tmp_path: Path) -> None:
+    """A reader may have loaded the counter after the dead writer's pre-write bump and looked
+    at the file before its bytes landed: its view says "current" while a torn tail now ends
+    the file. The next locker must bump, so that append() refuses that stale view instead of
+    writing after the garbage."""
+    path, wal = str(tmp_path / "SHARED"), str(tmp_path / "wal")
+    Path(wal).write_bytes(b"")
+    page = _accel.SharedPage(path)
+    seen = page.load() + 1  # the reader's view: loaded after the writer's first bump
+    p = mp.get_context("spawn").Process(target=_die_mid_append, args=(path, wal))
+    p.start()
+    p.join(60)
+    assert p.exitcode == -9 and page.load() == seen
+    fd = os.open(wal, os.O_RDWR | os.O_APPEND)
+    try:
+        assert page.append(fd, b"record", 0, seen) == 0  # refused: look again first
+        assert Path(wal).read_bytes() == b"half a rec"
+        assert page.owner_deaths == 1
+    finally:
+        os.close(fd)
+
+
 def test_a_page_from_another_boot_is_reinitialised(tmp_path: Path) -> None:
     """A page whose lock was held when the host went down: the owner's thread id is in the
     mutex and no kernel will ever mark it dead. Opening it on the next boot must not hang."""

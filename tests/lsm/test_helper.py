@@ -89,3 +89,22 @@ def test_the_helper_ends_when_its_parent_is_killed(db_path: str) -> None:
     helper.wait(timeout=60)  # EOF on its stdin: it finishes its round and exits
     with LSM(db_path, durability="none", background=False) as db:
         assert db.verify() == []
+
+
+def test_a_helper_that_cannot_run_falls_back_to_the_thread(db_path: str) -> None:
+    """Under an embedding server sys.executable may not be a Python: after a few failed
+    starts the handle maintains in its own thread."""
+    db = _open(db_path)
+    try:
+        assert db._helper is not None
+        db._helper.executable = "/bin/false"
+        model = {}
+        for i in range(6000):
+            k, v = b"k%05d" % i, os.urandom(40)
+            db.put(k, v)
+            model[k] = v
+        _wait_for(lambda: db._helper is None and db.stats()["compactions"] > 0)
+        assert all(db.get(k) == v for k, v in model.items())
+        assert db.verify() == []
+    finally:
+        db.close()
