@@ -9,7 +9,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 DEBUG = os.environ.get("SHMKV_DEBUG") == "1"
-CORE = ["hash.c", "lock.c", "segment.c", "slab.c", "lru.c", "table.c", "verify.c"]
+CORE = ["hash.c", "lock.c", "segment.c", "slab.c", "lru.c", "table.c", "verify.c", "repair.c", "btree.c"]
 
 flags = ["-std=gnu11", "-Wall", "-Wno-unused-function"]
 flags += ["-O0", "-g"] if DEBUG else ["-O2", "-DNDEBUG"]
@@ -19,7 +19,8 @@ ext = Extension(
     "shmkv._core",
     sources=["ext/_core.pyx"] + [f"ext/core/{f}" for f in CORE],
     include_dirs=["ext", "ext/core"],
-    depends=["ext/core/core.h", "ext/core/layout.h", "ext/includes/core.pxd", "ext/_core.pxd"],
+    depends=["ext/core/core.h", "ext/core/layout.h", "ext/core/btree.h", "ext/core/robust_mutex.h",
+             "ext/includes/core.pxd"],
     extra_compile_args=flags,
     define_macros=macros,
     libraries=["pthread"],
@@ -29,7 +30,8 @@ accel = Extension(
     "shmkv.lsm._accel",
     sources=["ext/_lsm.pyx"],
     include_dirs=["ext"],
-    depends=["ext/lsm/accel.h"],
+    depends=["ext/lsm/accel.h", "ext/lsm/group_commit.h", "ext/core/robust_mutex.h", "ext/includes/posix.pxd"]
+    + [f"ext/lsm/{f}" for f in sorted(os.listdir("ext/lsm")) if f.endswith(".pxi")],
     extra_compile_args=flags,
     define_macros=macros,
 )

@@ -1,20 +1,24 @@
-"""Shared by the scenario scripts: find shmkv, then run shmkv-bench with the scenario's args.
+"""Shared by the bench scripts: run shmkv-bench with a scenario's args; load tools/cluster.py.
 
-Arguments given to a script come after the scenario's own, so they override them
+The scripts import shmkv as installed (``pip install -e '.[bench]'``, as CI does); on a source
+tree with the extension built in place and nothing installed, run them with ``PYTHONPATH=.``.
+There is no sys.path set-up in bench/ beyond that.
+
+Arguments given to a scenario script come after the scenario's own, so they override them
 (``python bench/session_cache.py --duration 10 --json out.json``).
 """
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(scenario_args: list[str]) -> None:
-    try:
-        import shmkv.bench  # noqa: F401 -- installed (pip install '.[bench]')
-    except ImportError:  # a source tree with the extension built in place
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from shmkv.bench.cli import main
 
     user = sys.argv[1:]
@@ -22,3 +26,12 @@ def run(scenario_args: list[str]) -> None:
         i = scenario_args.index("--duration")
         scenario_args = scenario_args[:i] + scenario_args[i + 2 :]
     main([*scenario_args, *user], prog_name=f"python {sys.argv[0]}")
+
+
+def cluster_tool() -> ModuleType:
+    """tools/cluster.py (start/stop a local cluster) as a module; tools/ is not a package."""
+    spec = importlib.util.spec_from_file_location("shmkv_tools_cluster_bench", ROOT / "tools" / "cluster.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

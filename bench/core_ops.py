@@ -13,15 +13,7 @@ of a 64 MiB store, beside LMDB (used pages / items), memcached and Redis (capaci
 Prints Markdown. See shmkv/bench/core_report.py for the method.
 """
 
-import os
-import sys
-
-try:
-    import shmkv.bench  # noqa: F401 -- installed (pip install '.[bench]')
-except ImportError:  # a source tree with the extension built in place
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from shmkv.bench.core_report import main  # noqa: E402
+from shmkv.bench.core_report import main
 
 if __name__ == "__main__":
     main()

@@ -19,14 +19,17 @@ from posix.types cimport off_t
 from includes.core cimport *
 
 from functools import partial
+from os import getpid as _getpid
+from numbers import Real as _Real
 
 from shmkv import errors as _errors
-from shmkv.lsm.format import MAX_VALUE as _LSM_MAX_VALUE  # keys: max_key <= 65535 < its MAX_KEY
 
 
 cdef extern from "Python.h":
-    const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
+    # NULL with an exception set (UnicodeEncodeError for a lone surrogate): _str_key_error
+    const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size)
     bint PyUnicode_CheckExact(object o)
+    void PyErr_Clear()
 
 cdef extern from "Python.h":
     PyObject **PySequence_Fast_ITEMS(object o)
@@ -42,6 +45,7 @@ cdef extern from "fcntl.h" nogil:
     int posix_fallocate(int fd, off_t offset, off_t length)
 
 ITEM_HEADER_BYTES = SHMKV_ITEM_HDR
+TIER_PATH_MAX = SHMKV_TIER_PATH_MAX
 LAYOUT_VERSION = SHMKV_LAYOUT_VERSION
 MAGIC = SHMKV_MAGIC
 
@@ -49,6 +53,24 @@ _STAT_NAMES = (
     "gets", "hits", "misses", "puts", "deletes", "evictions", "expired", "reclaimed",
     "automoves", "repairs", "lock_waits", "store_full",
 )
+# LK_* in ext/core/layout.h, in order
+_LOCK_KINDS = ("stripe", "class", "page", "registry")
+
+
+cdef dict _crash_points():
+    cdef int n
+    cdef const char *name
+    out = {}
+    for n in range(1, CP__END):
+        name = shmkv_crash_point_name(n)
+        if name != NULL:
+            out[name.decode()] = n
+    return out
+
+
+# Tests only: the crash points of ext/core (SHMKV_CRASH_POINTS in core.h, where each is
+# named once), name -> number, for Core._set_crash_point.
+CRASH_POINTS = _crash_points()
 
 
 cdef object _MISSING = object()
@@ -58,31 +80,57 @@ def _nothing():
     return None
 
 
-def _tier_add(tier, bytes k, bytes v, unsigned long long expire, list outcome):
-    entry = tier.get_entry(k)
-    if entry is not None:
-        return entry
-    tier.put(k, v, expire)
-    outcome.append(True)
-    return (v, expire)
+cdef int _str_key_error(object key) except -1:
+    """The str key has no UTF-8 form (a lone surrogate, e.g. from os.fsdecode of bad bytes)."""
+    PyErr_Clear()
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _errors.InvalidArgument(
+            f"key {key!r} has no UTF-8 encoding ({e.reason} at index {e.start}): pass bytes, "
+            "or text without lone surrogates") from None
+    raise _errors.InvalidArgument(f"key {key!r} has no UTF-8 encoding")
 
 
-def _tier_incr(tier, bytes k, long long delta):
-    entry = tier.get_entry(k)
-    cur, expire = 0, 0
-    if entry is not None:
-        raw, expire = entry
-        # the memory tier's rule (parse_i64 in table.c): optional sign, then 1-64 ASCII digits
-        digits = raw[1:] if raw[:1] in (b"+", b"-") else raw
-        if not (0 < len(raw) <= 64 and digits and all(48 <= c <= 57 for c in digits)):
-            raise _errors.NotACounter("incr: the stored value is not a decimal integer")
-        cur = int(raw)
-    new = cur + delta
-    if not -(1 << 63) <= new < (1 << 63):
+cdef int _not_bytes_like(object value, str what, bint pickle_hint) except -1:
+    """Raises the one "must be bytes-like" error (worded in shmkv.errors.not_bytes_like)."""
+    raise _errors.not_bytes_like(value, what, pickle_hint) from None
+
+
+cdef inline bytes _as_bytes(object value, str what, bint pickle_hint=False):
+    if PyBytes_CheckExact(value):
+        return <bytes>value
+    if not isinstance(value, str):
+        try:
+            return bytes(memoryview(value))
+        except TypeError:
+            pass
+    _not_bytes_like(value, what, pickle_hint)
+
+
+cdef int _counter_error(int rc) except -1:
+    """Raises the error of a counter rule code (shmkv_counter_add); 0 for SHMKV_OK."""
+    if rc == SHMKV_ENOTNUM:
+        raise _errors.NotACounter("incr: the stored value is not a decimal integer")
+    if rc == SHMKV_EOVERFLOW:
         raise _errors.NotACounter("incr: the result does not fit a signed 64-bit integer")
-    v = str(new).encode()
-    tier.put(k, v, expire)
-    return (v, expire)
+    return 0
+
+
+def next_counter(bytes raw, int64_t delta):
+    """The counter after `raw` (the stored bytes, None: absent, counts as 0) plus `delta`, as
+    stored (ASCII decimal): incr's rule, shmkv_counter_add in ext/core/table.c. The disk tier's
+    incr (shmkv/tiered.py) uses it, so both tiers count alike.
+
+    :raises NotACounter: `raw` is not a decimal integer, or the result does not fit int64."""
+    cdef int64_t out = 0
+    cdef const char *p = NULL
+    cdef Py_ssize_t n = 0
+    if raw is not None:
+        p = PyBytes_AS_STRING(raw)
+        n = PyBytes_GET_SIZE(raw)
+    _counter_error(shmkv_counter_add(p, n, delta, &out))
+    return str(out).encode()
 
 
 cdef inline int _key(object key, const char **p, Py_ssize_t *n) except -1:
@@ -92,6 +140,8 @@ cdef inline int _key(object key, const char **p, Py_ssize_t *n) except -1:
         return 0
     if PyUnicode_CheckExact(key) or isinstance(key, str):
         p[0] = PyUnicode_AsUTF8AndSize(key, n)
+        if p[0] == NULL:
+            _str_key_error(key)
         return 0
     if isinstance(key, bytes):
         p[0] = PyBytes_AS_STRING(key)
@@ -100,26 +150,57 @@ cdef inline int _key(object key, const char **p, Py_ssize_t *n) except -1:
     raise _errors.InvalidType(f"key must be bytes or str, not {type(key).__name__}")
 
 
+# The longest TTL: 100 years. Both tiers store an absolute uint64 of ms; an unbounded double
+# (1e17 s, inf) overflowed that conversion and the item expired at once. Rejected rather than
+# clamped: a TTL of centuries is a unit mistake (ms for s) more often than a wish, and None
+# already means "never expires".
+MAX_TTL = 100 * 365 * 86400
+cdef double _MAX_TTL = MAX_TTL
+
+
 cdef inline uint64_t _expiry(object ttl) except? 0:
+    cdef double t
     if ttl is None:
         return 0
-    try:
-        t = float(ttl)
-    except (TypeError, ValueError):
-        raise _errors.InvalidType(f"ttl must be a number of seconds or None, not {type(ttl).__name__}") from None
-    if not t > 0:
+    if type(ttl) is float:  # the common cases first, without an ABC check
+        t = ttl
+    elif type(ttl) is int:
+        t = ttl if ttl <= MAX_TTL else 2 * _MAX_TTL  # (an int past 1e308 has no double)
+    # bool is an int and str converts with float(): both are mistakes, not durations
+    elif isinstance(ttl, (bool, str, bytes)) or not isinstance(ttl, _Real):
+        raise _errors.InvalidType(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
+    else:
+        try:
+            t = float(ttl)
+        except OverflowError:
+            t = 2 * _MAX_TTL
+    if not t > 0:  # NaN too
         raise _errors.InvalidArgument(f"ttl must be > 0 seconds (or None for no expiry), got {ttl!r}")
+    if t > _MAX_TTL:  # inf too
+        raise _errors.InvalidArgument(
+            f"ttl must be at most {MAX_TTL} seconds (100 years), got {ttl!r}: use None for no expiry")
     return shmkv_now_ms() + <uint64_t>(t * 1000.0 + 0.999)
 
 
 def create_segment(int fd, uint64_t size, uint32_t max_key, uint32_t max_item,
-                   double growth, uint32_t nstripes, uint32_t codec, uint32_t codec_arg):
+                   double growth, uint32_t nstripes, uint32_t codec, uint32_t codec_arg,
+                   uint32_t tier=0, uint32_t tier_interval_ms=0, bytes tier_path=b"",
+                   uint32_t engine=0):
     """Reserve `size` bytes of the shared-memory object behind `fd` and lay out an empty
     store in it. Reserving up front (posix_fallocate) turns a too-small /dev/shm into an
-    error here, instead of a SIGBUS in some worker when it first touches a page."""
+    error here, instead of a SIGBUS in some worker when it first touches a page.
+    `tier` (TIER_*, 0 = memory only) and `tier_path` (absolute) record the disk tier;
+    `engine` is ENGINE_HASH (0) or ENGINE_BTREE (1), fixed here."""
     cdef create_params_t p
     cdef char err[512]
     cdef int rc
+    if len(tier_path) > SHMKV_TIER_PATH_MAX:
+        raise _errors.InvalidArgument(
+            f"disk tier path of {len(tier_path)} bytes: at most {SHMKV_TIER_PATH_MAX}")
+    p.tier = tier
+    p.tier_interval_ms = tier_interval_ms
+    p.tier_path_len = <uint32_t>len(tier_path)
+    p.tier_path = tier_path
     p.size = size
     p.max_key = max_key
     p.max_item = max_item
@@ -127,6 +208,7 @@ def create_segment(int fd, uint64_t size, uint32_t max_key, uint32_t max_item,
     p.nstripes = nstripes
     p.codec = codec
     p.codec_arg = codec_arg
+    p.engine = engine
     with nogil:
         rc = posix_fallocate(fd, 0, <off_t>size)
     if rc != 0:
@@ -160,6 +242,11 @@ def read_header(int fd):
             "growth": h.growth_x1000 / 1000.0,
             "codec": h.codec,
             "codec_arg": h.codec_arg,
+            "tier": h.tier,
+            "tier_interval_ms": h.tier_interval_ms,
+            "engine": h.engine,
+            "tier_path": (h.tier_path[:min(h.tier_path_len, <uint32_t>SHMKV_TIER_PATH_MAX)]
+                          if h.tier_path_len else None),
         }
     finally:
         munmap(base, 4096)
@@ -179,9 +266,15 @@ cdef class Core:
     cdef readonly int max_key
     cdef readonly int max_item
     cdef readonly int codec_id
+    # Why this handle is unusable though never closed (a forked child found no free slot),
+    # or None: _check raises it instead of "closed".
+    cdef object _dead_reason
     # The disk tier (a shmkv.lsm.LSM) under this memory tier, or None: memory only. Every
     # write goes through to it under the key's stripe lock; a memory miss reads through it.
     cdef public object _tier
+    # What add, incr and cas do on the disk tier (the module shmkv.tiered), wired in by the
+    # façade with _tier (shmkv/store.py): this boundary imports nothing of the disk tier.
+    cdef public object _tiering
 
     def _attach(self, name, int fd, uint64_t size, int lockfd):
         cdef void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
@@ -213,11 +306,29 @@ cdef class Core:
         if rc != 0:
             munmap(self._base, self._mapsize)
             self._base = NULL
+            if rc == SHMKV_EFULL:
+                self._dead_reason = (
+                    f"store {self.name!r}: this forked child (pid {_getpid()}) got no process "
+                    f"slot: all {SHMKV_MAX_SLOTS} are taken by live processes; close handles "
+                    "or attach from fewer processes")
+            else:
+                self._dead_reason = (
+                    f"store {self.name!r}: this forked child (pid {_getpid()}) could not "
+                    f"register (code {rc}, errno {self.st.last_errno})")
 
     cdef int _check(self) except -1:
         if self._base == NULL:
+            if self._dead_reason is not None:
+                raise _errors.StoreFull(self._dead_reason)
             raise _errors.StoreClosed(f"store {self.name!r} is closed")
         return 0
+
+    def __reduce__(self):
+        # A handle is a mapping and a process slot of this process: it cannot travel.
+        raise _errors.InvalidType(
+            f"a shmkv store handle cannot be pickled (store {self.name!r}): pass the store "
+            "name and call shmkv.attach() in the other process (forked children inherit "
+            "handles and re-register by themselves)")
 
     cdef int _fail(self, int rc, Py_ssize_t klen, Py_ssize_t vlen) except -1:
         if rc == SHMKV_EKEYLEN:
@@ -232,10 +343,13 @@ cdef class Core:
             raise _errors.StoreFull(
                 f"store {self.name!r}: no memory for a {klen + vlen}-byte item (every candidate "
                 "for eviction is busy, or the store is too small for this item size)")
-        if rc == SHMKV_ENOTNUM:
-            raise _errors.NotACounter("incr: the stored value is not a decimal integer")
-        if rc == SHMKV_EOVERFLOW:
-            raise _errors.NotACounter("incr: the result does not fit a signed 64-bit integer")
+        if rc == SHMKV_EIDXFULL:
+            raise _errors.StoreFull(
+                f"store {self.name!r}: the btree engine's ordered index is full ({self.st.hdr.nnodes - 1} "
+                "nodes, a fifth of the segment, reserved at creation): a new key needs room "
+                "there; delete keys or create a larger store (README \"Engines\")")
+        if rc == SHMKV_ENOTNUM or rc == SHMKV_EOVERFLOW:
+            return _counter_error(rc)
         if rc == SHMKV_EPYTHON:
             return -1
         if rc == SHMKV_ELOCK and self.st.last_errno == EDEADLK:
@@ -257,6 +371,23 @@ cdef class Core:
         res = <object>r
         Py_DECREF(res)
         return res
+
+    cdef int _commit_tier(self, object ticket) except -1:
+        """Wait until a write through the disk tier is durable. REQUIRES: no stripe lock held.
+
+        Invariants of a write through (the stripe lock covers the first three steps):
+        the key leaves memory; the record is appended to the WAL (now in the OS page cache:
+        it survives the death of any process) and applied to the memtable; memory gets the new
+        value; the lock is released; then the fsync (group commit: LSM.commit). So the order
+        of writes to a key is the WAL's order (both under the stripe lock), a put returns only
+        once durable, and no lock other writers need is held across the fsync. A write is
+        visible from its append on, before it is acknowledged; only a host crash can lose it
+        then, and that loses memory too, so memory never holds what disk contradicts.
+        Rejected: the fsync under the stripe lock (as before): one paused or slow writer
+        stopped every process that reached its stripe, for as long as it was paused."""
+        if ticket is not None:
+            self._tier.commit(ticket)
+        return 0
 
     cdef object _read_through(self, const char *k, Py_ssize_t kn):
         """The value from disk (promoted into memory when it fits), or _MISSING."""
@@ -283,6 +414,8 @@ cdef class Core:
         if r == NULL:
             if err != SHMKV_ENOTFOUND:
                 self._fail(err, kn, 0)
+            if kn == 0 or kn > self.max_key:
+                self._fail(SHMKV_EKEYLEN, kn, 0)
             if self._tier is not None:
                 return self._read_through(k, kn)
             return _MISSING
@@ -311,6 +444,8 @@ cdef class Core:
         self._busy -= 1
         if rc < 0:
             self._fail(rc, kn, 0)
+        if rc == 0 and (kn == 0 or kn > self.max_key):
+            self._fail(SHMKV_EKEYLEN, kn, 0)
         if rc == 0 and self._tier is not None:
             return self._read_through(k, kn) is not _MISSING
         return rc == 1
@@ -345,6 +480,8 @@ cdef class Core:
                 if r == NULL:
                     if err != SHMKV_ENOTFOUND:
                         self._fail(err, kn, 0)
+                    if kn == 0 or kn > self.max_key:
+                        self._fail(SHMKV_EKEYLEN, kn, 0)
                     if self._tier is not None:
                         v = self._read_through(k, kn)
                         if v is not _MISSING:
@@ -392,16 +529,10 @@ cdef class Core:
             if rc < 0 and rc != SHMKV_EEXISTS:
                 self._fail(rc, kn, PyBytes_GET_SIZE(value))
             return rc
-        if isinstance(value, str):
-            raise _errors.InvalidType(
-                "value must be bytes-like, not str: encode it (value.encode()) or attach "
-                "with codec='pickle'")
         try:
-            PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
+            PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)  # str has no buffer: TypeError
         except TypeError:
-            raise _errors.InvalidType(
-                f"value must be bytes-like (bytes, bytearray, memoryview), not "
-                f"{type(value).__name__}; attach with codec='pickle' to store objects") from None
+            _not_bytes_like(value, "value", True)
         try:
             self._busy += 1
             rc = shmkv_put(&self.st, k, kn, <const char *>buf.buf, buf.len, expire, only_if_absent)
@@ -414,26 +545,18 @@ cdef class Core:
 
     cdef int _put_through(self, const char *k, Py_ssize_t kn, object value, uint64_t expire,
                           int only_if_absent) except -2:
-        if not PyBytes_CheckExact(value):
-            if isinstance(value, str):
-                raise _errors.InvalidType(
-                    "value must be bytes-like, not str: encode it (value.encode()) or attach "
-                    "with codec='pickle'")
-            try:
-                value = bytes(memoryview(value))
-            except TypeError:
-                raise _errors.InvalidType(
-                    f"value must be bytes-like (bytes, bytearray, memoryview), not "
-                    f"{type(value).__name__}") from None
+        value = _as_bytes(value, "value", True)
         kb = k[:kn]
         if only_if_absent:
             outcome = []
-            self._through(k, kn, 0, partial(_tier_add, self._tier, kb, value, expire, outcome))
-            return 0 if outcome else SHMKV_EEXISTS
-        if len(value) > _LSM_MAX_VALUE:
-            raise _errors.ValueTooLarge(
-                f"value is {len(value)} bytes; the disk tier's limit is {_LSM_MAX_VALUE}")
-        self._through(k, kn, 1, partial(self._tier.put_checked, kb, value, expire))
+            self._through(k, kn, 0, partial(self._tiering.add, self._tier, kb, value, expire, outcome))
+            if not outcome:
+                return SHMKV_EEXISTS
+            self._commit_tier(outcome[0])
+            return 0
+        self._tiering.check_value(value)
+        res = self._through(k, kn, 1, partial(self._tier.fast_put, kb, value, expire))
+        self._commit_tier(res[2])
         return 0
 
     cdef int _put_many_through(self, list keys, list values, uint64_t expire) except -1:
@@ -480,23 +603,24 @@ cdef class Core:
         cdef Py_ssize_t lens[64]
         cdef int rc
         self._check()
-        pairs = list(mapping.items()) if hasattr(mapping, "items") else list(mapping)
+        try:
+            pairs = list(mapping.items()) if hasattr(mapping, "items") else list(mapping)
+        except TypeError:
+            raise _errors.InvalidType(
+                f"put_many takes a mapping or an iterable of (key, value) pairs, not "
+                f"{type(mapping).__name__}") from None
         keys = []
         values = []
         for pair in pairs:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise _errors.InvalidType(
+                    f"put_many: each item must be a (key, value) pair, got {pair!r:.80}")
             key, value = pair
             _key(key, &k, &kn)
             if kn == 0 or kn > self.max_key:
                 self._fail(SHMKV_EKEYLEN, kn, 0)
             if type(value) is not bytes:
-                if isinstance(value, str):
-                    raise _errors.InvalidType(
-                        f"value for key {key!r} must be bytes-like, not str: encode it")
-                try:
-                    value = bytes(memoryview(value))
-                except TypeError:
-                    raise _errors.InvalidType(
-                        f"value for key {key!r} must be bytes-like, not {type(value).__name__}") from None
+                value = _as_bytes(value, f"value for key {key!r}", True)
             vn = PyBytes_GET_SIZE(value)
             if self._tier is None and vn + kn + SHMKV_ITEM_HDR > self.max_item:
                 self._fail(SHMKV_EVALLEN, kn, vn)
@@ -536,7 +660,8 @@ cdef class Core:
         if self._tier is not None:
             if kn == 0 or kn > self.max_key:
                 self._fail(SHMKV_EKEYLEN, kn, 0)
-            res = self._through(k, kn, 1, partial(_tier_incr, self._tier, k[:kn], delta))
+            res = self._through(k, kn, 1, partial(self._tiering.incr, self._tier, k[:kn], delta))
+            self._commit_tier(res[2])
             return int(res[0])
         self._busy += 1
         rc = shmkv_incr(&self.st, k, kn, delta, &out)
@@ -544,6 +669,40 @@ cdef class Core:
         if rc < 0:
             self._fail(rc, kn, 20)
         return out
+
+    def cas(self, key, expected, new, ttl=None):
+        """Store `new` under `key` only if its value is exactly `expected` (None: only if the
+        key is absent), atomically across processes: compare and store happen under the key's
+        stripe lock. True if stored; False on a mismatch (nothing changed). With a disk tier
+        the comparison is against the tier (which holds every value, also those too big for
+        memory) and the write to it happens in the same locked step, as put's does. A value
+        is compared byte for byte, so retrying read -> change -> cas until True is a safe
+        read-modify-write.
+
+        :raises KeyTooLarge, ValueTooLarge, InvalidType: as put (nothing changed)."""
+        cdef const char *k
+        cdef Py_ssize_t kn
+        cdef int rc
+        self._check()
+        _key(key, &k, &kn)
+        nb = _as_bytes(new, "new")
+        eb = None if expected is None else _as_bytes(expected, "expected")
+        cdef uint64_t expire = _expiry(ttl)
+        if self._tier is not None:
+            if kn == 0 or kn > self.max_key:
+                self._fail(SHMKV_EKEYLEN, kn, 0)
+            self._tiering.check_value(nb)
+            outcome = []
+            self._through(k, kn, 1, partial(self._tiering.cas, self._tier, k[:kn], eb, nb, expire, outcome))
+            return bool(outcome)
+        self._busy += 1
+        rc = shmkv_cas(&self.st, k, kn, PyBytes_AS_STRING(eb) if eb is not None else NULL,
+                       PyBytes_GET_SIZE(eb) if eb is not None else 0, eb is None,
+                       PyBytes_AS_STRING(nb), PyBytes_GET_SIZE(nb), expire)
+        self._busy -= 1
+        if rc < 0:
+            self._fail(rc, kn, PyBytes_GET_SIZE(nb))
+        return rc == 1
 
     def delete(self, key):
         """Remove `key`; True if it was present."""
@@ -557,13 +716,16 @@ cdef class Core:
                 self._fail(SHMKV_EKEYLEN, kn, 0)
             kb = k[:kn]
             existed = self._tier.get_entry(kb) is not None or shmkv_contains(&self.st, k, kn) == 1
-            self._through(k, kn, 1, partial(self._tier.delete, kb))
+            res = self._through(k, kn, 1, partial(self._tier.delete_uncommitted, kb))
+            self._commit_tier(res[2])
             return existed
         self._busy += 1
         rc = shmkv_delete(&self.st, k, kn)
         self._busy -= 1
         if rc < 0:
             self._fail(rc, kn, 0)
+        if rc == 0 and (kn == 0 or kn > self.max_key):
+            self._fail(SHMKV_EKEYLEN, kn, 0)
         return rc == 1
 
     def __delitem__(self, key):
@@ -571,10 +733,59 @@ cdef class Core:
             raise KeyError(key)
 
     def delete_many(self, keys):
-        """Remove every key given; returns how many were present."""
+        """Remove every key given; returns how many were present. Every key is checked
+        before the first is deleted (as put_many does), so a bad key deletes nothing. With a
+        disk tier the tombstones go to disk as one batch: one WAL append and one fsync."""
+        cdef const char *k
+        cdef Py_ssize_t kn
+        self._check()
+        if isinstance(keys, (bytes, str)):
+            raise _errors.InvalidType("delete_many takes an iterable of keys, not a single key")
+        try:
+            seq = list(keys)
+        except TypeError:
+            raise _errors.InvalidType(
+                f"delete_many takes an iterable of keys, not {type(keys).__name__}") from None
+        if self._tier is not None:
+            return self._delete_many_through(seq)
+        for key in seq:
+            _key(key, &k, &kn)
+            if kn == 0 or kn > self.max_key:
+                self._fail(SHMKV_EKEYLEN, kn, 0)
         n = 0
-        for key in keys:
+        for key in seq:
             n += self.delete(key)
+        return n
+
+    cdef Py_ssize_t _delete_many_through(self, list keys) except -1:
+        """Tombstones for ``keys`` in one disk batch. The same two passes as
+        _put_many_through, for the same reason: each key leaves memory (under its stripe
+        lock) before the batch is written and again after, so a reader that promoted the old
+        value in between cannot leave it in memory. Rejected: one _through per key around its
+        own tombstone (the old code) -- it is ordered per key but costs an fsync per key."""
+        cdef const char *k
+        cdef Py_ssize_t kn, n = 0
+        bkeys = []
+        seen = set()
+        for key in keys:
+            _key(key, &k, &kn)
+            if kn == 0 or kn > self.max_key:
+                self._fail(SHMKV_EKEYLEN, kn, 0)
+            kb = k[:kn]
+            if kb not in seen:  # a key given twice is present once, as with one delete each
+                seen.add(kb)
+                bkeys.append(kb)
+        if not bkeys:
+            return 0
+        for kb in bkeys:
+            k = PyBytes_AS_STRING(kb)
+            kn = PyBytes_GET_SIZE(kb)
+            if self._tier.get_entry(kb) is not None or shmkv_contains(&self.st, k, kn) == 1:
+                n += 1
+            self._through(k, kn, 1, _nothing)
+        self._tier.delete_many(bkeys)
+        for kb in bkeys:
+            self._through(PyBytes_AS_STRING(kb), PyBytes_GET_SIZE(kb), 1, _nothing)
         return n
 
     def clear(self):
@@ -604,9 +815,45 @@ cdef class Core:
         self._check()
         return shmkv_count(&self.st)
 
+    @property
+    def engine_id(self):
+        """ENGINE_HASH (0) or ENGINE_BTREE (1): the segment's engine, fixed at creation."""
+        self._check()
+        return self.st.hdr.engine
+
+    def _range(self, lo, bint lo_incl, hi, bint hi_incl, bint reverse, uint32_t max):
+        """Engine "btree" only: (pairs, done): up to `max` live (key, value) pairs, in key
+        order (reverse: descending), with lo <(=) key <(=) hi (bytes, or None: unbounded) --
+        one batch of a scan, read without a lock (btree.c); fewer than `max` when writers
+        disturbed it, `done` when the range is exhausted. Values are the stored bytes."""
+        cdef const char *l = NULL
+        cdef const char *h = NULL
+        cdef Py_ssize_t ln = 0, hn = 0
+        cdef int done = 0
+        self._check()
+        if self.st.hdr.engine != ENGINE_BTREE:
+            raise _errors.InvalidArgument(f"store {self.name!r} has engine 'hash': no ordered index")
+        if (lo is not None and not PyBytes_CheckExact(lo)) or (hi is not None and not PyBytes_CheckExact(hi)):
+            raise _errors.InvalidType("scan bounds must be bytes or None")
+        if lo is not None:
+            l = PyBytes_AS_STRING(lo)
+            ln = PyBytes_GET_SIZE(lo)
+        if hi is not None:
+            h = PyBytes_AS_STRING(hi)
+            hn = PyBytes_GET_SIZE(hi)
+        self._busy += 1
+        try:
+            pairs = shmkv_tree_range(&self.st, l, ln, lo_incl, h, hn, hi_incl, reverse, max, &done)
+            return pairs, bool(done)
+        except RuntimeError as e:  # unreachable with the region sized at creation (btree.c)
+            raise _errors.Corruption(f"store {self.name!r}: {e}") from None
+        finally:
+            self._busy -= 1
+
     def verify(self):
-        """Check every structure (briefly stopping all writers); returns problems found,
-        [] when clean. Leftovers of killed writers are reclaimed, not reported."""
+        """Check every structure, holding one lock at a time (a paused checker stalls only
+        what needs that lock); returns problems found (and repaired), [] when clean.
+        Leftovers of killed writers are reclaimed, not reported."""
         self._check()
         problems = []
         self._busy += 1
@@ -623,14 +870,25 @@ cdef class Core:
         self._check()
         h = self.st.hdr
         totals = [h.retired[k] for k in range(len(_STAT_NAMES))]
+        waits = [h.retired[ST_WAITS + k] for k in range(LK__COUNT)]
+        longest = [h.retired[ST_WAIT_MAX_US + k] for k in range(LK__COUNT)]
         procs = []
         for i in range(SHMKV_MAX_SLOTS):
             if self.st.slots[i].pid:
                 for k in range(len(_STAT_NAMES)):
                     totals[k] += self.st.slots[i].stats[k]
+                for k in range(LK__COUNT):
+                    waits[k] += self.st.slots[i].stats[ST_WAITS + k]
+                    longest[k] = max(longest[k], self.st.slots[i].stats[ST_WAIT_MAX_US + k])
                 if shmkv_slot_alive(&self.st, i):
                     procs.append(self.st.slots[i].pid)
         out = dict(zip(_STAT_NAMES, totals))
+        # Acquisitions that had to block (the spin failed) and the longest block, per kind
+        # of lock: a holder that is paused (SIGSTOP, a debugger, a descheduled vCPU) shows here.
+        out["lock_wait"] = {
+            kind: {"waits": waits[k], "longest_ms": longest[k] / 1000.0}
+            for k, kind in enumerate(_LOCK_KINDS)
+        }
         classes = []
         pages_used = 0
         for c in range(h.nclasses):
@@ -641,6 +899,19 @@ cdef class Core:
                     "chunk_size": cl.size, "pages": cl.pages, "used": cl.used,
                     "free": cl.free_count, "evictions": cl.evictions,
                 })
+        if h.engine == ENGINE_BTREE:
+            retries = h.retired[ST_SCAN_RETRIES]
+            locked = h.retired[ST_SCAN_LOCKED]
+            for i in range(SHMKV_MAX_SLOTS):
+                if self.st.slots[i].pid:
+                    retries += self.st.slots[i].stats[ST_SCAN_RETRIES]
+                    locked += self.st.slots[i].stats[ST_SCAN_LOCKED]
+            out["btree"] = {
+                # scan batches that saw a writer and retried / that were read under the lock
+                "scan_retries": retries, "scan_locked": locked,
+                "keys": h.tree_keys, "height": h.tree_height, "nodes": h.nnodes - 1,
+                "nodes_free": h.tree_nfree, "node_bytes": 1024, "rebuilds": h.tree_rebuilds,
+            }
         out.update({
             "items": shmkv_count(&self.st),
             "segment_bytes": h.total_size,
@@ -654,6 +925,7 @@ cdef class Core:
             "growth_factor": h.growth_x1000 / 1000.0,
             "layout_version": h.layout_version,
             "created_ms": h.created_ms,
+            "engine": "btree" if h.engine == ENGINE_BTREE else "hash",
             "processes": procs,
             "classes": classes,
         })
@@ -670,10 +942,32 @@ cdef class Core:
         munmap(self._base, self._mapsize)
         self._base = NULL
 
-    def _set_crash_point(self, int n):
-        """Tests only: SIGKILL this process when it reaches crash point n (see CRASH_POINT
-        in ext/core); 0 turns it off."""
-        self.st.crash_at = n
+    def _set_crash_point(self, point, int sig=9):
+        """Tests only: SIGKILL this process when it reaches crash point `point`, a name of
+        CRASH_POINTS ("PUT_PUBLISHED": SHMKV_CRASH_POINTS in ext/core/core.h); None turns it
+        off. With sig=signal.SIGSTOP it stops there once instead."""
+        if point is None:
+            self.st.crash_at = 0
+            return
+        if point not in CRASH_POINTS:
+            raise _errors.InvalidArgument(
+                f"no crash point {point!r}: one of {', '.join(sorted(CRASH_POINTS))}")
+        self.st.crash_at = CRASH_POINTS[point]
+        self.st.crash_sig = sig
+
+    def _locks_held_by(self, int tid):
+        """Tests only: how many of the segment's locks thread `tid` (a process's pid, for its
+        main thread) holds at this instant, read from the mutex words without locking."""
+        self._check()
+        return shmkv_locks_held_by(&self.st, tid)
+
+    def _stripe_of(self, key):
+        """Tests only: the lock stripe that guards `key`."""
+        cdef const char *k
+        cdef Py_ssize_t kl
+        self._check()
+        _key(key, &k, &kl)
+        return shmkv_stripe_of(&self.st, shmkv_hash(k, kl, self.st.hdr.seed))
 
     @property
     def closed(self):

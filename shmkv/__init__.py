@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .cluster.errors import ClusterError, Conflict, MaybeApplied, QuorumError, WrongEpoch
 from .errors import (
     CodecError,
     Corruption,
+    EngineMismatch,
     Error,
     InvalidArgument,
     InvalidType,
@@ -21,12 +23,20 @@ from .errors import (
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:  # what the lazy __getattr__ below returns, for type checkers
+    from .cluster.client import Client, NoSeedReachable, connect
+    from .store import Store, attach, list_stores, restore, unlink
+
 # The store needs the compiled extension; load it on first use so that pure-Python parts
 # (shmkv.lsm, shmkv.bench) import even in a tree where the extension is not built yet.
 _LAZY = {"attach", "unlink", "list_stores", "restore", "Store"}
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("connect", "Client", "NoSeedReachable"):  # the cluster client pulls in asyncio and msgpack
+        from .cluster import client
+
+        return getattr(client, name)
     if name in _LAZY:
         from . import store
 
@@ -35,6 +45,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "connect",
+    "Client",
+    "NoSeedReachable",
     "attach",
     "unlink",
     "list_stores",
@@ -52,4 +65,10 @@ __all__ = [
     "NotACounter",
     "CodecError",
     "Corruption",
+    "EngineMismatch",
+    "ClusterError",
+    "QuorumError",
+    "MaybeApplied",
+    "Conflict",
+    "WrongEpoch",
 ]

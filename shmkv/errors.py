@@ -16,6 +16,19 @@ class InvalidType(Error, TypeError):
     """A key, value or argument of the wrong type (keys: bytes or str; values: bytes-like)."""
 
 
+def not_bytes_like(value: object, what: str = "value", pickle_hint: bool = False) -> InvalidType:
+    """The one "must be bytes-like" error, for the memory tier (ext/_core.pyx) and the disk tier
+    (lsm/db.py) alike. ``what`` names the argument ("value", "value for key 'k'", "new");
+    ``pickle_hint`` where a pickle store would take the object as it is."""
+    if isinstance(value, str):
+        tail = " or attach with codec='pickle'" if pickle_hint else ""
+        return InvalidType(f"{what} must be bytes-like, not str: encode it (.encode()){tail}")
+    tail = "; attach with codec='pickle' to store objects" if pickle_hint else ""
+    return InvalidType(
+        f"{what} must be bytes-like (bytes, bytearray, memoryview), not {type(value).__name__}{tail}"
+    )
+
+
 class InvalidArgument(Error, ValueError):
     """An argument outside its allowed range (a negative TTL, a malformed size string...)."""
 
@@ -34,6 +47,11 @@ class StoreFull(Error, MemoryError):
 
 class SegmentMismatch(Error):
     """An existing segment differs from what the caller asked for (size, layout version)."""
+
+
+class EngineMismatch(SegmentMismatch):
+    """An existing store was created with another engine (``"hash"``, ``"btree"``) than the
+    attach asked for; the message names both."""
 
 
 class StoreNotFound(Error, FileNotFoundError):
@@ -64,6 +82,7 @@ __all__ = [
     "ValueTooLarge",
     "StoreFull",
     "SegmentMismatch",
+    "EngineMismatch",
     "StoreNotFound",
     "StoreClosed",
     "NotACounter",

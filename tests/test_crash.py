@@ -1,7 +1,7 @@
 """A SIGKILLed worker never wedges the store.
 
 Deterministic part: a child is SIGKILLed by the store itself at each named crash point
-(CRASH_POINT in ext/core: inside each lock, between each step of a put, mid-eviction,
+(SHMKV_CRASH_POINTS in ext/core/core.h: inside each lock, between each step of a put, mid-eviction,
 mid page move, mid page cut). Random part: writers are SIGKILLed at random instants, many
 times, while a survivor keeps working. Each time, the other processes carry on within a
 second, verify() is clean, no acknowledged write of a surviving process is lost, and every
@@ -80,20 +80,20 @@ def delete_gone(kv):
     kv.delete("gone")
 
 
-# point -> (store size, what the parent does first, what the child does)
+# point (a name of SHMKV_CRASH_POINTS) -> (store size, what the parent does first, what the child does)
 SCENARIOS = {
-    1: ("16MiB", None, put_target),  # class lock held, chunk on no list
-    2: ("16MiB", None, put_target),  # stripe held, chunk in flight
-    3: ("16MiB", None, put_target),  # item half written
-    4: ("16MiB", None, put_target),  # published, old version not yet unlinked
-    5: ("4MiB", "fill", put_many_new),  # mid-eviction: class + victim stripe held
-    6: ("4MiB", "fill", put_new_size),  # mid page move: page lock + two class locks
-    7: ("16MiB", None, delete_gone),  # unlinked, not yet freed
-    8: ("16MiB", None, put_new_size),  # mid page cut
+    "ALLOC_TAKEN": ("16MiB", None, put_target),  # class lock held, chunk on no list
+    "PUT_INFLIGHT": ("16MiB", None, put_target),  # stripe held, chunk in flight
+    "PUT_HALF_WRITTEN": ("16MiB", None, put_target),  # item half written
+    "PUT_PUBLISHED": ("16MiB", None, put_target),  # published, old version not yet unlinked
+    "EVICT_UNLINK": ("4MiB", "fill", put_many_new),  # mid-eviction: class + victim stripe held
+    "PAGE_MOVING": ("4MiB", "fill", put_new_size),  # mid page move: page lock + two class locks
+    "REMOVE_UNLINKED": ("16MiB", None, delete_gone),  # unlinked, not yet freed
+    "PAGE_HALF_CUT": ("16MiB", None, put_new_size),  # mid page cut
 }
 
 
-@pytest.mark.parametrize("point", sorted(SCENARIOS))
+@pytest.mark.parametrize("point", list(SCENARIOS))
 def test_killed_at_crash_point_leaves_store_usable(name, point):
     size, setup, action = SCENARIOS[point]
     kv = shmkv.attach(name, size=size)
@@ -120,7 +120,7 @@ def test_killed_at_crash_point_leaves_store_usable(name, point):
             check_value(v)
     assert kv.verify() == []
     s = kv.stats()
-    assert s["repairs"] + s["reclaimed"] >= 1 or point in (3, 4, 7)
+    assert s["repairs"] + s["reclaimed"] >= 1 or point in ("PUT_HALF_WRITTEN", "PUT_PUBLISHED", "REMOVE_UNLINKED")
     kv.close()
 
 
@@ -208,3 +208,18 @@ def test_random_sigkills_of_writers_lose_nothing_acknowledged(name):
     print(f"{kills} kills, {written} survivor writes, stats: repairs={kv.stats()['repairs']} "
           f"reclaimed={kv.stats()['reclaimed']}")
     kv.close()
+
+
+def test_crash_points_are_named_once_in_core_h(kv):
+    # SHMKV_CRASH_POINTS in ext/core/core.h, seen from Python: every scenario above names one,
+    # and a misspelt name is refused instead of silently never firing.
+    from shmkv._ext import _core
+
+    assert set(SCENARIOS) <= set(_core.CRASH_POINTS)
+    assert {"VERIFY_STRIPE", "VERIFY_CLASS", "VERIFY_PAGE_LOCK"} <= set(_core.CRASH_POINTS)
+    assert len(set(_core.CRASH_POINTS.values())) == len(_core.CRASH_POINTS)
+    with pytest.raises(shmkv.InvalidArgument, match="PUT_PUBLISHED"):
+        kv._set_crash_point("PUT_PUBLISHD")
+    kv._set_crash_point(None)
+    kv.put("k", b"v")  # no crash point armed
+    assert kv["k"] == b"v"

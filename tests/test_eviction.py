@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
+import multiprocessing as mp
+import random
 import time
+
+import pytest
 
 import shmkv
 
@@ -52,6 +57,29 @@ def test_unread_key_is_evicted_by_the_same_stream(name):
         assert kv.get("idle") is None
 
 
+def test_overwritten_unread_key_ages_like_a_new_one(name):
+    # A replacing put may reuse the chunk of this process's previous replaced version in
+    # place; that chunk's LRU place and active bit belonged to the old version. Here the
+    # reused chunk sits at the tail: the new "idle" must still age from the head, with no
+    # second chance it never earned, so one pass of one-time writes evicts it.
+    with shmkv.attach(name, size="4MiB") as kv:
+        capacity = fill_until_evicting(kv, "probe", 100)
+        kv.clear()
+        kv.put("a", b"a" * 100)
+        kv.put("idle", b"i" * 100)
+        for i in range(capacity - 1000):
+            kv.put(f"cold{i}", b"v" * 100)
+        kv.put("a", b"A" * 100)  # its old version, at the tail, becomes the reusable chunk
+        kv.put("idle", b"I" * 100)  # written into that chunk
+        # ~1,000 writes take free chunks, then eviction runs from the tail: the new "idle"
+        # is as old as the newest cold key, so it goes at about `capacity` writes; given a
+        # second chance at the tail it would last until about capacity + 1,000.
+        for i in range(capacity + 500):
+            kv.put(f"stream{i}", b"v" * 100)
+        assert kv.get("idle") is None
+        assert kv.verify() == []
+
+
 def test_expired_items_are_reclaimed_before_live_ones(name):
     with shmkv.attach(name, size="4MiB") as kv:
         n = fill_until_evicting(kv, "live", 100)
@@ -92,4 +120,162 @@ def test_a_new_size_gets_memory_even_when_all_pages_are_taken(name):
         for size in (200, 1000, 5000, 20000):
             kv.put(f"size{size}", b"z" * size)
             assert kv[f"size{size}"] == b"z" * size
+        assert kv.verify() == []
+
+
+# -- StoreFull only when nothing can be evicted (issue 8 A) -----------------------------------
+#
+# CLOCK is bounded: one sweep of the LRU clears every active bit, so a second chance must
+# never turn into a refusal. These loads keep the tail full of recently read (or recently
+# overwritten) items, with hot sets larger than any constant in ext/core, and count StoreFull.
+
+CTX = mp.get_context("fork")
+
+
+def _zipf_sampler(n, s, rnd):
+    """Ranks 0..n-1 with P(rank k) ~ 1/(k+1)^s: bisect over the cumulative weights."""
+    cum, total = [], 0.0
+    for k in range(n):
+        total += 1.0 / (k + 1) ** s
+        cum.append(total)
+    return lambda: min(bisect.bisect_left(cum, rnd.random() * total), n - 1)
+
+
+def _hot_set_load(kv, prefix, writes, hot, every, value):
+    """Write `hot` keys, then `writes` one-time keys, re-reading every hot key after each
+    `every` writes. Returns (StoreFull count, hot reads, hot hits)."""
+    full = reads = hits = 0
+    for h in range(hot):
+        kv.put(f"{prefix}hot{h}", value)
+    for i in range(writes):
+        try:
+            kv.put(f"{prefix}cold{i}", value)
+        except shmkv.StoreFull:
+            full += 1
+        if i % every == every - 1:
+            for h in range(hot):
+                reads += 1
+                hits += kv.get(f"{prefix}hot{h}") is not None
+    return full, reads, hits
+
+
+@pytest.mark.parametrize("hot", [150, 3000])
+def test_reread_hot_set_never_makes_eviction_refuse(name, hot):
+    # 16 MiB of 1 KiB items holds ~14,000: the hot set, re-read every 2,000 writes, is all
+    # active whenever eviction reaches it -- 150 and 3,000 in a row at the tail, far more
+    # than any fixed budget of tries.
+    with shmkv.attach(name, size="16MiB") as kv:
+        full, reads, hits = _hot_set_load(kv, "", 45_000, hot, 2000, b"v" * 1000)
+        s = kv.stats()
+        assert full == 0 and s["store_full"] == 0, f"{full} StoreFull"
+        assert s["evictions"] > 20_000
+        assert hits / reads >= 0.95, f"hot-set hit ratio {hits / reads:.3f}"
+        assert kv.verify() == []
+
+
+def test_overwrites_just_over_capacity_never_make_eviction_refuse(name):
+    # Only puts, over a key set 3 % larger than the store holds: almost every put replaces,
+    # and a few evict. No reads at all, so no second chance is earned by anyone.
+    rnd = random.Random(8)
+    with shmkv.attach(name, size="16MiB") as kv:
+        n = fill_until_evicting(kv, "o", 100)
+        nkeys = int(n * 1.03)
+        full = 0
+        for _ in range(300_000):
+            try:
+                kv.put(f"o{rnd.randrange(nkeys)}", b"v" * 100)
+            except shmkv.StoreFull:
+                full += 1
+        s = kv.stats()
+        assert full == 0 and s["store_full"] == 0, f"{full} StoreFull in 300,000 puts"
+        assert s["evictions"] > 0
+        assert kv.verify() == []
+
+
+@pytest.mark.parametrize("skew", [0.99, 1.2])
+def test_zipfian_cache_aside_never_makes_eviction_refuse(name, skew):
+    # A cache of ~6,000 items in front of 200,000 keys: get, and put on a miss. The hot head
+    # of the distribution is re-read all the time and must stay resident.
+    rnd = random.Random(int(skew * 100))
+    nkeys = 200_000
+    sample = _zipf_sampler(nkeys, skew, rnd)
+    with shmkv.attach(name, size="8MiB") as kv:
+        full = gets = hits = head_gets = head_hits = 0
+        for i in range(150_000):
+            k = sample()
+            r = kv.get(f"z{k}")
+            if i >= 50_000:  # after warm-up
+                gets += 1
+                hits += r is not None
+                if k < 100:
+                    head_gets += 1
+                    head_hits += r is not None
+            if r is None:
+                try:
+                    kv.put(f"z{k}", b"v" * 1000)
+                except shmkv.StoreFull:
+                    full += 1
+        assert full == 0 and kv.stats()["store_full"] == 0, f"{full} StoreFull"
+        assert kv.stats()["evictions"] > 0
+        assert head_hits / head_gets >= 0.95, (
+            f"hit ratio of the 100 hottest keys {head_hits / head_gets:.3f}"
+        )
+        assert kv.verify() == []
+
+
+def _proc_hot_set(name, wid, barrier, q):
+    kv = shmkv.attach(name)
+    barrier.wait()
+    # re-read every 250 own writes: ~1,000 writes of all four between two reads when they
+    # run evenly, so even a process descheduled for most of a round keeps its hot set
+    q.put(_hot_set_load(kv, f"w{wid}-", 12_000, 500, 250, b"v" * 1000))
+    kv.close()
+
+
+def _proc_overwrite(name, wid, nkeys, barrier, q):
+    kv = shmkv.attach(name)
+    barrier.wait()
+    rnd = random.Random(wid)
+    full = 0
+    for _ in range(150_000):
+        try:
+            kv.put(f"o{rnd.randrange(nkeys)}", b"v" * 100)
+        except shmkv.StoreFull:
+            full += 1
+    q.put((full, 0, 0))
+    kv.close()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("load", ["hot_set", "overwrite"])
+def test_four_processes_evicting_at_once_never_get_store_full(name, load):
+    # Four writers on one class: each meets the others' IN FLIGHT chunks and held stripes
+    # at the tail -- busy candidates, which are skipped and retried, never a refusal.
+    with shmkv.attach(name, size="16MiB") as kv:
+        if load == "hot_set":
+            args = [(name, w) for w in range(4)]
+            target = _proc_hot_set
+        else:
+            n = fill_until_evicting(kv, "o", 100)
+            args = [(name, w, int(n * 1.03)) for w in range(4)]
+            target = _proc_overwrite
+        q = CTX.Queue()
+        barrier = CTX.Barrier(len(args))
+        procs = [CTX.Process(target=target, args=(*a, barrier, q)) for a in args]
+        for p in procs:
+            p.start()
+        try:
+            results = [q.get(timeout=120) for _ in procs]
+        finally:
+            for p in procs:
+                p.join(30)
+                if p.exitcode is None:
+                    p.kill()
+        assert all(p.exitcode == 0 for p in procs)
+        full = sum(r[0] for r in results)
+        reads = sum(r[1] for r in results)
+        hits = sum(r[2] for r in results)
+        assert full == 0 and kv.stats()["store_full"] == 0, f"{full} StoreFull"
+        if reads:
+            assert hits / reads >= 0.95, f"hot-set hit ratio {hits / reads:.3f}"
         assert kv.verify() == []

@@ -82,6 +82,28 @@ def test_add_and_incr_see_disk_only_values(tiered):
     assert tiered["text"] == b"abc"
 
 
+def test_incr_counts_by_the_same_rule_in_both_tiers(tiered, name):
+    # One rule (shmkv_counter_add): the disk tier's incr must accept and refuse exactly what
+    # the memory tier's does, with the same error.
+    mem = shmkv.attach(f"{name}_mem", size="8MiB")
+    try:
+        for stored, delta in [(b"+7", 1), (b"-0", -1), (b"9" * 20, 1), (b"", 1), (b"1 ", 1),
+                              (str(2**63 - 1).encode(), 1), (str(-(2**63)).encode(), -1),
+                              (b"0" * 64 + b"1", 1), (b"0" * 63 + b"1", 1)]:
+            outcomes = []
+            for kv in (mem, tiered):
+                kv.put("c", stored)
+                try:
+                    outcomes.append(kv.incr("c", delta))
+                except shmkv.NotACounter as e:
+                    outcomes.append(str(e))
+                    assert kv["c"] == stored
+            assert outcomes[0] == outcomes[1], (stored, outcomes)
+    finally:
+        mem.close()
+        shmkv.unlink(f"{name}_mem")
+
+
 def test_scan_is_ordered_over_disk_and_memory(tiered):
     keys = [f"key{i:05d}".encode() for i in range(3000)]
     shuffled = keys[:]
@@ -275,3 +297,53 @@ def test_put_many_goes_to_disk_in_one_batch(name, tmp_path):
     shmkv.unlink(name)
     with shmkv.attach(name, size="8MiB", path=tmp_path / "db") as kv:
         assert kv["a"] == b"new" and kv["k150"] == b"v"
+
+
+def test_delete_many_and_clear_write_one_batch_not_an_fsync_per_key(name, tmp_path):
+    with shmkv.attach(name, size="8MiB", path=tmp_path / "db", durability="fsync") as kv:
+        kv.put_many({f"k{i}": b"v%d" % i for i in range(2500)})
+        for i in range(0, 2500, 5):
+            assert kv[f"k{i}"] == b"v%d" % i  # some in memory too: both tiers must forget
+        syncs = kv.stats()["disk"]["wal_syncs"]
+        assert kv.delete_many([f"k{i}" for i in range(1000)] + ["k0", "never-there"]) == 1000
+        assert kv.stats()["disk"]["wal_syncs"] - syncs == 1
+        assert all(kv.get(f"k{i}") is None for i in range(1000))
+        assert kv.get("k1000") == b"v1000"
+        syncs = kv.stats()["disk"]["wal_syncs"]
+        kv.clear()
+        assert kv.stats()["disk"]["wal_syncs"] - syncs == 1  # 1,500 keys, one batch
+        assert len(kv) == 0 and kv.get("k2499") is None and kv.verify() == []
+    shmkv.unlink(name)  # memory gone: what disk says is all there is
+    with shmkv.attach(name, size="8MiB", path=tmp_path / "db") as kv:
+        assert len(kv) == 0 and kv.get("k5") is None and kv.get("k2000") is None
+
+
+def test_delete_many_checks_every_key_before_removing_any(name, tmp_path):
+    with shmkv.attach(name, size="8MiB", path=tmp_path / "db", durability="none") as kv:
+        kv.put("a", b"1")
+        with pytest.raises(shmkv.InvalidType):
+            kv.delete_many(["a", 42])
+        assert kv["a"] == b"1"
+
+
+def test_attach_takes_the_wal_recovery_the_error_message_names(name, tmp_path):
+    from shmkv.lsm import format as fmt
+
+    db = tmp_path / "db"
+    with shmkv.attach(name, size="8MiB", path=db, durability="fsync") as kv:
+        for i in range(10):
+            kv.put(f"k{i}", b"v%d" % i)
+    shmkv.unlink(name)
+    wal = db / fmt.wal_name(1)
+    data = bytearray(wal.read_bytes())
+    data[-1] ^= 0x01  # the last, complete, fsync-acknowledged record
+    wal.write_bytes(bytes(data))
+    with pytest.raises(shmkv.Corruption, match="wal_recovery='skip'") as e:
+        shmkv.attach(name, size="8MiB", path=db)
+    assert "bad record checksum" in str(e.value)
+    with pytest.raises(shmkv.InvalidArgument):
+        shmkv.attach(name, size="8MiB", path=db, wal_recovery="bogus")
+    with shmkv.attach(name, size="8MiB", path=db, wal_recovery="skip") as kv:
+        assert [kv.get(f"k{i}") for i in range(10)] == [b"v%d" % i for i in range(9)] + [None]
+        problems = kv.verify()
+        assert len(problems) == 1 and "lost/" in problems[0]

@@ -7,7 +7,8 @@
  * 36 bytes (memory per item matters: see README "Memory").
  *
  *   +--------------------+ 0
- *   | header  (4 KiB)    |  magic, layout version, geometry, page lock, registry lock
+ *   | header  (4 KiB)    |  magic, layout version, geometry, page lock, registry lock,
+ *   |                    |  the disk tier: durability and directory (fixed at creation)
  *   +--------------------+ off_slots
  *   | process slots      |  SHMKV_MAX_SLOTS x slot_t: pid, in-flight chunk, per-process stats
  *   +--------------------+ off_classes
@@ -18,6 +19,8 @@
  *   | page table         |  npages x pagemeta_t: owning class, used chunks
  *   +--------------------+ off_buckets
  *   | bucket array       |  nbuckets x u32 unit offset of the first item of a hash chain
+ *   +--------------------+ off_nodes (engine "btree" only; 0 bytes for "hash")
+ *   | B+tree nodes       |  nnodes x 1 KiB bt_node_t (btree.h): the ordered index
  *   +--------------------+ off_pages (page aligned)
  *   | pages              |  npages x page_size bytes, each cut into one class's chunks
  *   +--------------------+ total_size
@@ -40,7 +43,13 @@
  *   pagemeta.cls                                                  -> page lock (+ class locks)
  *
  * Lock order (never block against it; anything else is taken with trylock):
- *   stripe -> registry -> class -> page
+ *   stripe -> registry -> class -> page -> tree
+ * The tree lock (engine "btree", btree.c) is innermost: its holder takes no other lock, so
+ * any holder of any lock may block on it (a put holds its stripe; eviction holds a class
+ * lock and the victim's stripe; a page move the page lock too). Every publication of an
+ * item into a chain, and every unlink from one, happens under it in a btree store, so the
+ * ordered index always equals the set of chained items and can be rebuilt from the chains
+ * under the tree lock alone (btree.c says why this and not a lock-free index).
  */
 #ifndef SHMKV_LAYOUT_H
 #define SHMKV_LAYOUT_H
@@ -50,7 +59,7 @@
 
 /* DO NOT CHANGE: stored layout. Bump SHMKV_LAYOUT_VERSION for any change below. */
 #define SHMKV_MAGIC 0x31764B4D48537F00ULL /* "\0\x7fSHMKv1" */
-#define SHMKV_LAYOUT_VERSION 1u
+#define SHMKV_LAYOUT_VERSION 4u /* 2: the disk tier in the header; 3: 24 stat counters (lock waits); 4: engine + B+tree */
 #define SHMKV_UNIT 8u
 #define SHMKV_HEADER_SIZE 4096u
 #define SHMKV_MAX_SLOTS 256u
@@ -59,6 +68,7 @@
 #define SHMKV_PAGE_UNASSIGNED 0xFFFFu
 #define SHMKV_PAGE_MOVING 0xFFFEu
 #define SHMKV_MAX_SEGMENT (32ULL << 30)
+#define SHMKV_TIER_PATH_MAX 2048u /* bytes of the disk tier's absolute directory path */
 
 /* item.state -- DO NOT CHANGE: stored values. 0 is a chunk never written (a fresh page). */
 enum {
@@ -68,6 +78,10 @@ enum {
     IT_LINKED = 3,   /* published in a hash chain (or about to be: see table.c put) */
     IT_UNLINKED = 4, /* replaced or deleted, out of its chain, waiting to be freed */
 };
+
+/* header.tier -- DO NOT CHANGE: stored values. The durability of a persistent store's
+ * writes (shmkv/store.py); 0 = memory only, no disk tier. */
+enum { TIER_NONE = 0, TIER_DUR_NONE = 1, TIER_DUR_INTERVAL = 2, TIER_DUR_FSYNC = 3 };
 
 /* item.listed: which class list the chunk is on. DO NOT CHANGE: stored values. */
 enum { LS_NONE = 0, LS_LRU = 1, LS_FREE = 2 };
@@ -97,12 +111,26 @@ typedef struct {
     char pad[64 - sizeof(pthread_mutex_t) % 64];
 } shlock_t;
 
+/* Kinds of lock, for the wait statistics. DO NOT CHANGE: they index stored counters. */
+enum { LK_STRIPE = 0, LK_CLASS = 1, LK_PAGE = 2, LK_REGISTRY = 3, LK__COUNT = 4 };
+#define LK_TREE LK_PAGE /* the tree lock's waits are counted with the page lock's (stored counters) */
+
+/* header.engine -- DO NOT CHANGE: stored values. */
+enum { ENGINE_HASH = 0, ENGINE_BTREE = 1 };
+
 /* Per-process statistics, written only by the owning process (under its GIL), so plain
- * increments; a reused slot folds its counts into the header's retired totals first. */
+ * increments; a reused slot folds its counts into the header's retired totals first (sums,
+ * except the ST_WAIT_MAX_US maxima). ST_WAITS + kind counts acquisitions of that kind of
+ * lock that had to wait (the spin failed); ST_WAIT_MAX_US + kind is the longest such wait
+ * in microseconds. DO NOT CHANGE the order: stored counters. */
 enum {
     ST_GETS, ST_HITS, ST_MISSES, ST_PUTS, ST_DELETES, ST_EVICTIONS, ST_EXPIRED,
     ST_RECLAIMED, ST_AUTOMOVES, ST_REPAIRS, ST_LOCK_WAITS, ST_FULL,
-    ST__COUNT = 16
+    ST_WAITS = 12,         /* .. 15: per LK_ kind */
+    ST_WAIT_MAX_US = 16,   /* .. 19: per LK_ kind */
+    ST_SCAN_RETRIES = 20,  /* btree: optimistic scan batches that saw the tree change */
+    ST_SCAN_LOCKED = 21,   /* btree: scan batches read under the tree lock after the retries */
+    ST__COUNT = 24
 };
 
 typedef struct {
@@ -167,6 +195,33 @@ typedef struct {
     char pad2[56];
     shlock_t page_lock; /* page assignment (pagemeta.cls) */
     shlock_t reg_lock;  /* process slot table */
+    /* The disk tier, fixed at creation like the codec and written before init_done, so a
+     * finished segment always says whether it is persistent: an attach without path= then
+     * opens this directory itself instead of silently editing memory only, and an attach
+     * with another directory is refused (shmkv/segment.py). */
+    uint32_t tier;             /* TIER_*: 0 = memory only, else the durability of writes */
+    uint32_t tier_interval_ms; /* fsync period of TIER_DUR_INTERVAL */
+    uint32_t tier_path_len;    /* bytes of tier_path: absolute, resolved once at creation */
+    uint32_t pad3;
+    char tier_path[SHMKV_TIER_PATH_MAX]; /* not NUL-terminated: tier_path_len says */
+    /* The engine (ENGINE_*), fixed at creation. For ENGINE_BTREE the ordered index (btree.c):
+     * a node region of nnodes nodes at off_nodes (node 0 unused: 0 = none), guarded by
+     * tree_lock; tree_version is its seqlock (odd while a writer changes the tree). */
+    uint32_t engine;
+    uint32_t nnodes;
+    uint64_t off_nodes;
+    uint32_t tree_root;   /* node index of the root (a leaf when tree_height == 1) */
+    uint32_t tree_height; /* levels, >= 1 */
+    uint32_t tree_free;   /* head of the free-node list (linked through bt_node_t.next) */
+    uint32_t tree_nfree;  /* nodes on it */
+    uint64_t tree_keys;   /* entries in the leaves */
+    uint64_t tree_rebuilds;
+    char pad4[16];
+    uint64_t tree_version; /* seqlock: readers copy optimistically, retry on a change */
+    char pad5[56];
+    shlock_t tree_lock;
 } header_t;
+
+_Static_assert(sizeof(header_t) <= SHMKV_HEADER_SIZE, "the header must fit its 4 KiB");
 
 #endif

@@ -7,8 +7,16 @@
  * Process table: each attached process owns a slot and holds a write lock (fcntl, POSIX
  * record lock) on byte `slot` of the lock file. The kernel drops that lock when the process
  * dies, whatever the signal, and a reused pid cannot fake it (kill(pid, 0) can). A slot whose
- * byte is unlocked belongs to a dead process: its in-flight chunk is reclaimed and its stats
- * folded into the header before the slot is reused.
+ * byte is unlocked belongs to a dead process: its in-flight chunk is reclaimed (repair.c) and
+ * its stats folded into the header before the slot is reused.
+ *
+ * A slot belongs to a process, not to a handle: every handle one process has on a segment
+ * shares one slot, counted in proc_slots below (the limit is SHMKV_MAX_SLOTS processes, as
+ * the README says). That is sound because one slot already serves every thread of a process:
+ * a slot's one in-flight chunk is set and cleared with the GIL held throughout (no wait in
+ * between), so two handles of a process cannot both have a chunk in flight, exactly as two
+ * threads on one handle cannot. (Rejected: a slot per handle, which let 256 handles in one
+ * process lock every other process out.)
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -17,6 +25,7 @@
 #include <unistd.h>
 
 #include "core.h"
+#include "btree.h"
 
 #define PAGE_SIZE_MIN (64u << 10)
 
@@ -58,10 +67,22 @@ int shmkv_init_segment(char *base, const create_params_t *p, char *err, size_t e
      * store can still give a page to each of the classes its workload uses. */
     uint64_t page_size = pow2_at_least(max_item);
     if (page_size < PAGE_SIZE_MIN) page_size = PAGE_SIZE_MIN;
+    /* Before the class count: a max_item the store cannot hold twice would otherwise be
+     * reported as "too many slab classes", which names the wrong argument. */
+    if (2 * page_size > p->size) {
+        snprintf(err, errlen,
+                 "size %llu bytes is too small for max_item %u bytes: a page holds at "
+                 "least one largest item (pages of %llu bytes here) and the store needs at "
+                 "least 2 pages besides its index; raise size or lower max_item",
+                 (unsigned long long)p->size, max_item, (unsigned long long)page_size);
+        return -1;
+    }
     int ncls = build_classes(sizes, max_item, p->growth_x1000);
     if (ncls < 0) {
-        snprintf(err, errlen, "growth factor %.3f makes more than %u slab classes",
-                 p->growth_x1000 / 1000.0, SHMKV_MAX_CLASSES);
+        snprintf(err, errlen,
+                 "growth factor %.3f makes more than %u slab classes between %u bytes and "
+                 "max_item %u bytes: raise growth_factor or lower max_item",
+                 p->growth_x1000 / 1000.0, SHMKV_MAX_CLASSES, SHMKV_MIN_CHUNK, max_item);
         return -1;
     }
     uint32_t nstripes = pow2_at_least(p->nstripes ? p->nstripes : 1024);
@@ -81,6 +102,19 @@ int shmkv_init_segment(char *base, const create_params_t *p, char *err, size_t e
     off = off_pagemeta + max_pages * sizeof(pagemeta_t);
     uint64_t off_buckets = align_up(off, 64);
     off = off_buckets + (uint64_t)nbuckets * sizeof(uint32_t);
+    /* The B+tree's node region (engine "btree"): a fifth of the segment, reserved here and
+     * never part of the slab pages, so eviction can never take a node (README "Engines"). */
+    uint64_t off_nodes = 0, nnodes = 0;
+    if (p->engine == ENGINE_BTREE) {
+        off_nodes = align_up(off, 64);
+        nnodes = p->size / 5 / BT_NODE_SIZE;
+        if (nnodes < 64) nnodes = 64;
+        if (nnodes > UINT32_MAX / 2) nnodes = UINT32_MAX / 2;
+        off = off_nodes + nnodes * BT_NODE_SIZE;
+    } else if (p->engine != ENGINE_HASH) {
+        snprintf(err, errlen, "unknown engine code %u", p->engine);
+        return -1;
+    }
     uint64_t off_pages = align_up(off, 4096);
     uint64_t npages = p->size > off_pages ? (p->size - off_pages) / page_size : 0;
     if (npages < 2) {
@@ -111,6 +145,15 @@ int shmkv_init_segment(char *base, const create_params_t *p, char *err, size_t e
     h->growth_x1000 = p->growth_x1000;
     h->codec = p->codec;
     h->codec_arg = p->codec_arg;
+    if (p->tier_path_len > SHMKV_TIER_PATH_MAX || (p->tier != TIER_NONE) != (p->tier_path_len > 0)) {
+        snprintf(err, errlen, "disk tier path of %u bytes (at most %u, and only with a tier)",
+                 p->tier_path_len, SHMKV_TIER_PATH_MAX);
+        return -1;
+    }
+    h->tier = p->tier;
+    h->tier_interval_ms = p->tier_interval_ms;
+    h->tier_path_len = p->tier_path_len;
+    if (p->tier_path_len) memcpy(h->tier_path, p->tier_path, p->tier_path_len);
     h->created_ms = shmkv_now_ms();
     h->seed = h->created_ms * 0x9E3779B97F4A7C15ULL ^ (uint64_t)getpid();
     h->off_slots = off_slots;
@@ -119,18 +162,23 @@ int shmkv_init_segment(char *base, const create_params_t *p, char *err, size_t e
     h->off_pagemeta = off_pagemeta;
     h->off_buckets = off_buckets;
     h->off_pages = off_pages;
+    h->engine = p->engine;
+    h->off_nodes = off_nodes;
+    h->nnodes = (uint32_t)nnodes;
 
     int rc;
-    if ((rc = shmkv_init_mutex(&h->page_lock.m)) || (rc = shmkv_init_mutex(&h->reg_lock.m))) goto mutex_fail;
+    if ((rc = shmkv_robust_mutex_init(&h->tree_lock.m))) goto mutex_fail;
+    if (p->engine == ENGINE_BTREE) shmkv_tree_init(base, h);
+    if ((rc = shmkv_robust_mutex_init(&h->page_lock.m)) || (rc = shmkv_robust_mutex_init(&h->reg_lock.m))) goto mutex_fail;
     class_t *classes = (class_t *)(base + off_classes);
     for (int i = 0; i < ncls; i++) {
         classes[i].size = sizes[i];
         classes[i].per_page = (uint32_t)(page_size / sizes[i]);
-        if ((rc = shmkv_init_mutex(&classes[i].lock.m))) goto mutex_fail;
+        if ((rc = shmkv_robust_mutex_init(&classes[i].lock.m))) goto mutex_fail;
     }
     shlock_t *stripes = (shlock_t *)(base + off_stripes);
     for (uint32_t i = 0; i < nstripes; i++)
-        if ((rc = shmkv_init_mutex(&stripes[i].m))) goto mutex_fail;
+        if ((rc = shmkv_robust_mutex_init(&stripes[i].m))) goto mutex_fail;
     pagemeta_t *pm = (pagemeta_t *)(base + off_pagemeta);
     for (uint64_t i = 0; i < npages; i++) pm[i].cls = SHMKV_PAGE_UNASSIGNED;
     h->magic = SHMKV_MAGIC;
@@ -185,31 +233,17 @@ int shmkv_slot_alive(store_t *st, uint32_t slot) {
 
 static void fold_stats(store_t *st, slot_t *s) {
     for (int k = 0; k < ST__COUNT; k++) {
-        st->hdr->retired[k] += s->stats[k];
+        if (k >= ST_WAIT_MAX_US && k < ST_WAIT_MAX_US + LK__COUNT) {
+            if (s->stats[k] > st->hdr->retired[k]) st->hdr->retired[k] = s->stats[k];
+        } else {
+            st->hdr->retired[k] += s->stats[k];
+        }
         s->stats[k] = 0;
     }
 }
 
-/* REQUIRES: reg_lock. Frees the chunk a dead process left in flight (if still its). */
-static void reclaim_slot_inflight_locked(store_t *st, uint32_t slot) {
-    slot_t *s = &st->slots[slot];
-    uint32_t off = s->inflight;
-    if (!off) return;
-    item_t *it = shmkv_item(st, off);
-    uint32_t cls = it->cls;
-    if (cls < st->hdr->nclasses && shmkv_class_lock(st, cls) == 0) {
-        if (it->state == IT_INFLIGHT && it->owner == slot + 1 && it->cls == cls) {
-            shmkv_free_locked(st, cls, off);
-            st->classes[cls].reclaimed++;
-            STAT(st, ST_RECLAIMED);
-        }
-        shmkv_class_unlock(st, cls);
-    }
-    s->inflight = 0;
-}
-
-static int reg_lock(store_t *st) {
-    int rc = shmkv_lock(st, &st->hdr->reg_lock.m);
+int shmkv_reg_lock(store_t *st) {
+    int rc = shmkv_lock(st, &st->hdr->reg_lock.m, LK_REGISTRY);
     if (rc == 1) {
         /* The registry is a flat table: any half-written slot is re-validated by the
          * liveness test at its next use, so there is nothing to rebuild. */
@@ -219,30 +253,64 @@ static int reg_lock(store_t *st) {
     return rc;
 }
 
-int shmkv_reclaim_dead_inflight(store_t *st) {
-    int n = 0;
-    if (reg_lock(st) < 0) return 0;
-    for (uint32_t i = 0; i < SHMKV_MAX_SLOTS; i++) {
-        slot_t *s = &st->slots[i];
-        if (s->pid && s->inflight && !shmkv_slot_alive(st, i)) {
-            reclaim_slot_inflight_locked(st, i);
-            n++;
+void shmkv_reg_unlock(store_t *st) { shmkv_unlock(&st->hdr->reg_lock.m); }
+
+/* This process's slots, one per segment it is attached to, with the number of handles
+ * sharing each. Process memory (never shared); a segment is known by its (seed,
+ * created_ms), which a re-created segment of the same name does not repeat. An entry is
+ * valid only for the pid that made it: a forked child inherits a copy and ignores it (its
+ * handles re-register). Read and written under that segment's reg_lock, with the GIL held and
+ * no wait between a lookup and its update, so threads on other segments cannot interleave.
+ * When full, a handle simply takes a slot of its own, as before. */
+typedef struct {
+    uint64_t seed, created_ms;
+    uint32_t pid, slot, refs;
+} proc_slot_t;
+#define PROC_SLOTS_MAX 64
+static proc_slot_t proc_slots[PROC_SLOTS_MAX];
+
+static proc_slot_t *proc_slot_find(store_t *st) {
+    for (int i = 0; i < PROC_SLOTS_MAX; i++) {
+        proc_slot_t *e = &proc_slots[i];
+        if (e->refs && e->pid == st->pid && e->seed == st->hdr->seed &&
+            e->created_ms == st->hdr->created_ms)
+            return e;
+    }
+    return NULL;
+}
+
+static void proc_slot_add(store_t *st, uint32_t slot) {
+    for (int i = 0; i < PROC_SLOTS_MAX; i++) {
+        proc_slot_t *e = &proc_slots[i];
+        if (e->refs == 0 || e->pid != st->pid) {
+            e->seed = st->hdr->seed;
+            e->created_ms = st->hdr->created_ms;
+            e->pid = st->pid;
+            e->slot = slot;
+            e->refs = 1;
+            return;
         }
     }
-    shmkv_unlock(&st->hdr->reg_lock.m);
-    return n;
 }
 
 int shmkv_register(store_t *st) {
     st->pid = (uint32_t)getpid();
-    int rc = reg_lock(st);
+    int rc = shmkv_reg_lock(st);
     if (rc < 0) return rc;
+    proc_slot_t *mine = proc_slot_find(st);
+    if (mine && mine->slot < SHMKV_MAX_SLOTS && st->slots[mine->slot].pid == st->pid) {
+        mine->refs++;
+        st->slot = mine->slot;
+        shmkv_unlock(&st->hdr->reg_lock.m);
+        return 0;
+    }
+    if (mine) mine->refs = 0; /* stale (its slot was taken from us): forget it */
     uint32_t found = SHMKV_MAX_SLOTS;
     for (uint32_t i = 0; i < SHMKV_MAX_SLOTS; i++) {
         slot_t *s = &st->slots[i];
         if (s->pid == 0 || !shmkv_slot_alive(st, i)) {
             if (s->pid) { /* a dead process's slot */
-                reclaim_slot_inflight_locked(st, i);
+                shmkv_reclaim_slot_inflight_locked(st, i); /* repair.c */
                 fold_stats(st, s);
             }
             found = i;
@@ -264,13 +332,21 @@ int shmkv_register(store_t *st) {
     s->gen++;
     s->pid = (uint32_t)getpid();
     st->slot = found;
+    proc_slot_add(st, found);
     shmkv_unlock(&st->hdr->reg_lock.m);
     return 0;
 }
 
 void shmkv_unregister(store_t *st) {
     if (st->slot >= SHMKV_MAX_SLOTS) return;
-    if (reg_lock(st) == 0) {
+    if (shmkv_reg_lock(st) == 0) {
+        proc_slot_t *mine = proc_slot_find(st);
+        if (mine && mine->slot == st->slot && --mine->refs > 0) {
+            /* another handle of this process still uses the slot */
+            shmkv_unlock(&st->hdr->reg_lock.m);
+            st->slot = SHMKV_MAX_SLOTS;
+            return;
+        }
         slot_t *s = &st->slots[st->slot];
         fold_stats(st, s);
         s->inflight = 0;

@@ -10,17 +10,34 @@
  * Locks: functions named *_locked REQUIRE the class lock of `cls`. The donor of a page move
  * is locked with trylock (we already hold a class lock: blocking would break the order).
  */
+#include <sched.h>
 #include <string.h>
+#include <time.h>
 
 #include "core.h"
 
 #define AUTOMOVE_EVERY 64
+/* Walks that found only busy candidates before an allocation gives up with StoreFull; with
+ * backoff() between them they span ~10 ms. */
+#define EVICT_RETRIES 12
 
-static inline uint32_t page_of(store_t *st, uint32_t off) {
-    return (uint32_t)(((uint64_t)off * SHMKV_UNIT - st->hdr->off_pages) / st->hdr->page_size);
-}
-static inline char *page_addr(store_t *st, uint32_t p) {
-    return st->pages + (uint64_t)p * st->hdr->page_size;
+/* Between two walks of a busy class: yield at first (the holder may be running on the other
+ * core and about to finish), then sleep 50 us doubling to 2 ms. Releases the GIL for it. */
+static void backoff(int attempt) {
+    if (attempt < 2) {
+        sched_yield();
+        return;
+    }
+    long us = 50L << (attempt - 2);
+    if (us > 2000) us = 2000;
+    struct timespec ts = {0, us * 1000};
+    if (PyGILState_Check()) {
+        Py_BEGIN_ALLOW_THREADS
+        nanosleep(&ts, NULL);
+        Py_END_ALLOW_THREADS
+    } else {
+        nanosleep(&ts, NULL);
+    }
 }
 
 int shmkv_class_for(store_t *st, uint32_t itemsize) {
@@ -35,7 +52,7 @@ int shmkv_class_for(store_t *st, uint32_t itemsize) {
 }
 
 int shmkv_class_lock(store_t *st, uint32_t cls) {
-    int rc = shmkv_lock(st, &st->classes[cls].lock.m);
+    int rc = shmkv_lock(st, &st->classes[cls].lock.m, LK_CLASS);
     if (rc == 1) {
         shmkv_repair_class_locked(st, cls);
         shmkv_lock_consistent(&st->classes[cls].lock.m);
@@ -48,7 +65,7 @@ int shmkv_class_lock(store_t *st, uint32_t cls) {
 void shmkv_class_unlock(store_t *st, uint32_t cls) { shmkv_unlock(&st->classes[cls].lock.m); }
 
 static int page_lock(store_t *st) {
-    int rc = shmkv_lock(st, &st->hdr->page_lock.m);
+    int rc = shmkv_lock(st, &st->hdr->page_lock.m, LK_PAGE);
     if (rc == 1) {
         shmkv_repair_pages_locked(st);
         shmkv_lock_consistent(&st->hdr->page_lock.m);
@@ -63,7 +80,7 @@ static int page_lock(store_t *st) {
  * class repair recognises (FREE, or NONE on a zeroed page). */
 static void cut_page_locked(store_t *st, uint32_t cls, uint32_t p) {
     class_t *c = &st->classes[cls];
-    char *base = page_addr(st, p);
+    char *base = shmkv_page_addr(st, p);
     for (uint32_t i = 0; i < c->per_page; i++) {
         item_t *it = (item_t *)(base + (uint64_t)i * c->size);
         it->state = IT_FREE;
@@ -75,7 +92,7 @@ static void cut_page_locked(store_t *st, uint32_t cls, uint32_t p) {
     for (uint32_t i = c->per_page; i-- > 0;) {
         item_t *it = (item_t *)(base + (uint64_t)i * c->size);
         shmkv_list_push_head(st, c, it, shmkv_off(st, it), LS_FREE);
-        if (i == c->per_page / 2) CRASH_POINT(st, 8); /* page half cut */
+        if (i == c->per_page / 2) CRASH_POINT(st, CP_PAGE_HALF_CUT);
     }
     st->pagemeta[p].used = 0;
     c->pages++;
@@ -109,7 +126,7 @@ static int grab_page_locked(store_t *st, uint32_t cls) {
  * already emptied put back on the free list) when an item is busy. */
 static int evacuate_page_locked(store_t *st, uint32_t d, uint32_t p, uint32_t held_stripe) {
     class_t *c = &st->classes[d];
-    char *base = page_addr(st, p);
+    char *base = shmkv_page_addr(st, p);
     int ok = 1;
     for (uint32_t i = 0; i < c->per_page && ok; i++) {
         item_t *it = (item_t *)(base + (uint64_t)i * c->size);
@@ -189,8 +206,8 @@ static int automove_locked(store_t *st, uint32_t cls, uint32_t held_stripe) {
              * returns to the unassigned pool. */
             st->pagemeta[victim].cls = SHMKV_PAGE_MOVING;
             dc->pages--;
-            memset(page_addr(st, victim), 0, h->page_size);
-            CRASH_POINT(st, 6); /* page MOVING; page lock and both class locks held */
+            memset(shmkv_page_addr(st, victim), 0, h->page_size);
+            CRASH_POINT(st, CP_PAGE_MOVING);
             st->pagemeta[victim].cls = (uint16_t)cls;
             moved = 0;
         }
@@ -204,56 +221,84 @@ static int automove_locked(store_t *st, uint32_t cls, uint32_t held_stripe) {
     return moved;
 }
 
-/* REQUIRES: class lock of `cls`. Takes a chunk for a new item and marks it IN FLIGHT for
- * this process; the chunk goes to the LRU head (eviction skips IN FLIGHT chunks). */
+/* REQUIRES: class lock of `cls`, which this RELEASES AND RETAKES while it backs off (the
+ * caller keeps nothing of the class across the call); on SHMKV_ELOCK it is not held.
+ * Room for one chunk when the class has no free chunk and no unassigned page is left: a
+ * page from a colder class (automove), else an eviction. "Every candidate is busy" (each
+ * one IN FLIGHT or behind a stripe someone else holds) is a state of an instant, not of the
+ * store: back off -- the class lock released, so the holders can finish, and the GIL
+ * released for the sleep -- and walk again, EVICT_RETRIES times (~10 ms) before StoreFull.
+ * A page move fails the same transient way (its donor's lock or one of its items busy), so
+ * it gets the same retries.
+ * Rejected: giving up at the first busy walk (StoreFull under ordinary contention), and
+ * retrying forever (a store whose every candidate stays busy -- a SIGSTOPped holder on a
+ * one-stripe store -- would hang its writers instead of telling them). */
+static int make_room_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t *off) {
+    class_t *c = &st->classes[cls];
+    for (int attempt = 0;; attempt++) {
+        int tried = 0;
+        if (c->pages == 0 || c->evictions % AUTOMOVE_EVERY == 0) {
+            tried = 1;
+            automove_locked(st, cls, held_stripe);
+        }
+        if (c->free_head) return 0;
+        if (shmkv_evict_locked(st, cls, held_stripe, off) == 0) return 0;
+        if (!tried && automove_locked(st, cls, held_stripe) == 0) return 0;
+        if (attempt >= EVICT_RETRIES) return SHMKV_EFULL;
+        shmkv_class_unlock(st, cls);
+        backoff(attempt);
+        int rc = shmkv_class_lock(st, cls);
+        if (rc < 0) return rc;
+        if (c->free_head) return 0; /* someone freed a chunk meanwhile */
+    }
+}
+
+/* REQUIRES: class lock of `cls` (released and retaken inside if the class must wait for
+ * room: see make_room_locked; on SHMKV_ELOCK it is not held). Takes a chunk for a new item
+ * and marks it IN FLIGHT for this process; the chunk goes to the LRU head (eviction skips
+ * IN FLIGHT chunks). */
 int shmkv_alloc_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t *out) {
     class_t *c = &st->classes[cls];
     uint32_t off = 0;
     if (st->pending && st->pending_cls == cls) {
-        /* This process's last replaced version, of this very class: reuse it in place. It
-         * keeps its LRU position with the active bit set (a second chance at the tail), so
-         * a put that replaces a value touches no list and no other item's cache line --
-         * what lets puts from several processes scale on one class. */
+        /* This process's last replaced version, of this very class: reuse it -- no free
+         * list, no page counts. The new item goes to the LRU head with its active bit clear,
+         * as a new one would: the chunk's place and bit belonged to the version it held.
+         * Rejected: keeping the place with the bit set (no relink): every overwrite then
+         * planted an "active" item wherever the old version sat, so overwrites alone filled
+         * the tail with second chances. */
         uint32_t p = st->pending;
         st->pending = 0;
         item_t *pit = shmkv_item(st, p);
         if (shmkv_chunk_class(st, p) == (int)cls && pit->state == IT_UNLINKED &&
             pit->owner == st->slot + 1 && pit->cls == cls) {
             pit->state = IT_INFLIGHT;
-            pit->active = 1;
+            pit->active = 0;
             pit->hnext = 0;
             shmkv_me(st)->inflight = p;
-            if (pit->listed != LS_LRU) {
-                if (pit->listed == LS_FREE) shmkv_list_remove(st, c, pit, p);
+            if (pit->listed != LS_LRU || c->lru_head != p) {
+                if (pit->listed != LS_NONE) shmkv_list_remove(st, c, pit, p);
                 shmkv_list_push_head(st, c, pit, p, LS_LRU);
             }
-            CRASH_POINT(st, 1);
+            CRASH_POINT(st, CP_ALLOC_TAKEN);
             *out = p;
             return 0; /* a replacement: no new demand on the class, so no alloc counted */
         }
     }
     c->allocs++;
     c->recent_allocs++;
-    if (!c->free_head) {
-        if (grab_page_locked(st, cls) != 0) {
-            int tried = 0;
-            if (c->pages == 0 || c->evictions % AUTOMOVE_EVERY == 0) {
-                tried = 1;
-                automove_locked(st, cls, held_stripe);
-            }
-            if (!c->free_head && shmkv_evict_locked(st, cls, held_stripe, &off) != 0) {
-                if (tried || automove_locked(st, cls, held_stripe) != 0) {
-                    STAT(st, ST_FULL);
-                    return SHMKV_EFULL;
-                }
-            }
+    if (!c->free_head && grab_page_locked(st, cls) != 0) {
+        int rc = make_room_locked(st, cls, held_stripe, &off);
+        if (rc < 0) {
+            if (rc == SHMKV_EFULL) STAT(st, ST_FULL);
+            return rc;
         }
     }
     if (!off) {
         off = c->free_head;
         shmkv_list_remove(st, c, shmkv_item(st, off), off);
     }
-    CRASH_POINT(st, 1); /* stripe + class held; chunk on no list */
+    CRASH_POINT(st, CP_ALLOC_TAKEN);
     item_t *it = shmkv_item(st, off);
     it->state = IT_INFLIGHT;
     it->owner = (uint16_t)(st->slot + 1);
@@ -262,7 +307,7 @@ int shmkv_alloc_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t
     it->hnext = 0;
     shmkv_me(st)->inflight = off;
     c->used++;
-    st->pagemeta[page_of(st, off)].used++;
+    st->pagemeta[shmkv_page_of(st, off)].used++;
     shmkv_list_push_head(st, c, it, off, LS_LRU);
     *out = off;
     return 0;
@@ -275,7 +320,7 @@ void shmkv_free_locked(store_t *st, uint32_t cls, uint32_t off) {
     if (it->listed != LS_NONE) shmkv_list_remove(st, c, it, off);
     if (it->state != IT_FREE) {
         c->used--;
-        st->pagemeta[page_of(st, off)].used--;
+        st->pagemeta[shmkv_page_of(st, off)].used--;
     }
     it->state = IT_FREE;
     it->owner = 0;
@@ -297,44 +342,4 @@ void shmkv_free_pending(store_t *st) {
     uint32_t p = st->pending;
     st->pending = 0;
     if (p) shmkv_free_unlinked(st, st->pending_cls, p);
-}
-
-/* REQUIRES: class lock of `cls`, taken from a dead owner. Rebuilds the class's LRU and
- * free list and its counters from a scan of its pages; the LRU order is lost (a crash
- * costs recency, not data). A chunk IN FLIGHT for a live writer stays in the LRU; one left
- * by a dead writer is freed. */
-void shmkv_repair_class_locked(store_t *st, uint32_t cls) {
-    header_t *h = st->hdr;
-    class_t *c = &st->classes[cls];
-    c->lru_head = c->lru_tail = c->free_head = 0;
-    c->free_count = c->used = c->pages = 0;
-    for (uint32_t p = 0; p < h->npages; p++) {
-        if (st->pagemeta[p].cls != cls) continue;
-        c->pages++;
-        uint32_t used = 0;
-        char *base = page_addr(st, p);
-        for (uint32_t i = 0; i < c->per_page; i++) {
-            item_t *it = (item_t *)(base + (uint64_t)i * c->size);
-            uint32_t off = shmkv_off(st, it);
-            it->listed = LS_NONE;
-            it->cls = (uint8_t)cls;
-            int keep = it->state == IT_LINKED ||
-                       (it->state == IT_INFLIGHT && it->owner >= 1 &&
-                        it->owner <= SHMKV_MAX_SLOTS && shmkv_slot_alive(st, it->owner - 1u));
-            if (it->state == IT_UNLINKED && it->owner >= 1 && it->owner <= SHMKV_MAX_SLOTS &&
-                shmkv_slot_alive(st, it->owner - 1u))
-                keep = 1; /* its live owner frees it (pending) */
-            if (keep) {
-                used++;
-                shmkv_list_push_head(st, c, it, off, LS_LRU);
-            } else {
-                if (it->state == IT_INFLIGHT || it->state == IT_UNLINKED) c->reclaimed++;
-                it->state = IT_FREE;
-                it->owner = 0;
-                shmkv_list_push_head(st, c, it, off, LS_FREE);
-            }
-        }
-        st->pagemeta[p].used = used;
-        c->used += used;
-    }
 }

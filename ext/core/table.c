@@ -28,7 +28,7 @@ static inline uint32_t bucket_of(store_t *st, uint64_t h) { return (uint32_t)h &
 uint32_t shmkv_stripe_of(store_t *st, uint64_t h) { return bucket_of(st, h) & st->stripe_mask; }
 
 int shmkv_stripe_lock(store_t *st, uint32_t s) {
-    int rc = shmkv_lock(st, &st->stripes[s].m);
+    int rc = shmkv_lock(st, &st->stripes[s].m, LK_STRIPE);
     if (rc == 1) {
         shmkv_repair_stripe_locked(st, s);
         shmkv_lock_consistent(&st->stripes[s].m);
@@ -91,10 +91,18 @@ int shmkv_unlink_victim(store_t *st, item_t *it, uint32_t off, uint32_t held_str
             return -1;
         }
     }
-    if (__atomic_load_n(&it->state, __ATOMIC_ACQUIRE) == IT_LINKED &&
-        shmkv_unlink_from_chain_locked(st, it, off))
-        __atomic_sub_fetch(&st->hdr->nitems, 1, __ATOMIC_RELAXED);
-    CRASH_POINT(st, 5); /* class + victim stripe held mid-eviction */
+    if (__atomic_load_n(&it->state, __ATOMIC_ACQUIRE) == IT_LINKED) {
+        /* btree: the unlink and the index entry's removal under the tree lock, before the
+         * chunk is freed (btree.c: the tree never names a freed chunk) */
+        int bt = shmkv_is_btree(st) && shmkv_tree_lock(st) == 0;
+        if (shmkv_unlink_from_chain_locked(st, it, off))
+            __atomic_sub_fetch(&st->hdr->nitems, 1, __ATOMIC_RELAXED);
+        if (bt) {
+            shmkv_tree_delete_locked(st, ITEM_KEY(it), it->klen, off);
+            shmkv_tree_unlock(st);
+        }
+    }
+    CRASH_POINT(st, CP_EVICT_UNLINK);
     if (s != held_stripe) shmkv_unlock(&st->stripes[s].m);
     return 0;
 }
@@ -102,11 +110,16 @@ int shmkv_unlink_victim(store_t *st, item_t *it, uint32_t off, uint32_t held_str
 /* REQUIRES: stripe of the item, which *link points at. Unlinks and frees it. */
 static void remove_locked(store_t *st, uint32_t *link, uint32_t off) {
     item_t *it = shmkv_item(st, off);
+    int bt = shmkv_is_btree(st) && shmkv_tree_lock(st) == 0;
     __atomic_store_n(link, it->hnext, __ATOMIC_RELEASE);
+    if (bt) {
+        shmkv_tree_delete_locked(st, ITEM_KEY(it), it->klen, off);
+        shmkv_tree_unlock(st);
+    }
     it->owner = (uint16_t)(st->slot + 1);
     __atomic_store_n(&it->state, IT_UNLINKED, __ATOMIC_RELEASE);
     __atomic_sub_fetch(&st->hdr->nitems, 1, __ATOMIC_RELAXED);
-    CRASH_POINT(st, 7); /* unlinked, not yet freed */
+    CRASH_POINT(st, CP_REMOVE_UNLINKED);
     shmkv_free_unlinked(st, it->cls, off);
 }
 
@@ -199,21 +212,38 @@ static int put_locked(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls
     int rc = shmkv_class_lock(st, (uint32_t)cls);
     if (rc < 0) return rc;
     rc = shmkv_alloc_locked(st, (uint32_t)cls, s, &x);
-    shmkv_class_unlock(st, (uint32_t)cls);
+    if (rc != SHMKV_ELOCK) shmkv_class_unlock(st, (uint32_t)cls); /* ELOCK: not held */
     if (rc < 0) return rc;
 
-    CRASH_POINT(st, 2); /* stripe held; chunk IN FLIGHT */
+    CRASH_POINT(st, CP_PUT_INFLIGHT);
     item_t *it = shmkv_item(st, x);
     it->vlen = (uint32_t)vlen;
     it->expire_ms = expire_ms;
     it->hash32 = h32;
     it->klen = (uint16_t)klen;
     memcpy(ITEM_KEY(it), k, klen);
-    CRASH_POINT(st, 3); /* half-written item */
+    CRASH_POINT(st, CP_PUT_HALF_WRITTEN);
     memcpy(ITEM_KEY(it) + klen, v, vlen);
 
     /* Look up only now: eviction during the allocation may have changed this chain. */
     uint32_t old = find_locked(st, b, k, klen, h32, &link);
+    /* btree: publication and the index entry under the tree lock (stripe -> tree), so the
+     * index always equals the chained items (btree.c); a full node region refuses a NEW key
+     * before anything is published */
+    int bt = 0;
+    if (shmkv_is_btree(st)) {
+        if ((rc = shmkv_tree_lock(st)) < 0 || (!old && !shmkv_tree_room_locked(st))) {
+            if (rc == 0) shmkv_tree_unlock(st);
+            if (shmkv_class_lock(st, (uint32_t)cls) == 0) {
+                if (it->state == IT_INFLIGHT && it->owner == st->slot + 1) shmkv_free_locked(st, (uint32_t)cls, x);
+                shmkv_class_unlock(st, (uint32_t)cls);
+            }
+            shmkv_me(st)->inflight = 0;
+            if (rc == 0) STAT(st, ST_FULL);
+            return rc < 0 ? rc : SHMKV_EIDXFULL;
+        }
+        bt = 1;
+    }
     if (old) {
         it->hnext = shmkv_item(st, old)->hnext;
     } else {
@@ -222,7 +252,11 @@ static int put_locked(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls
     }
     __atomic_store_n(&it->state, IT_LINKED, __ATOMIC_RELEASE);
     __atomic_store_n(link, x, __ATOMIC_RELEASE); /* the publication */
-    CRASH_POINT(st, 4); /* published; old version still LINKED-marked */
+    if (bt) {
+        shmkv_tree_upsert_locked(st, k, klen, x);
+        shmkv_tree_unlock(st);
+    }
+    CRASH_POINT(st, CP_PUT_PUBLISHED);
     shmkv_me(st)->inflight = 0;
     if (old) {
         item_t *o = shmkv_item(st, old);
@@ -307,6 +341,19 @@ static int parse_i64(const char *p, size_t n, int64_t *out) {
     return 0;
 }
 
+/* The counter rule, the one copy (the disk tier's incr uses it too: shmkv/tiered.py, through
+ * _core.next_counter). A stored counter is an optional sign and 1..64 ASCII digits of a signed
+ * 64-bit value; `cur` NULL is an absent key, which counts from 0. *out = cur + delta, which
+ * must fit as well. 0, or SHMKV_ENOTNUM / SHMKV_EOVERFLOW. */
+int shmkv_counter_add(const char *cur, size_t n, int64_t delta, int64_t *out) {
+    int64_t v = 0;
+    if (cur && parse_i64(cur, n, &v) != 0) return SHMKV_ENOTNUM;
+    if ((delta > 0 && v > INT64_MAX - delta) || (delta < 0 && v < INT64_MIN - delta))
+        return SHMKV_EOVERFLOW;
+    *out = v + delta;
+    return 0;
+}
+
 /* Counters are stored as ASCII decimal (like memcached and Redis), so get() and other
  * tools read them as they are. The new value goes to a new chunk (never rewritten in
  * place: a crash mid-rewrite would leave a torn number). A missing key counts from 0. */
@@ -319,19 +366,14 @@ int shmkv_incr(store_t *st, const char *k, size_t klen, int64_t delta, int64_t *
     int64_t cur = 0;
     uint64_t expire = 0;
     uint32_t off = find_locked(st, b, k, klen, h32, NULL);
-    if (off && !is_expired(shmkv_item(st, off))) {
-        item_t *it = shmkv_item(st, off);
-        if (parse_i64(ITEM_VAL(it), it->vlen, &cur) != 0) {
-            shmkv_stripe_unlock(st, s);
-            return SHMKV_ENOTNUM;
-        }
-        expire = it->expire_ms;
-    }
-    if ((delta > 0 && cur > INT64_MAX - delta) || (delta < 0 && cur < INT64_MIN - delta)) {
+    item_t *it = off ? shmkv_item(st, off) : NULL;
+    if (it && is_expired(it)) it = NULL;
+    if (it) expire = it->expire_ms;
+    rc = shmkv_counter_add(it ? ITEM_VAL(it) : NULL, it ? it->vlen : 0, delta, &cur);
+    if (rc < 0) {
         shmkv_stripe_unlock(st, s);
-        return SHMKV_EOVERFLOW;
+        return rc;
     }
-    cur += delta;
     char buf[24];
     int n = snprintf(buf, sizeof buf, "%lld", (long long)cur);
     int cls;
@@ -425,7 +467,9 @@ uint64_t shmkv_count(store_t *st) {
  * can never install a value older than one written meanwhile.
  *
  *   write=1: the key leaves memory first; then fn() writes to disk and returns what memory
- *            should now hold: None, or (value: bytes, expire_ms: int). A crash anywhere
+ *            should now hold: None, or (value: bytes or None, expire_ms: int[, anything]) --
+ *            the third item is the caller's (the write's commit ticket: its fsync runs after
+ *            this returns, without the stripe lock; _core.pyx _commit_tier). A crash anywhere
  *            leaves the key absent from memory, so the next read goes to disk, which holds
  *            the truth -- memory never contradicts disk.
  *   write=0: a read-through. If another process promoted the key meanwhile, its value (bytes)
@@ -463,7 +507,7 @@ PyObject *shmkv_through(store_t *st, const char *k, size_t klen, int write, PyOb
     res = PyObject_CallNoArgs(fn);
     if (!res) {
         *err = SHMKV_EPYTHON;
-    } else if (PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 2 &&
+    } else if (PyTuple_Check(res) && PyTuple_GET_SIZE(res) >= 2 &&
                PyBytes_Check(PyTuple_GET_ITEM(res, 0))) {
         PyObject *v = PyTuple_GET_ITEM(res, 0);
         unsigned long long expire = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(res, 1));
@@ -480,4 +524,28 @@ PyObject *shmkv_through(store_t *st, const char *k, size_t klen, int write, PyOb
     }
     shmkv_stripe_unlock(st, s);
     return res;
+}
+
+/* Compare-and-swap: store `v` under `k` only if the key's current value is exactly
+ * `expected` (expect_absent=1: only if the key is absent or expired), all under the key's
+ * stripe lock, so a read-modify-write retried on a mismatch is atomic across every process
+ * (the cluster's --workers merge version sets this way: replica.py). The value is compared
+ * byte for byte; rejected: comparing a version number or the item's offset -- a chunk is
+ * reused after a free, so an equal offset does not mean an unchanged value (ABA).
+ * Returns 1 when stored, 0 on a mismatch (nothing changed), <0 SHMKV_E* (nothing changed). */
+int shmkv_cas(store_t *st, const char *k, size_t klen, const char *expected, size_t elen,
+              int expect_absent, const char *v, size_t vlen, uint64_t expire_ms) {
+    int cls, rc = check_sizes(st, klen, vlen, &cls);
+    if (rc) return rc;
+    uint64_t hv = shmkv_hash(k, klen, st->hdr->seed);
+    uint32_t b = bucket_of(st, hv), s = b & st->stripe_mask, h32 = (uint32_t)(hv >> 32);
+    if ((rc = shmkv_stripe_lock(st, s)) < 0) return rc;
+    uint32_t off = find_locked(st, b, k, klen, h32, NULL);
+    item_t *it = off ? shmkv_item(st, off) : NULL;
+    int present = it && !is_expired(it);
+    int match = expect_absent ? !present
+                              : present && it->vlen == elen && memcmp(ITEM_VAL(it), expected, elen) == 0;
+    rc = match ? put_locked(st, s, b, h32, cls, k, klen, v, vlen, expire_ms) : 0;
+    shmkv_stripe_unlock(st, s);
+    return rc < 0 ? rc : match;
 }

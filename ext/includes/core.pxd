@@ -15,10 +15,15 @@ cdef extern from "core/core.h":
         SHMKV_ELOCK
         SHMKV_EEXISTS
         SHMKV_EPYTHON
+        SHMKV_EIDXFULL
         SHMKV_LAYOUT_VERSION
         SHMKV_MAX_SLOTS
         SHMKV_ITEM_HDR
         SHMKV_PAGE_UNASSIGNED
+        SHMKV_TIER_PATH_MAX
+        CP__END
+        ENGINE_HASH
+        ENGINE_BTREE
         ST_GETS
         ST_HITS
         ST_MISSES
@@ -31,6 +36,11 @@ cdef extern from "core/core.h":
         ST_REPAIRS
         ST_LOCK_WAITS
         ST_FULL
+        ST_WAITS
+        ST_WAIT_MAX_US
+        ST_SCAN_RETRIES
+        ST_SCAN_LOCKED
+        LK__COUNT
         ST__COUNT
 
     const uint64_t SHMKV_MAGIC
@@ -39,7 +49,7 @@ cdef extern from "core/core.h":
         uint32_t pid
         uint32_t gen
         uint32_t inflight
-        uint64_t stats[16]
+        uint64_t stats[24]
 
     ctypedef struct class_t:
         uint32_t size
@@ -70,9 +80,20 @@ cdef extern from "core/core.h":
         uint32_t codec
         uint32_t codec_arg
         uint64_t created_ms
-        uint64_t retired[16]
+        uint64_t seed
+        uint64_t retired[24]
         uint64_t init_done
         int64_t nitems
+        uint32_t tier
+        uint32_t tier_interval_ms
+        uint32_t tier_path_len
+        char tier_path[1]
+        uint32_t engine
+        uint32_t nnodes
+        uint32_t tree_height
+        uint32_t tree_nfree
+        uint64_t tree_keys
+        uint64_t tree_rebuilds
 
     ctypedef struct store_t:
         char *base
@@ -86,6 +107,7 @@ cdef extern from "core/core.h":
         int last_errno
         uint32_t pending
         int crash_at
+        int crash_sig
 
     ctypedef struct create_params_t:
         uint64_t size
@@ -95,6 +117,11 @@ cdef extern from "core/core.h":
         uint32_t nstripes
         uint32_t codec
         uint32_t codec_arg
+        uint32_t tier
+        uint32_t tier_interval_ms
+        uint32_t tier_path_len
+        const char *tier_path
+        uint32_t engine
 
     int shmkv_init_segment(char *base, const create_params_t *p, char *err, size_t errlen)
     int shmkv_open(store_t *st, char *base, uint64_t size, int lockfd)
@@ -115,8 +142,18 @@ cdef extern from "core/core.h":
                          uint64_t expire_ms, int only_if_absent, uint64_t hv)
     int shmkv_delete(store_t *st, const char *k, size_t klen)
     int shmkv_incr(store_t *st, const char *k, size_t klen, int64_t delta, int64_t *out)
+    int shmkv_counter_add(const char *cur, size_t n, int64_t delta, int64_t *out)
     int shmkv_clear(store_t *st)
     object shmkv_scan_stripe(store_t *st, uint32_t s, int with_values)
     uint64_t shmkv_count(store_t *st)
+    uint32_t shmkv_locks_held_by(store_t *st, uint32_t tid)
+    const char *shmkv_crash_point_name(int n)
+    uint32_t shmkv_stripe_of(store_t *st, uint64_t h)
+    uint64_t shmkv_hash(const void *key, size_t len, uint64_t seed)
     PyObject *shmkv_through(store_t *st, const char *k, size_t klen, int write, object fn, int *err)
+    int shmkv_cas(store_t *st, const char *k, size_t klen, const char *expected, size_t elen,
+                  int expect_absent, const char *v, size_t vlen, uint64_t expire_ms)
     int shmkv_verify(store_t *st, object problems)
+    object shmkv_tree_range(store_t *st, const char *lo, size_t lolen, int lo_incl,
+                            const char *hi, size_t hilen, int hi_incl, int reverse, uint32_t max,
+                            int *done)

@@ -67,26 +67,18 @@ static inline uint64_t shmkv_epoch_bump(uint64_t *p) {
     return __atomic_add_fetch(p, 1, __ATOMIC_SEQ_CST);
 }
 
-/* The WAL append lock: a process-shared, robust, error-checking mutex, as the segment's locks
- * (ext/core/lock.c, whose comments say why each attribute). A locker that gets EOWNERDEAD holds
- * the lock; the WAL needs no repair beyond what every locker does anyway (replay to EOF, which
- * cuts a torn tail), so it is marked consistent at once. */
+/* The WAL append lock: a process-shared, robust, error-checking mutex, set up as the segment's
+ * locks are (ext/core/robust_mutex.h, which says why each attribute). A locker that gets
+ * EOWNERDEAD holds the lock; the WAL needs no repair beyond what every locker does anyway
+ * (replay to EOF, which cuts a torn tail), so it is marked consistent at once. */
 #include <errno.h>
 #include <pthread.h>
 
+#include "core/robust_mutex.h"
+
 _Static_assert(sizeof(pthread_mutex_t) <= 64, "the WAL lock must fit its 64-byte slot of the page");
 
-static int shmkv_page_mutex_init(pthread_mutex_t *m) {
-    pthread_mutexattr_t a;
-    int rc = pthread_mutexattr_init(&a);
-    if (rc) return rc;
-    if ((rc = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED)) == 0 &&
-        (rc = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST)) == 0 &&
-        (rc = pthread_mutexattr_settype(&a, PTHREAD_MUTEX_ERRORCHECK)) == 0)
-        rc = pthread_mutex_init(m, &a);
-    pthread_mutexattr_destroy(&a);
-    return rc;
-}
+static int shmkv_page_mutex_init(pthread_mutex_t *m) { return shmkv_robust_mutex_init(m); }
 
 /* 0: locked; 1: locked, and the previous owner had died holding it; else an errno. */
 static int shmkv_page_trylock(pthread_mutex_t *m) {

@@ -11,6 +11,8 @@ One module per job:
 - ``report``    -- the table, the ratios to shmkv, ``--json`` and ``--plot``.
 - ``memory``    -- bytes of store per item at a fill (shmkv, LMDB, memcached, Redis).
 - ``core_report`` -- the fixed core speed report (``bench/core_ops.py``).
+- ``tier``      -- the tiered store beside a memory-only store and LevelDB (``bench/tier_bench.py``).
+- ``lsm``       -- the LSM engine alone beside LevelDB/RocksDB (``bench/lsm_bench.py``).
 - ``cli``       -- the ``shmkv-bench`` command.
 
 Nothing here imports the compiled extension or a peer library at import time: a peer that is

@@ -96,7 +96,15 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
     "-m",
     default="get=90,put=10",
     show_default=True,
-    help="Op shares, of get, put, delete, incr (incr stores decimal counters).",
+    help="Op shares, of get, put, delete, incr, scan (incr stores decimal counters; scan "
+    "reads --scan-length pairs in key order: shmkv, shmkv-btree, lmdb).",
+)
+@click.option(
+    "--scan-length",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Pairs read by each scan op of the mix.",
 )
 @click.option(
     "--dist",
@@ -175,6 +183,7 @@ def main(
     key_size: int,
     value_size: str,
     mix: str,
+    scan_length: int,
     dist: str,
     procs: str,
     duration: float | None,
@@ -215,6 +224,7 @@ def main(
             ops=ops,
             fill=fill,
             seed=seed,
+            scan_length=scan_length,
         ),
         None,
         "workload",

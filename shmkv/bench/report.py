@@ -6,6 +6,7 @@ so what a person reads and what a machine reads cannot disagree. Its shape (``SC
     {"schema": "shmkv-bench/1", "command": str, "started": iso, "seconds": float,
      "machine": {...}, "versions": {...}, "workload": {...}, "procs": [int],
      "results": [{"backend", "procs", "ops_per_s", "ratio_to_shmkv", "hit_ratio",
+                  "counters": {name: int} (e.g. shmkv's "store_full" in eviction runs),
                   "runs": [{"ops", "seconds", "ops_per_s", "per_process_ops_per_s"}],
                   "latency_ns": {"all"|"get"|...: {"count", "p50", "p99", "p99.9", "max"}}}],
      "skipped": [{"backend", "reason"}], "failed": [{"backend", "error"}],
@@ -107,6 +108,7 @@ def build_report(
                 "ops_per_s": c.ops_per_s,
                 "ratio_to_shmkv": c.ops_per_s / base if base else None,
                 "hit_ratio": c.hit_ratio,
+                "counters": c.counters,
                 "runs": c.runs,
                 "latency_ns": c.latency_ns,
             }
@@ -242,6 +244,12 @@ def render_table(report: dict[str, Any]) -> str:
             f" {fmt_us(lat.get('p50')):>8} {fmt_us(lat.get('p99')):>8} {fmt_us(lat.get('p99.9')):>9} {hits:>5}"
         )
     lines += _latency_by_op(report)
+    counted = [r for r in report["results"] if r.get("counters")]
+    if counted:
+        lines += ["", "counted events, all runs together:"]
+        for r in counted:
+            text = ", ".join(f"{k} {v:,}" for k, v in r["counters"].items())
+            lines.append(f"{r['backend']:<10} {r['procs']:>5} {text}")
     repeats = max((len(r["runs"]) for r in report["results"]), default=1)
     lines += [
         "",

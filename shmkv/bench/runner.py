@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from . import adapters
 from .adapters.base import Adapter, BackendConfig
 from .stats import median, summarize
-from .workload import GET, OP_NAMES, PUT, OpStream, Workload, build_stream, fill_batches
+from .workload import GET, OP_NAMES, PUT, SCAN, OpStream, Workload, build_stream, fill_batches
 
 SAMPLE_EVERY = 16
 # Calls between two deadline checks (and progress updates) in the timed loop.
@@ -70,6 +70,7 @@ class WorkerResult:
     hits: int = 0
     asked: int = 0
     error: str | None = None
+    counters: dict[str, int] = field(default_factory=dict)  # Adapter.counters()
 
 
 @dataclass
@@ -81,6 +82,7 @@ class CellResult:
     runs: list[dict[str, Any]]
     latency_ns: dict[str, dict[str, int]]
     hit_ratio: float | None
+    counters: dict[str, int] = field(default_factory=dict)  # summed over workers and runs
 
     @property
     def ops_per_s(self) -> float:
@@ -145,15 +147,18 @@ def bind_stream(adapter: Adapter, stream: OpStream) -> list[list[Block]]:
             adapter.put,
             adapter.delete,
             adapter.incr,
+            adapter.scan,
         )
     else:
-        fns = (adapter.get_many, adapter.put_many, adapter.delete_many, adapter.incr)
+        fns = (adapter.get_many, adapter.put_many, adapter.delete_many, adapter.incr, adapter.scan)
     calls: list[Callable[[], Any]] = []
     codes: list[int] = []
     for code, arg in stream.ops:
         fn = fns[code]
         calls.append(
-            partial(fn, *arg) if code == PUT and stream.keys_per_op == 1 else partial(fn, arg)
+            partial(fn, *arg)
+            if code in (PUT, SCAN) and stream.keys_per_op == 1
+            else partial(fn, arg)
         )
         codes.append(code)
     blocks: list[Block] = [
@@ -258,9 +263,11 @@ def _work(
         gc.collect()
         gc.freeze()
         barrier.wait(READY_TIMEOUT)
-        return timed_loop(
+        result = timed_loop(
             segments, stream.keys_per_op, workload.duration, max_calls, counter, index
         )
+        result.counters = adapter.counters()
+        return result
     finally:
         adapter.close()
 
@@ -391,6 +398,7 @@ def cell_from_runs(backend: str, procs: int, runs: list[list[WorkerResult]]) -> 
     run_stats = []
     pooled: list[array[int]] = [array("q") for _ in OP_NAMES]
     hits = asked = 0
+    counters: dict[str, int] = {}
     for workers in runs:
         keys = sum(w.keys for w in workers)
         seconds = (max(w.end_ns for w in workers) - min(w.start_ns for w in workers)) / 1e9
@@ -410,11 +418,13 @@ def cell_from_runs(backend: str, procs: int, runs: list[list[WorkerResult]]) -> 
                 pooled[code].frombytes(raw)
             hits += w.hits
             asked += w.asked
+            for k, n in w.counters.items():
+                counters[k] = counters.get(k, 0) + n
     latency = {
         name: summarize(pooled[code]) for code, name in enumerate(OP_NAMES) if len(pooled[code])
     }
     latency["all"] = summarize(x for a in pooled for x in a)
-    return CellResult(backend, procs, run_stats, latency, hits / asked if asked else None)
+    return CellResult(backend, procs, run_stats, latency, hits / asked if asked else None, counters)
 
 
 def run_benchmark(
@@ -444,6 +454,8 @@ def run_benchmark(
         for name in backends:
             adapter = adapters.make(name, config)
             reason = adapter.unavailable()
+            if reason is None and workload.mix.scan and not adapter.scans:
+                reason = "no ordered scan (a --mix with scan needs one)"
             if (
                 reason is None
                 and adapter.max_procs is not None

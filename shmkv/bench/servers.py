@@ -25,6 +25,8 @@ import tempfile
 import time
 from typing import IO
 
+from shmkv.bench.stats import percentile
+
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 
@@ -212,7 +214,7 @@ def ping_rtt_us(port: int, ping: bytes, pong: bytes, n: int = 500) -> float:
                 raise ServerError(f"unexpected reply to {ping!r}")
             samples.append(time.perf_counter_ns() - t0)
     samples.sort()
-    return samples[len(samples) // 2] / 1000.0
+    return percentile(samples, 50) / 1000.0
 
 
 def server_version(binary: str) -> str:

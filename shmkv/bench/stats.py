@@ -11,13 +11,20 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from fractions import Fraction
+from typing import TypeVar
+
+# Samples are ints (ns) in shmkv-bench, floats (seconds) in some scripts: the value comes back as is.
+N = TypeVar("N", int, float)
 
 # The percentiles every latency summary carries, as (JSON key, percent).
 PERCENTILES: tuple[tuple[str, float], ...] = (("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9))
 
 
-def percentile(sorted_samples: Sequence[int], pct: float) -> int:
+def percentile(sorted_samples: Sequence[N], pct: float) -> N:
     """Nearest-rank ``pct`` percentile. REQUIRES: samples sorted ascending, not empty.
+
+    The one percentile of every bench (shmkv-bench, bench/*.py and the engines here): the sample
+    of rank ceil(pct/100 * n), 1-based -- of 1..1000, p99 is 990 and p99.9 is 999.
 
     :raises ValueError: no samples, or pct outside (0, 100].
     """

@@ -27,8 +27,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # Op codes, in this order everywhere (stream entries, latency tables, JSON).
-GET, PUT, DELETE, INCR = 0, 1, 2, 3
-OP_NAMES = ("get", "put", "delete", "incr")
+GET, PUT, DELETE, INCR, SCAN = 0, 1, 2, 3, 4
+# SCAN: an ordered read of up to Workload.scan_length pairs from a key on (one op, one latency
+# sample; the report's keys/s for it is ops/s x the length).
+OP_NAMES = ("get", "put", "delete", "incr", "scan")
 
 # Keys in a generated stream before it repeats; large enough that a cache-sized working set is
 # touched, small enough to build in well under a second.
@@ -163,10 +165,11 @@ class Mix:
     put: float = 10.0
     delete: float = 0.0
     incr: float = 0.0
+    scan: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> Mix:
-        """``get=90,put=10`` (any of get/put/delete/incr; unnamed ops are 0); relative weights
+        """``get=90,put=10`` (any of get/put/delete/incr/scan; unnamed ops are 0); relative weights
         are normalised to percent, so ``get=9,put=1`` is the same mix.
 
         :raises ValueError: unknown op, negative or all-zero weights.
@@ -185,9 +188,9 @@ class Mix:
             raise ValueError(f"mix {text!r} has no ops")
         return cls(**{k: 100.0 * v / total for k, v in weights.items()})
 
-    def weights(self) -> tuple[float, float, float, float]:
-        """Shares in op-code order (GET, PUT, DELETE, INCR)."""
-        return (self.get, self.put, self.delete, self.incr)
+    def weights(self) -> tuple[float, float, float, float, float]:
+        """Shares in op-code order (GET, PUT, DELETE, INCR, SCAN)."""
+        return (self.get, self.put, self.delete, self.incr, self.scan)
 
     def describe(self) -> str:
         return " ".join(f"{n} {w:g}%" for n, w in zip(OP_NAMES, self.weights(), strict=True) if w)
@@ -238,6 +241,7 @@ class Workload:
     ops: int | None = None
     fill: bool = True
     seed: int = 1
+    scan_length: int = 100  # pairs per SCAN op
 
     def __post_init__(self) -> None:
         if self.keys < 1:
@@ -250,6 +254,10 @@ class Workload:
             raise ValueError(f"batch {self.batch} is larger than the key set ({self.keys})")
         if self.batch > 1 and self.mix.incr:
             raise ValueError("incr has no batch form: use batch 1 with an incr mix")
+        if self.batch > 1 and self.mix.scan:
+            raise ValueError("scan has no batch form: use batch 1 with a scan mix")
+        if self.scan_length < 1:
+            raise ValueError("scan length must be >= 1")
         if (self.duration is None) == (self.ops is None):
             raise ValueError("give exactly one of duration and ops")
         if self.duration is not None and self.duration <= 0:
@@ -350,8 +358,8 @@ class OpStream:
     keys_per_op: int
 
     def counts(self) -> list[int]:
-        """Entries per op code (GET, PUT, DELETE, INCR)."""
-        out = [0, 0, 0, 0]
+        """Entries per op code (GET, PUT, DELETE, INCR, SCAN)."""
+        out = [0] * len(OP_NAMES)
         for code, _ in self.ops:
             out[code] += 1
         return out
@@ -363,7 +371,7 @@ def build_stream(workload: Workload, worker: int, length_keys: int = STREAM_KEYS
     chooser = KeyChooser(workload.dist, workload.keys, workload.seed)
     b = workload.batch
     n_ops = max(16, -(-length_keys // b))
-    codes = rng.choices(range(4), weights=workload.mix.weights(), k=n_ops)
+    codes = rng.choices(range(len(OP_NAMES)), weights=workload.mix.weights(), k=n_ops)
     idx = chooser.draw(rng, n_ops * b)
     if b > 1:
         idx = _distinct_batches(idx, b, chooser, rng)
@@ -378,7 +386,12 @@ def build_stream(workload: Workload, worker: int, length_keys: int = STREAM_KEYS
     for j, code in enumerate(codes):
         if b == 1:
             key = keys[j]
-            ops.append((code, (key, pool[pick(npool)]) if code == PUT else key))
+            if code == PUT:
+                ops.append((code, (key, pool[pick(npool)])))
+            elif code == SCAN:
+                ops.append((code, (key, workload.scan_length)))
+            else:
+                ops.append((code, key))
         elif code == PUT:
             ops.append((code, {k: pool[pick(npool)] for k in keys[j * b : (j + 1) * b]}))
         else:

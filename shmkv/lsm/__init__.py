@@ -8,14 +8,17 @@ Usable on its own::
         db.get(b"k")
 
 Module map (one idea each): ``format`` (every stored layout), ``wal``, ``memtable``, ``bloom``,
-``sstable``, ``manifest``, ``compaction``, ``verify``, ``db`` (the :class:`LSM` class and the
-multi-process design), ``errors``.
+``sstable``, ``manifest`` (with ``Edit``), ``compaction``, ``verify``, ``lost``, ``repair``,
+``db`` (the :class:`LSM` API, the write path and the multi-process design), ``version`` (each
+process's view of the files), ``maintenance`` (flush, compaction, the background thread),
+``helper`` / ``helper_main`` (the helper process), ``errors``, ``fileio``.
 """
 
 from __future__ import annotations
 
 from .compaction import LevelOptions
 from .db import LSM
-from .errors import DiskFull, FileAccessError
+from .errors import DiskFull, FileAccessError, StoreInUse
+from .repair import RepairReport, repair
 
-__all__ = ["LSM", "LevelOptions", "DiskFull", "FileAccessError"]
+__all__ = ["LSM", "LevelOptions", "DiskFull", "FileAccessError", "StoreInUse", "RepairReport", "repair"]

@@ -136,7 +136,7 @@ def run(
             paths.append(writer.path)
             done = writer.add_from(stream, opts.target_file_bytes)
             if len(writer):
-                outputs.append(writer.finish(number, comp.output_level))
+                outputs.append(writer.finish(number, comp.output_level, wal_stamp=m.wal_gen))
             else:
                 writer.abandon()  # the stream ended exactly at the last table's end
             writer = None

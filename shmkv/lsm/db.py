@@ -14,7 +14,13 @@ Durability modes (``durability=``)
 ``"fsync"`` (default)
     ``put``/``put_many``/``delete`` return only after the WAL record is fsynced (fdatasync):
     every acknowledged write survives SIGKILL and a host crash. ``put_many`` is one append and one
-    fsync for the whole batch -- use it for bulk spills.
+    fsync for the whole batch -- use it for bulk spills. **Group commit**: the fsync runs after
+    every lock is released (``commit``), and one fdatasync covers every record appended before
+    it, by any thread or process; a writer whose record another's fsync covered, or one in
+    flight will cover, returns without its own (``stats()["group_commits"]``). The writers
+    coordinate through three words of the ``SHARED`` page, not a lock, so a writer paused or
+    killed in its fsync delays the others by at most about two fsyncs (the wait for a leader
+    has a deadline), never for the length of its pause. Invariants in ext/lsm/group_commit.h.
 
 Several processes, one store
 ----------------------------
@@ -28,14 +34,16 @@ within a process are serialised by ``self._lock``). The design, and why:
   a WAL per process -- recovery and flush would have to merge logs whose relative order is
   unknown, so a put in A followed by a delete in B could resurrect.
 * **Private memtables, materialised from the WAL.** Each process replays the shared WAL from
-  the offset it last read. Before every operation it ``fstat``\\ s the WAL; if it grew, it takes
-  the flock, replays the new records into its memtable, then serves the get. A write by A is
+  the offset it last read. Before every operation it loads the change counter of the ``SHARED``
+  page (below); if it moved, the process ``fstat``\\ s the WAL and replays the records appended
+  since (without the WAL lock: a record that reads whole and passes its checksum is final; an
+  anomaly is looked at again holding the lock, wal.py), then serves the get. A write by A is
   thus visible to B's next get (read-your-writes across processes, linearisable per key because
   the WAL order is the one order every process applies). Rejected: a memtable in shared memory
   (that is the Cython tier's job; this engine must stand alone and be crash-simple).
 * **Flush = seal + new generation.** A flusher takes the maintenance lock (``flock`` on
-  ``LOCK``), creates ``wal-<gen+1>.log``, then appends a SEAL record to the current WAL under its
-  flock. Nothing is appended after a seal: a writer that catches up to a seal moves to the next
+  ``LOCK``), creates ``wal-<gen+1>.log``, then appends a SEAL record to the current WAL holding the
+  WAL lock. Nothing is appended after a seal: a writer that catches up to a seal moves to the next
   file, so writers never stop. The sealed generations are now immutable in every process; the
   flusher writes them to an L0 SSTable and replaces the manifest (``wal_gen = gen+1``), then
   unlinks the old WAL.
@@ -46,8 +54,11 @@ within a process are serialised by ``self._lock``). The design, and why:
   ``MANIFEST`` -- a new identity makes it reload: open new tables, drop memtables of
   generations the manifest says are flushed, drop tables no longer named -- and ``fstat``\\ s
   its WALs to replay what others appended. Writers bump *before* appending as well as after,
-  so a writer killed inside ``write(2)`` has bumped: its torn tail is never taken for the end
-  of a clean log by a process that skipped looking. A process that misses the manifest still reads correctly:
+  and whoever takes the WAL lock from a dead owner bumps again: a writer killed inside
+  ``write(2)`` leaves the counter moved *after* its torn bytes, so its torn tail is never
+  taken for the end of a clean log by a process that skipped looking. (Without that last
+  bump a process that loaded the counter between the pre-write bump and the bytes would
+  append after the garbage: the random-SIGKILL soak found exactly that.) A process that misses the manifest still reads correctly:
   it keeps the sealed generations' memtables until it loads a manifest that covers them.
 * **Compaction never breaks readers.** Files are unlinked only after a manifest that no longer
   names them is durable; a reader that has a table open keeps reading it (Linux keeps an
@@ -60,14 +71,23 @@ within a process are serialised by ``self._lock``). The design, and why:
   killed inside ``write(2)`` leaves a torn tail that the next WAL locker cuts off. Leftovers
   (tables no manifest names, ``.tmp`` files, unsealed WALs past the chain) are removed by the
   next maintenance.
-* **fork()**: a handle must not cross a fork (flock is shared by the open file description, so
-  parent and child would not exclude each other); using one in the child raises ``Error``. Open
+* **fork()**: a handle must not cross a fork (the ``LOCK`` flock is shared by the open file
+  description, so parent and child would not exclude each other, and the handle's thread locks
+  may be held by threads the child does not have); using one in the child raises ``Error``. Open
   the store in each worker.
 
-Lock order (outermost first): ``self._maint_mutex`` (maintenance, threads of this process) ->
-``LOCK`` file flock (maintenance, processes) -> ``self._lock`` (all in-process state) -> the
-WAL lock. Methods named ``_x_locked`` REQUIRE ``self._lock``; maintenance methods take it only for
-short steps (seal, publish), so merges and table writes never block gets and puts.
+The code, by job (LevelDB's split): this module is the API and the write path; the view of the
+files each process keeps is version.py (LevelDB's ``VersionSet``); flush, compaction and the
+background thread are maintenance.py; a change to the manifest is one ``manifest.Edit``
+(``VersionEdit``).
+
+Lock order (outermost first): the maintenance mutex (maintenance, threads of this process) ->
+``LOCK`` file flock (maintenance, processes) -> ``self._lock``, the *handle lock* (all
+in-process state) -> the WAL lock (``WalFile.locked()``). No lock is held across the fsync of
+a write (``commit``): a WAL with commits in flight is pinned open (``WalFile.pins``) instead.
+Methods named ``_x_handle_locked`` REQUIRE the handle lock, ``_x_wal_locked`` the WAL lock too;
+maintenance takes the handle lock only for short steps (seal, publish), so merges and table
+writes never block gets and puts.
 
 Maintenance (flush, then compactions) runs in a background thread per handle, woken when the
 WAL backlog reaches ``memtable_bytes``; whichever process gets the ``LOCK`` first does it for
@@ -85,14 +105,15 @@ recorded in ``stats()["last_maintenance_error"]`` and retried.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import itertools
 import os
+import struct
 import threading
-import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from typing import Any
 
 from shmkv.errors import (
@@ -103,22 +124,26 @@ from shmkv.errors import (
     KeyTooLarge,
     StoreClosed,
     ValueTooLarge,
+    not_bytes_like,
 )
 
-from . import _accel, compaction
+from . import _accel
 from . import format as fmt
 from . import manifest as mf
 from . import wal as walmod
 from .compaction import LevelOptions
+from .errors import StoreInUse, io_error
 from .helper import Helper
-from .memtable import Memtable
-from .sstable import COMPRESSIONS, BlockCache, TableMeta, TableReader, TableWriter, _decompress
-from .wal import WalFile, io_error
+from .maintenance import Maintainer, now_ms
+from .sstable import COMPRESSIONS, BlockCache, TableReader
+from .version import Counters, VersionSet
+from .wal import WalFile
 
 DURABILITY = ("none", "interval", "fsync")
-_RETRIES = 100  # manifest re-reads before a vanished file is declared corruption
+WAL_RECOVERY = ("strict", "truncate", "skip")
+# What commit() waits on: the WAL written to (pinned open) and the end of the record in it.
+Ticket = tuple[WalFile, int]
 _STALL_FACTOR = 4  # WAL backlog (x memtable_bytes) at which writers stop and flush themselves
-_HELPER_GIVE_UP = 3  # helper deaths in a row (none answering a round) before maintaining in-thread
 
 
 # Every open handle, so a forked child can drop its copies (see _after_fork_in_child).
@@ -136,43 +161,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-@dataclass
-class _Gen:
-    """One live WAL generation as this process sees it.
-
-    Invariant: ``mem`` holds exactly the records of ``wal`` before ``offset``; ``sealed_to`` is
-    set once the SEAL record has been applied, after which the generation never changes.
-    """
-
-    wal: WalFile
-    mem: Memtable
-    offset: int = fmt.WAL_HEADER.size
-    sealed_to: int | None = None
-
-    @property
-    def gen(self) -> int:
-        return self.wal.gen
-
-
-@dataclass
-class _Counters:
-    gets: int = 0
-    puts: int = 0
-    deletes: int = 0
-    wal_syncs: int = 0
-    wal_replayed_records: int = 0
-    wal_torn_tails_dropped: int = 0
-    wal_dropped_bytes: int = 0
-    manifest_reloads: int = 0
-    bloom_negatives: int = 0  # of readers since closed
-    bloom_false_positives: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 class LSM:
     """A log-structured merge tree in directory ``path``. See the module docstring.
 
@@ -183,10 +171,15 @@ class LSM:
     :param memtable_bytes: WAL generation size that triggers a flush to L0.
     :param levels: compaction shape (:class:`~shmkv.lsm.compaction.LevelOptions`).
     :param block_cache_bytes: decompressed data blocks kept per process.
-    :param wal_recovery: ``"strict"`` raises :class:`Corruption` on a corrupted WAL record that
-        is followed by more data; ``"truncate"`` drops the log from that record on (counted in
-        ``stats()["wal_dropped_bytes"]``). A torn *tail* is always dropped silently: it was
-        never acknowledged.
+    :param wal_recovery: what to do with a *corrupted* WAL record (a whole record that fails its
+        checksum, or a bad header with data after it; see wal.py): ``"strict"`` (default)
+        raises :class:`Corruption` naming the file and offset, and drops nothing;
+        ``"truncate"`` drops the log from that record to its end (point-in-time: every record
+        before it is kept); ``"skip"`` drops only the bad records and keeps every intact
+        record after them. Either way the dropped bytes are first copied into ``lost/``
+        (which ``verify()`` reports until removed) and logged on the ``shmkv.lsm`` logger. A
+        torn *tail* (a record cut short by the end of the file: a writer died inside its
+        ``write(2)``, so it was never acknowledged) is cut in every mode, and logged.
     :param auto_maintenance: flush/compact automatically when ``memtable_bytes`` is reached.
     :param background: do that automatic maintenance in a background thread (default), so a
         put never waits for a compaction -- unless the WAL backlog reaches 4x
@@ -220,8 +213,10 @@ class LSM:
             raise InvalidArgument(f"durability must be one of {DURABILITY}, not {durability!r}")
         if compression not in COMPRESSIONS:
             raise InvalidArgument(f"compression must be one of {sorted(COMPRESSIONS)}")
-        if wal_recovery not in ("strict", "truncate"):
-            raise InvalidArgument("wal_recovery must be 'strict' or 'truncate'")
+        if wal_recovery not in WAL_RECOVERY:
+            raise InvalidArgument(
+                f"wal_recovery must be one of {WAL_RECOVERY}, not {wal_recovery!r}"
+            )
         if interval_ms <= 0 or memtable_bytes <= 0:
             raise InvalidArgument("interval_ms and memtable_bytes must be positive")
         self.path = os.fspath(path)
@@ -232,9 +227,9 @@ class LSM:
         self.opts = levels or LevelOptions()
         self.wal_recovery = wal_recovery
         self.auto_maintenance = auto_maintenance
-        self._helper: Helper | None = None
+        helper_proc: Helper | None = None
         if helper and background and auto_maintenance:
-            self._helper = Helper(
+            helper_proc = Helper(
                 self.path,
                 {
                     "durability": "none",  # the helper never acknowledges writes
@@ -245,44 +240,63 @@ class LSM:
                     "levels": asdict(self.opts),
                 },
             )
+        # The handle lock. State below, down to the next comment, is protected by it (the
+        # view's fields too); the write fast path (_accel.Tail) takes it itself.
         self._lock = threading.RLock()
-        self._closed = False
-        self._forked = False
+        self._closed = False  # set once, by close() (or a fork), with _tail.open (the flag _open checks)
         self._page: _accel.SharedPage = None  # type: ignore[assignment]  # set first in the try below
+        # What every put touches, with the put fast path (one C call: _accel.Tail). Its fields
+        # are this handle's _gens, _seen and _dirty (properties below, and the view's).
+        self._tail = _accel.Tail(self._lock, self._put_uncommitted_slow)
+        self._tail.fsync = durability == "fsync"
+        # ``with self._open:`` -- the handle lock, of an open handle (tail.open is the flag).
+        self._open = _accel.OpenLock(self._lock, self._tail, self._check_open)
         self._seen = -1  # change counter loaded before our last full look; -1: never looked
-        self._cache = BlockCache(block_cache_bytes)
-        self._c = _Counters()
-        self._gens: list[_Gen] = []
-        self._readers: dict[int, TableReader] = {}
-        self._manifest = mf.Manifest()
-        self._mid: mf.Identity | None = None
-        self._levels: list[list[TableMeta]] = [[] for _ in range(self.opts.max_levels)]
-        self._probe = _accel.Probe([], [])
+        self._gens = []
         self._dirty = False  # WAL written since the last fsync ("interval")
-        self._last_error: str | None = None
-        self._lock_fd = -1
-        self._maint_mutex = threading.Lock()
-        self._maint_wanted = threading.Event()
-        self._stop = threading.Event()
+        # Counters of stats(); the ones commit() and the put/delete paths bump after the lock is
+        # released are approximate under threads (a lost increment, never a wrong value).
+        self._c = Counters()
+        self._view = VersionSet(
+            self.path, self._page, self._tail, BlockCache(block_cache_bytes), self._c,
+            self.opts.max_levels, wal_recovery,
+        )
+        # State below is not protected by the handle lock: set before the threads start, or
+        # (Maintainer) guarded by the maintenance locks, see maintenance.py.
+        self._cache = self._view.cache  # atomic under the GIL (BlockCache): no lock needed
+        self._lock_fd = -1  # LOCK: the open lock (whole life) and the maintenance flock
+        self._forked = False  # set only in a forked child, which has no other threads
+        self._maint = Maintainer(
+            self.path, self._lock, self._view, self.opts, compression, memtable_bytes, helper_proc
+        )
+        self._tail.limit = self._fast_limit()
+        # LSM.put_uncommitted without a Python frame: what the memory tier calls (_core.pyx).
+        self.fast_put = self._tail.put_uncommitted
         self._syncer: threading.Thread | None = None
-        self._maint_thread: threading.Thread | None = None
         try:
-            os.makedirs(self.path, exist_ok=True)
+            try:
+                os.makedirs(self.path, exist_ok=True)
+            except OSError as e:  # a file at (or above) path, a read-only file system...
+                raise io_error(e, self.path, "create the store directory") from e
             self._page = _open_page(os.path.join(self.path, fmt.SHARED))
+            self._tail.page = self._view.page = self._page
             lock_path = os.path.join(self.path, fmt.LOCKFILE)
             try:
-                self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                self._lock_fd = self._maint.lock_fd = os.open(
+                    lock_path, os.O_RDWR | os.O_CREAT, 0o644
+                )
             except OSError as e:
                 raise io_error(e, lock_path, "open lock file") from e
+            hold_open_lock(self._lock_fd, lock_path, exclusive=False)
             with self._lock:
-                self._bootstrap_locked()
-                self._refresh_locked(force=True)
-                self._catch_up_locked()
-                if self._try_maintenance_lock():
+                self._bootstrap_handle_locked()
+                self._view.refresh_handle_locked(force=True)
+                self._view.catch_up_handle_locked()
+                if self._maint.try_lock():
                     try:
-                        self._collect_garbage_locked()
+                        self._maint.collect_garbage_handle_locked()
                     finally:
-                        self._maintenance_unlock()
+                        self._maint.unlock()
         except BaseException:
             self._release_all()
             raise
@@ -292,11 +306,50 @@ class LSM:
             )
             self._syncer.start()
         if background and auto_maintenance:
-            self._maint_thread = threading.Thread(
-                target=self._maint_loop, name="shmkv-lsm-maintenance", daemon=True
-            )
-            self._maint_thread.start()
+            self._maint.start_thread(self._lower_fast_limit)
         _live.add(self)
+
+    @property
+    def _helper(self) -> Helper | None:
+        """The maintenance helper process (None: maintenance runs in this process)."""
+        return self._maint.helper
+
+
+    def _lower_fast_limit(self) -> None:
+        self._tail.limit = self._fast_limit()  # writers past it ask again (_append)
+
+    def _fast_limit(self) -> int:
+        """The WAL backlog up to which puts take the fast path: past it the Python path asks
+        for maintenance (at half a memtable it starts the helper, see _append)."""
+        if not self.auto_maintenance:
+            return 1 << 62
+        h = self._helper
+        return self.memtable_bytes >> 1 if h is not None and h.pid is None else self.memtable_bytes
+
+    # Views of the fast path's fields (``self._tail``), which are the one copy.
+    @property
+    def _gens(self) -> list[_accel.Gen]:
+        return self._tail.gens
+
+    @_gens.setter
+    def _gens(self, gens: list[_accel.Gen]) -> None:
+        self._tail.gens = gens
+
+    @property
+    def _seen(self) -> int:
+        return self._tail.seen
+
+    @_seen.setter
+    def _seen(self, e: int) -> None:
+        self._tail.seen = e
+
+    @property
+    def _dirty(self) -> bool:
+        return self._tail.dirty
+
+    @_dirty.setter
+    def _dirty(self, d: bool) -> None:
+        self._tail.dirty = d
 
     # ------------------------------------------------------------------ public API
 
@@ -310,21 +363,69 @@ class LSM:
             key = _key(key)
         if type(value) is not bytes or len(value) > fmt.MAX_VALUE:
             value = _value(value)
-        if type(expire_at_ms) is not int or expire_at_ms < 0:
+        if type(expire_at_ms) is not int or not 0 <= expire_at_ms <= fmt.MAX_EXPIRE_MS:
             expire_at_ms = _expire(expire_at_ms)
         self.put_checked(key, value, expire_at_ms)
 
-    def put_checked(self, key: bytes, value: bytes, expire_at_ms: int) -> tuple[bytes, int]:
-        """:meth:`put` for a caller that has validated its arguments (the memory tier, which
-        runs this under a stripe lock and needs it lean); returns ``(value, expire_at_ms)``,
-        the entry the memory tier then caches. REQUIRES: bytes key of 1..MAX_KEY bytes, bytes
-        value of at most MAX_VALUE bytes, int expire_at_ms >= 0."""
-        self._write(
+    def put_checked(self, key: bytes, value: bytes, expire_at_ms: int) -> None:
+        """:meth:`put` for a caller that has validated its arguments. REQUIRES: bytes key of
+        1..MAX_KEY bytes, bytes value of at most MAX_VALUE bytes, int expire_at_ms >= 0."""
+        self.commit(self._tail.put_uncommitted(key, value, expire_at_ms)[2])
+
+    def put_uncommitted(
+        self, key: bytes, value: bytes, expire_at_ms: int
+    ) -> tuple[bytes, int, Ticket | None]:
+        """See :meth:`_put_uncommitted_slow`; the common case is one C call (``fast_put``)."""
+        return self._tail.put_uncommitted(key, value, expire_at_ms)
+
+    def _put_uncommitted_slow(
+        self, key: bytes, value: bytes, expire_at_ms: int
+    ) -> tuple[bytes, int, Ticket | None]:
+        """The first half of a put, for the memory tier (which runs it under the key's stripe
+        lock, and needs it lean): append the record and apply it, but do not wait for it to be
+        durable. Returns ``(value, expire_at_ms, ticket)``: the entry the memory tier caches,
+        and what :meth:`commit` needs (None unless durability is "fsync"). The caller calls
+        ``commit(ticket)`` *after* releasing its own locks: then no lock another writer needs is
+        held across the fsync (a paused writer would stop everyone). Until committed the write
+        is visible to readers but not acknowledged: it survives the death of any process (it is
+        in the OS page cache), not a host crash -- which also loses memory, so memory never
+        holds what disk contradicts. REQUIRES: as :meth:`put_checked`."""
+        ticket = self._append(
             ((fmt.KIND_PUT, key, value, expire_at_ms),),
             walmod.encode_put(fmt.KIND_PUT, key, value, expire_at_ms),
         )
         self._c.puts += 1
-        return value, expire_at_ms
+        return value, expire_at_ms, ticket
+
+    def delete_uncommitted(self, key: bytes) -> tuple[None, int, Ticket | None]:
+        """:meth:`delete` without waiting for durability; ``(None, 0, ticket)`` as
+        :meth:`put_uncommitted`."""
+        entry = (fmt.KIND_DELETE, _key(key), b"", 0)
+        ticket = self._append((entry,), walmod.encode_put(*entry))
+        self._c.deletes += 1
+        return None, 0, ticket
+
+    def commit(self, ticket: Ticket | None) -> None:
+        """Return once the write that returned ``ticket`` is durable (see :meth:`_append`):
+        group commit, one fdatasync for every writer waiting, in any process. None: nothing to
+        wait for. Holds no lock across the fsync.
+
+        :raises DiskFull, FileAccessError: the fsync failed (the write may or may not be on
+            disk; it was not acknowledged)."""
+        if ticket is None:
+            return
+        wal, end = ticket
+        try:
+            here = self._page.sync_to(wal.fd, wal.gen, end)
+        except OSError as e:
+            raise io_error(e, wal.path, "fsync WAL") from e
+        finally:
+            with self._lock:
+                wal.unpin()
+        if here:
+            self._c.wal_syncs += 1
+        else:
+            self._c.group_commits += 1
 
     def put_many(self, items: Iterable[tuple[bytes, bytes, int] | tuple[bytes, bytes]]) -> None:
         """Store many items with one WAL append and one fsync. Not atomic as a whole."""
@@ -337,14 +438,21 @@ class LSM:
                 k, v, e = it
             entries.append((fmt.KIND_PUT, _key(k), _value(v), _expire(e)))
         if entries:
-            self._write(entries, walmod.encode_batch(entries))
+            ticket = self._append(entries, walmod.encode_batch(entries))
             self._c.puts += len(entries)
+            self.commit(ticket)
 
     def delete(self, key: bytes) -> None:
         """Write a tombstone for ``key`` (absent keys too: they may be on disk)."""
-        entry = (fmt.KIND_DELETE, _key(key), b"", 0)
-        self._write((entry,), walmod.encode_put(*entry))
-        self._c.deletes += 1
+        self.commit(self.delete_uncommitted(key)[2])
+
+    def delete_many(self, keys: Iterable[bytes]) -> None:
+        """Write a tombstone for every key with one WAL append and one fsync (as put_many)."""
+        entries = [(fmt.KIND_DELETE, _key(k), b"", 0) for k in keys]
+        if entries:
+            ticket = self._append(entries, walmod.encode_batch(entries))
+            self._c.deletes += len(entries)
+            self.commit(ticket)
 
     def get(self, key: bytes) -> bytes | None:
         """The live value of ``key``, or None (absent, deleted or expired)."""
@@ -355,19 +463,16 @@ class LSM:
         """``(value, expire_at_ms)`` of a live key, or None."""
         if type(key) is not bytes or not 0 < len(key) <= fmt.MAX_KEY:
             key = _key(key)
-        if self._closed:
-            self._check_open()  # before the lock: after a fork it may be held by a dead thread
-        with self._lock:
-            if self._closed:
-                self._check_open()  # close() ran while we waited
+        with self._open:
+            view = self._view
             if self._page.load() != self._seen:
-                self._sync_view_locked()
+                view.sync_handle_locked()
             self._c.gets += 1
-            slot = self._lookup_locked(key)
+            slot = view.lookup_handle_locked(key)
         if slot is None:
             return None
         kind, value, expire = slot
-        if kind != fmt.KIND_PUT or (expire and expire <= _now_ms()):
+        if kind != fmt.KIND_PUT or (expire and expire <= now_ms()):
             return None
         return value, expire
 
@@ -382,22 +487,21 @@ class LSM:
         A consistent snapshot taken at the first ``next()``; writes after that are not seen.
         Tables stay open (by reference) until the iterator is exhausted or closed.
         """
-        self._check_open()  # before the lock: fork safety
-        with self._lock:
-            self._check_open()  # again: close() may have run while we waited
-            self._sync_view_locked()
+        with self._open:
+            view = self._view
+            view.sync_handle_locked()
             sources: list[Iterator[tuple[bytes, int, bytes, int]]] = []
             for g in reversed(self._gens):
                 sources.append(iter(g.mem.items(start, stop)))
             held: list[TableReader] = []
-            for t in self._levels[0]:
-                r = self._readers[t.number]
+            for t in view.levels[0]:
+                r = view.readers[t.number]
                 r.ref()
                 held.append(r)
                 sources.append(r.iter_from(start, stop))
-            for lv in self._levels[1:]:
+            for lv in view.levels[1:]:
                 rs = [
-                    self._readers[t.number]
+                    view.readers[t.number]
                     for t in lv
                     if t.overlaps(start, None if stop is None else stop)
                 ]
@@ -409,7 +513,7 @@ class LSM:
                         itertools.chain.from_iterable(r.iter_from(start, stop) for r in rs)
                     )
         try:
-            yield from _accel.Merge(sources, _now_ms())  # live (key, value) pairs, newest wins
+            yield from _accel.Merge(sources, now_ms())  # live (key, value) pairs, newest wins
         finally:
             for r in held:
                 r.unref()
@@ -418,19 +522,24 @@ class LSM:
         """Write all memtables to an L0 table now (then run due compactions). Waits for any
         maintenance in progress, in this process or another."""
         self._check_open()
-        self._maintain(block=True, force_flush=True)
+        self._maint.run(block=True, force_flush=True)
 
     def compact(self) -> None:
         """Flush, then merge every table into one sorted run at the deepest level (drops all
         tombstones and expired entries, reclaims space)."""
         self._check_open()
-        self._maintain(block=True, force_flush=True, full=True)
+        self._maint.run(block=True, force_flush=True, full=True)
+
+    def maintain(self) -> None:
+        """Run one maintenance round now unless another is in progress (in this process or
+        another): flush if the WAL backlog reached ``memtable_bytes``, then the due compactions.
+        What the background thread and the helper process (helper_main.py) run."""
+        self._check_open()
+        self._maint.run(block=False)
 
     def sync(self) -> None:
         """fsync the WAL now (any durability mode)."""
-        self._check_open()  # before the lock: fork safety
-        with self._lock:
-            self._check_open()  # again: close() may have run while we waited
+        with self._open:
             self._gens[-1].wal.sync()
             self._dirty = False
             self._c.wal_syncs += 1
@@ -439,19 +548,16 @@ class LSM:
         """Check manifest, every table block and every live WAL record; return problems found."""
         from .verify import verify_store
 
-        self._check_open()  # before the lock: fork safety
-        with self._lock:
-            self._check_open()  # again: close() may have run while we waited
+        with self._open:
             return verify_store(self.path, self.opts.max_levels, self._page)
 
     def stats(self) -> dict[str, Any]:
         """Counters and sizes. ``write_amplification`` = bytes written to disk (WAL + flushes +
         compactions) / key+value bytes put, store-wide. Bloom numbers are this process's."""
-        self._check_open()  # before the lock: fork safety
-        with self._lock:
-            self._check_open()  # again: close() may have run while we waited
-            self._sync_view_locked()
-            m = self._manifest
+        with self._open:
+            view = self._view
+            view.sync_handle_locked()
+            m = view.manifest
             c = dict(m.counters)
             disk = 0
             try:
@@ -472,16 +578,16 @@ class LSM:
             )
             neg = (
                 self._c.bloom_negatives
-                + self._probe.negatives
-                + sum(r.bloom_negatives for r in self._readers.values())
+                + view.probe.negatives
+                + sum(r.bloom_negatives for r in view.readers.values())
             )
             fp = self._c.bloom_false_positives + sum(
-                r.bloom_false_positives for r in self._readers.values()
+                r.bloom_false_positives for r in view.readers.values()
             )
             return {
                 "disk_bytes": disk,
-                "files_per_level": [len(lv) for lv in self._levels],
-                "bytes_per_level": [sum(t.size for t in lv) for lv in self._levels],
+                "files_per_level": [len(lv) for lv in view.levels],
+                "bytes_per_level": [sum(t.size for t in lv) for lv in view.levels],
                 "entries_on_disk": sum(t.entries for t in m.tables),
                 "memtable_entries": sum(len(g.mem) for g in self._gens),
                 "memtable_bytes": sum(g.mem.approx_bytes for g in self._gens),
@@ -500,14 +606,17 @@ class LSM:
                 "block_cache_hits": self._cache.hits,
                 "block_cache_misses": self._cache.misses,
                 "gets": self._c.gets,
-                "puts": self._c.puts,
+                "puts": self._c.puts + self._tail.puts,
                 "deletes": self._c.deletes,
                 "wal_syncs": self._c.wal_syncs,
+                "group_commits": self._c.group_commits,
                 "wal_replayed_records": self._c.wal_replayed_records,
                 "wal_torn_tails_dropped": self._c.wal_torn_tails_dropped,
+                "wal_torn_bytes_dropped": self._c.wal_torn_bytes_dropped,
+                "wal_corrupt_records_dropped": self._c.wal_corrupt_records_dropped,
                 "wal_dropped_bytes": self._c.wal_dropped_bytes,
                 "manifest_reloads": self._c.manifest_reloads,
-                "last_maintenance_error": self._last_error,
+                "last_maintenance_error": self._maint.last_error,
                 "durability": self.durability,
             }
 
@@ -517,14 +626,14 @@ class LSM:
         if self._closed:
             return
         self._check_open()
-        self._stop.set()
-        self._maint_wanted.set()
-        for t in (self._syncer, self._maint_thread):
+        self._maint.stop.set()
+        self._maint.wanted.set()
+        for t in (self._syncer, self._maint.thread):
             if t is not None and t is not threading.current_thread():
                 t.join()
-        if self._helper is not None:
-            self._helper.stop()
-        with self._maint_mutex, self._lock:
+        if self._maint.helper is not None:
+            self._maint.helper.stop()
+        with self._maint.exclusive(), self._lock:
             if self._closed:
                 return
             try:
@@ -536,7 +645,8 @@ class LSM:
                 ):
                     self._gens[-1].wal.sync()
             finally:
-                self._closed = True
+                self._closed = self._maint.closed = True
+                self._tail.open = False
                 self._release_all()
 
     def __enter__(self) -> LSM:
@@ -557,11 +667,12 @@ class LSM:
     def _abandon_in_child(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        self._closed = self._maint.closed = True
+        self._tail.open = False
         self._forked = True
-        if self._helper is not None:
-            self._helper.abandon_in_child()
-        fds = [g.wal.fd for g in self._gens] + [r.fd for r in self._readers.values()]
+        if self._maint.helper is not None:
+            self._maint.helper.abandon_in_child()
+        fds = [g.wal.fd for g in self._gens] + [r.fd for r in self._view.readers.values()]
         for fd in [*fds, self._lock_fd]:
             try:
                 if fd >= 0:
@@ -570,19 +681,14 @@ class LSM:
                 pass
 
     def _release_all(self) -> None:
-        for g in self._gens:
-            g.wal.close()
-        self._gens = []
-        for r in self._readers.values():
-            r.unref()
-        self._readers = {}
+        self._view.release()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
         if self._page is not None:
             self._page.close()
 
-    def _bootstrap_locked(self) -> None:
+    def _bootstrap_handle_locked(self) -> None:
         """Create an empty store (WAL 1 + manifest) if there is no manifest yet.
 
         A directory with data files but no manifest is refused, never "re-initialised": the
@@ -591,7 +697,7 @@ class LSM:
         """
         if mf.identity(self.path) is not None:
             return
-        self._lock_maintenance(block=True)
+        self._maint.lock(block=True)
         try:
             if mf.identity(self.path) is None:
                 for name in os.listdir(self.path):
@@ -603,185 +709,50 @@ class LSM:
                         or (gen == 1 and os.path.getsize(p) > fmt.WAL_HEADER.size)
                     ):
                         raise Corruption(
-                            f"{self.path}: MANIFEST is missing but data files exist ({name})"
+                            f"{self.path}: MANIFEST is missing but data files exist ({name}); "
+                            f"`shmkv repair {self.path}` rebuilds it from them"
                         )
                 WalFile.create(self.path, 1, self._page).close()
                 mf.write(self.path, mf.Manifest(generation=1, wal_gen=1, next_file=1))
         finally:
-            self._maintenance_unlock()
-
-    def _sync_view_locked(self) -> None:
-        """Bring this process's view up to date unless the change counter says nothing did.
-
-        The counter is loaded *before* looking, so a change made while we look bumps it past the
-        value we remember and the next operation looks again."""
-        assert self._page is not None
-        e = self._page.load()
-        if e == self._seen:
-            return
-        self._refresh_locked()
-        self._catch_up_locked()
-        self._seen = e
-
-    def _refresh_locked(self, force: bool = False) -> None:
-        """Load the manifest if it changed: tables opened/dropped, flushed generations dropped."""
-        if not force and mf.identity(self.path) == self._mid:
-            return
-        for _ in range(_RETRIES):
-            got = mf.read(self.path)
-            if got is None:
-                raise Corruption(f"{self.path}: MANIFEST is missing")
-            m, ident = got
-            if ident == self._mid and not force:
-                return
-            try:
-                self._install_locked(m, ident)
-                return
-            except FileNotFoundError:
-                continue  # a named file vanished: a newer manifest exists; read it
-        raise Corruption(f"{self.path}: the manifest names files that do not exist")
-
-    def _install_locked(self, m: mf.Manifest, ident: mf.Identity | None) -> None:
-        """Make ``m`` this process's view. Raises FileNotFoundError (view unchanged) if a file it
-        names is gone."""
-        opened: dict[int, TableReader] = {}
-        try:
-            for t in m.tables:
-                if t.number not in self._readers:
-                    opened[t.number] = TableReader(
-                        os.path.join(self.path, fmt.sst_name(t.number)), t.number, self._cache
-                    )
-            keep = [g for g in self._gens if g.gen >= m.wal_gen]
-            new_gen: _Gen | None = None
-            if not keep:
-                w = WalFile.open(self.path, m.wal_gen, self._page)
-                new_gen = _Gen(w, Memtable(m.wal_gen))
-            elif keep[0].gen != m.wal_gen:
-                raise Corruption(f"{self.path}: WAL generation {m.wal_gen} is not in the chain")
-        except BaseException:
-            for r in opened.values():
-                r.unref()
-            raise
-        for g in self._gens:
-            if g.gen < m.wal_gen:
-                g.wal.close()
-        self._gens = keep if new_gen is None else [new_gen]
-        names = {t.number for t in m.tables}
-        for n in list(self._readers):
-            if n not in names:
-                r = self._readers.pop(n)
-                self._c.bloom_negatives += r.bloom_negatives
-                self._c.bloom_false_positives += r.bloom_false_positives
-                r.unref()
-        self._readers.update(opened)
-        self._manifest = m
-        self._mid = ident
-        self._levels = m.levels(self.opts.max_levels)
-        self._c.bloom_negatives += self._probe.negatives
-        rd = self._readers
-        self._probe = _accel.Probe(
-            [(t.smallest, t.largest, rd[t.number]) for t in self._levels[0]],
-            [[(t.smallest, t.largest, rd[t.number]) for t in lv] for lv in self._levels[1:]],
-        )
-        self._c.manifest_reloads += 1
-
-    def _catch_up_locked(self) -> None:
-        """Apply WAL records written since we last looked, following seals to newer generations."""
-        i = 0
-        while i < len(self._gens):
-            g = self._gens[i]
-            if g.sealed_to is None and g.wal.size() > g.offset:
-                self._replay_unlocked(g)
-            if g.sealed_to is not None and i == len(self._gens) - 1:
-                try:
-                    w = WalFile.open(self.path, g.sealed_to, self._page)
-                except FileNotFoundError:
-                    # Flushed and deleted already: the manifest has moved past it. Reload, restart.
-                    self._refresh_locked(force=True)
-                    i = 0
-                    continue
-                self._gens.append(_Gen(w, Memtable(w.gen)))
-            i += 1
-
-    def _replay_unlocked(self, g: _Gen) -> None:
-        """Apply the WAL's new whole records without taking the WAL lock, so a reader catching
-        up (the maintenance helper replays megabytes) never holds up writers.
-
-        Safe because the WAL is append-only and every record is checksummed: a record that
-        reads whole and valid is final. What a lock-free read cannot judge is its *end*: a
-        record still being written looks exactly like a torn one. So any anomaly -- a torn
-        tail or a bad record -- is looked at again under the lock, where it is definitive
-        (:meth:`_replay_locked`)."""
-        rep = g.wal.read_from(g.offset)
-        self._apply(g, rep.records)
-        g.offset = rep.end
-        if rep.torn or rep.corrupt is not None:
-            with g.wal.locked():
-                self._replay_locked(g)
-
-    def _replay_locked(self, g: _Gen) -> None:
-        """REQUIRES: g.wal.locked(). Apply records from g.offset to EOF; cut a torn tail."""
-        rep = g.wal.read_from(g.offset)
-        self._apply(g, rep.records)
-        g.offset = rep.end
-        if rep.torn:
-            g.wal.truncate_locked(rep.end)
-            self._c.wal_torn_tails_dropped += 1
-        elif rep.corrupt is not None:
-            if self.wal_recovery == "strict":
-                raise Corruption(
-                    f"{g.wal.path}: {rep.corrupt}; {rep.size - rep.end} bytes follow "
-                    "(open with wal_recovery='truncate' to drop them)"
-                )
-            g.wal.truncate_locked(rep.end)
-            self._c.wal_dropped_bytes += rep.size - rep.end
-
-    def _apply(self, g: _Gen, records: list[tuple[int, bytes]]) -> None:
-        for rtype, payload in records:
-            self._c.wal_replayed_records += 1
-            if rtype == fmt.REC_SEAL:
-                (g.sealed_to,) = fmt.U64.unpack(payload)
-                continue
-            try:
-                g.mem.apply_all(walmod.decode_batch(payload))
-            except ValueError as e:  # checksum passed but structure is wrong: a writer bug
-                raise Corruption(f"{g.wal.path}: malformed batch record: {e}") from e
-
-    def _lookup_locked(self, key: bytes) -> tuple[int, bytes, int] | None:
-        """Newest entry for key (tombstones included) across memtables and tables: one C call
-        (range, bloom, index and block checks in ``_accel.Probe.lookup``)."""
-        return self._probe.lookup(key, self._gens, _decompress)
+            self._maint.unlock()
 
     # ------------------------------------------------------------------ writes
 
-    def _write(self, entries: Sequence[tuple[int, bytes, bytes, int]], data: bytes) -> None:
+    def _append(
+        self, entries: Sequence[tuple[int, bytes, bytes, int]], data: bytes
+    ) -> Ticket | None:
         """Append ``data`` (the WAL records of ``entries``) and apply ``entries`` to our memtable.
+        In durability "fsync", return the ticket :meth:`commit` waits on: the WAL (pinned open
+        until committed) and the end of our record in it. The record is written (in the page
+        cache, visible to every process) but not yet durable.
 
         Fast path: when the change counter still equals the value of our last full look (or of our own
         last append), nobody appended, sealed or replaced the manifest since, so the WAL ends
-        exactly at ``g.offset``: no fstat, no replay -- one write under the WAL lock, in C."""
-        if self._closed:
-            self._check_open()  # before the lock: after a fork it may be held by a dead thread
+        exactly at ``g.offset``: no fstat, no replay -- one write under the WAL lock, in C.
+
+        Rejected: fsync here, under ``self._lock`` (as before group commit): every other thread
+        of the process then waited for it, and the memory tier calls this under a stripe lock,
+        so a writer paused in its fsync stopped every process that touched that stripe."""
         page = self._page
-        with self._lock:
-            if self._closed:
-                self._check_open()  # close() ran while we waited
+        with self._open:
+            view = self._view
             if page.load() != self._seen:
-                self._sync_view_locked()
+                view.sync_handle_locked()
             g = self._gens[-1]
             after = 0
             if g.sealed_to is None:
                 try:  # 0: the counter moved since our last look; catch up below
-                    after = page.append(g.wal.fd, data, g.offset, self._seen)
+                    after = page.append(g.wal.fd, data, g.offset, self._seen, g.gen)
                 except OSError as e:
                     raise io_error(e, g.wal.path, "append to WAL") from e
             while not after:
                 with g.wal.locked():
-                    self._replay_locked(g)  # someone appended (or died appending) meanwhile
+                    view.replay_wal_locked(g)  # someone appended (or died appending) meanwhile
                     if g.sealed_to is None:
-                        after = g.wal.append_locked(data, g.offset)
+                        after = g.wal.append_wal_locked(data, g.offset, g.gen)
                 if not after:
-                    self._catch_up_locked()  # sealed under us: move to the next generation
+                    view.catch_up_handle_locked()  # sealed under us: move to the next generation
                     g = self._gens[-1]
             if len(entries) == 1:
                 kind, key, value, expire = entries[0]
@@ -791,37 +762,39 @@ class LSM:
             g.offset += len(data)
             if after == self._seen + 2:
                 self._seen = after  # the only change since our last look was this append
+            ticket: Ticket | None = None
             if self.durability == "fsync":
-                g.wal.sync()
-                self._c.wal_syncs += 1
+                ticket = (g.wal, g.offset)
+                g.wal.pins += 1  # closing it must wait for our commit (fd reuse: wrong file)
             else:
                 self._dirty = True
             backlog = (
-                g.offset - fmt.WAL_HEADER.size if len(self._gens) == 1 else self._wal_bytes_locked()
+                g.offset - fmt.WAL_HEADER.size if len(self._gens) == 1 else view.wal_bytes_handle_locked()
             )
         if not self.auto_maintenance or backlog < self.memtable_bytes:
             h = self._helper
             if h is not None and h.pid is None and backlog >= self.memtable_bytes >> 1:
                 h.ensure_started()  # never started yet: let it import while we fill up
-            return
-        if self._maint_thread is not None and backlog < _STALL_FACTOR * self.memtable_bytes:
-            if not self._maint_wanted.is_set():
-                self._maint_wanted.set()
-            return
+                self._tail.limit = self.memtable_bytes  # the fast path may go on to a flush
+            return ticket
+        maint = self._maint
+        if maint.thread is not None and backlog < _STALL_FACTOR * self.memtable_bytes:
+            if not maint.wanted.is_set():
+                # asked for: the fast path may go on up to the stall (the loop lowers it again)
+                self._tail.limit = _STALL_FACTOR * self.memtable_bytes
+                maint.wanted.set()
+            return ticket
         # Inline mode, or the background thread cannot keep up: the writer does the work
-        # (a write stall, as in LevelDB: memory stays bounded). The put itself is durable
-        # already, so a failure here is recorded, not raised.
+        # (a write stall, as in LevelDB: memory stays bounded). The record is written already
+        # (and is durable once committed), so a failure here is recorded, not raised.
         try:
-            self._maintain(block=self._maint_thread is not None)
+            maint.run(block=maint.thread is not None)
         except (Error, OSError) as e:
-            self._last_error = f"{type(e).__name__}: {e}"
-
-    def _wal_bytes_locked(self) -> int:
-        # Sealed-but-unflushed generations count: a failed flush must be retried soon.
-        return sum(g.offset - fmt.WAL_HEADER.size for g in self._gens)
+            maint.last_error = f"{type(e).__name__}: {e}"
+        return ticket
 
     def _sync_loop(self) -> None:
-        while not self._stop.wait(self.interval_ms / 1000):
+        while not self._maint.stop.wait(self.interval_ms / 1000):
             with self._lock:
                 if self._closed or not self._dirty or not self._gens:
                     continue
@@ -830,243 +803,32 @@ class LSM:
                     self._dirty = False
                     self._c.wal_syncs += 1
                 except Exception as e:  # a thread must not die silently; surface it in stats
-                    self._last_error = f"background fsync: {e}"
-
-    def _maint_loop(self) -> None:
-        """Background maintenance: woken by writers crossing ``memtable_bytes``, and once a
-        second to catch work that is due for other reasons (a failed flush, another process's
-        writes)."""
-        while not self._stop.is_set():
-            woken = self._maint_wanted.wait(1.0)
-            self._maint_wanted.clear()
-            if self._stop.is_set():
-                return
-            try:
-                if not woken:
-                    with self._lock:
-                        if self._closed:
-                            return
-                        due = self._wal_bytes_locked() >= self.memtable_bytes or (
-                            compaction.pick(self._manifest, self.opts) is not None
-                        )
-                    if not due:
-                        continue
-                if self._helper is not None:
-                    self._last_error = self._helper.round()
-                    if self._helper.exits >= _HELPER_GIVE_UP:
-                        # It cannot run here (say sys.executable is not a Python, as under
-                        # some embedding servers): maintain in this thread from now on.
-                        self._helper.stop()
-                        self._helper = None
-                        self._last_error = f"maintenance helper unusable: {self._last_error}"
-                        self._maintain(block=False)
-                else:
-                    self._maintain(block=False)
-                    self._last_error = None
-            except Exception as e:  # a thread must not die silently; surface it in stats
-                self._last_error = f"background maintenance: {type(e).__name__}: {e}"
-
-    # ------------------------------------------------------------------ maintenance
-    #
-    # Lock order: self._maint_mutex (threads of this process; flock cannot tell them apart)
-    # -> LOCK flock (processes) -> self._lock, which maintenance takes only for short steps:
-    # merging and writing tables run without it, so other threads keep reading and writing.
-    # Methods below without the _locked suffix REQUIRE that self._lock is NOT held.
-
-    def _try_maintenance_lock(self) -> bool:
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-
-    def _lock_maintenance(self, block: bool) -> None:
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX if block else fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-    def _maintenance_unlock(self) -> None:
-        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-
-    def _maintain(self, *, block: bool, force_flush: bool = False, full: bool = False) -> None:
-        """Flush (when due, or forced), then the due compactions (or one full compaction).
-
-        Non-blocking (``block=False``) gives up at once if this process or another is already
-        doing maintenance: that one will seal and flush our WAL as well.
-        """
-        if not self._maint_mutex.acquire(blocking=block):
-            return
-        try:
-            if block:
-                self._lock_maintenance(True)
-            elif not self._try_maintenance_lock():
-                return
-            try:
-                if self._closed:
-                    return
-                self._flush(force_flush)
-                if full:
-                    with self._lock:
-                        comp = compaction.pick_full(self._manifest, self.opts)
-                    if comp is not None:
-                        self._run_compaction(comp)
-                    with self._lock:
-                        self._collect_garbage_locked()
-                else:
-                    self._compact_due()
-            finally:
-                self._maintenance_unlock()
-        finally:
-            self._maint_mutex.release()
-
-    def _flush(self, force: bool) -> None:
-        """REQUIRES: the maintenance lock. Seal the WAL, write the sealed generations to one L0
-        table, install a manifest that starts at the new generation."""
-        with self._lock:
-            self._refresh_locked(force=True)
-            self._catch_up_locked()
-            tail = self._gens[-1]
-            if not force and self._wal_bytes_locked() < self.memtable_bytes:
-                return  # someone flushed while we waited
-            if not any(g.mem.records for g in self._gens):
-                return
-            new_gen = tail.gen + 1
-            WalFile.create(self.path, new_gen, self._page).close()
-            with tail.wal.locked():
-                self._replay_locked(tail)
-                if tail.sealed_to is not None:
-                    raise Corruption(
-                        f"{tail.wal.path}: sealed by someone not holding the maintenance lock"
-                    )
-                tail.wal.append_locked(walmod.encode_record(fmt.REC_SEAL, fmt.U64.pack(new_gen)))
-                tail.wal.sync()
-                self._replay_locked(tail)
-            assert tail.sealed_to == new_gen, "Invariant: our own SEAL is the last record"
-            self._catch_up_locked()  # opens the new generation
-            # Invariant: sealed generations never change again, and only a manifest written by
-            # the maintenance-lock holder (us) can drop them: safe to read without self._lock.
-            flushed = [g for g in self._gens if g.sealed_to is not None]
-            m = self._manifest
-        number = m.next_file
-        stream = compaction.drop_dead(
-            compaction.merge([g.mem.iter_entries() for g in reversed(flushed)]),
-            list(m.tables),
-            _now_ms(),
-        )
-        meta: TableMeta | None = None
-        writer = TableWriter(self._sst_path(number), self.compression)
-        try:
-            writer.add_from(stream)
-            if len(writer):
-                meta = writer.finish(number, 0)
-            else:
-                writer.abandon()  # everything flushed was dead: no table
-        except BaseException:
-            writer.abandon()
-            raise
-        c = dict(m.counters)
-        c["flushes"] = c.get("flushes", 0) + 1
-        c["user_bytes"] = c.get("user_bytes", 0) + sum(g.mem.user_bytes for g in flushed)
-        c["wal_bytes"] = c.get("wal_bytes", 0) + sum(g.offset for g in flushed)
-        c["flush_bytes"] = c.get("flush_bytes", 0) + (meta.size if meta else 0)
-        new = replace(
-            m,
-            generation=m.generation + 1,
-            wal_gen=new_gen,
-            next_file=number + 1 if meta else number,
-            tables=m.tables + ([meta] if meta else []),
-            counters=c,
-        )
-        with self._lock:
-            assert self._manifest.generation == m.generation, "Invariant: only we publish"
-            self._publish_locked(new)
-        for g in flushed:
-            _unlink_quiet(g.wal.path)
-
-    def _compact_due(self) -> None:
-        """REQUIRES: the maintenance lock."""
-        for _ in range(64):  # bounded: each round strictly reduces the most urgent score
-            with self._lock:
-                comp = compaction.pick(self._manifest, self.opts)
-            if comp is None or self._stop.is_set():
-                return
-            self._run_compaction(comp)
-
-    def _run_compaction(self, comp: compaction.Compaction) -> None:
-        """REQUIRES: the maintenance lock. Merge without self._lock; publish under it."""
-        with self._lock:
-            m = self._manifest
-            readers = {t.number: self._readers[t.number] for t in comp.inputs}
-            for r in readers.values():
-                r.ref()  # a reload in another thread must not close them under the merge
-        try:
-            next_file = [m.next_file]
-
-            def new_writer() -> tuple[int, TableWriter]:
-                n = next_file[0]
-                next_file[0] += 1
-                return n, TableWriter(self._sst_path(n), self.compression)
-
-            outputs = compaction.run(comp, m, readers, self.opts, new_writer, _now_ms())
-            inputs = {t.number for t in comp.inputs}
-            c = dict(m.counters)
-            c["compactions"] = c.get("compactions", 0) + 1
-            c["compact_read_bytes"] = c.get("compact_read_bytes", 0) + sum(
-                t.size for t in comp.inputs
-            )
-            c["compact_write_bytes"] = c.get("compact_write_bytes", 0) + sum(
-                t.size for t in outputs
-            )
-            new = replace(
-                m,
-                generation=m.generation + 1,
-                next_file=next_file[0],
-                tables=[t for t in m.tables if t.number not in inputs] + outputs,
-                counters=c,
-            )
-            with self._lock:
-                assert self._manifest.generation == m.generation, "Invariant: only we publish"
-                self._publish_locked(new)
-        finally:
-            for r in readers.values():
-                r.unref()
-        for n in inputs:
-            _unlink_quiet(self._sst_path(n))
-
-    def _publish_locked(self, new: mf.Manifest) -> None:
-        """Write ``new`` durably, then make it our view. On failure the old manifest stays."""
-        mf.write(self.path, new)
-        self._page.bump()  # after the rename: others reload
-        for _ in range(_RETRIES):
-            ident = mf.identity(self.path)
-            try:
-                self._install_locked(new, ident)
-                return
-            except FileNotFoundError:  # pragma: no cover - we hold the lock; nobody deletes
-                continue
-
-    def _collect_garbage_locked(self) -> None:
-        """REQUIRES: the maintenance lock. Remove files no manifest or live WAL chain needs."""
-        self._refresh_locked(force=True)
-        self._catch_up_locked()
-        live_tables = {t.number for t in self._manifest.tables}
-        first, last = self._gens[0].gen, self._gens[-1].gen
-        try:
-            names = os.listdir(self.path)
-        except OSError:
-            return
-        for name in names:
-            p = os.path.join(self.path, name)
-            if name.endswith(".tmp"):
-                _unlink_quiet(p)
-            elif (n := fmt.parse_sst_name(name)) is not None and n not in live_tables:
-                _unlink_quiet(p)
-            elif (w := fmt.parse_wal_name(name)) is not None and not first <= w <= last:
-                _unlink_quiet(p)
-
-    def _sst_path(self, number: int) -> str:
-        return os.path.join(self.path, fmt.sst_name(number))
-
+                    self._maint.last_error = f"background fsync: {e}"
 
 # ---------------------------------------------------------------------- helpers
+
+
+_OPEN_LOCK = struct.Struct("@hhqqi4x")  # struct flock on Linux: type, whence, start, len, pid
+
+
+def hold_open_lock(fd: int, path: str, *, exclusive: bool) -> None:
+    """The *open lock*: an OFD lock on byte 0 of the store's ``LOCK`` file, shared by every open
+    handle (taken by :class:`LSM` for its lifetime, blocking), exclusive for ``shmkv repair``
+    (non-blocking: :class:`StoreInUse` if any handle is open). Open-file-description locks
+    (``F_OFD_SETLK``) live as long as the fd, are dropped by the kernel when the process
+    dies, and are independent of the ``flock`` on the same file that guards maintenance.
+    Rejected: ``flock(LOCK_SH)`` on ``LOCK`` (it would block every maintenance ``LOCK_EX``)
+    and POSIX ``lockf`` (per process: closing one handle would drop every handle's lock)."""
+    lk = _OPEN_LOCK.pack(fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, os.SEEK_SET, 0, 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK if exclusive else fcntl.F_OFD_SETLKW, lk)
+    except OSError as e:
+        if exclusive and e.errno in (errno.EAGAIN, errno.EACCES):
+            raise StoreInUse(
+                f"{os.path.dirname(path)}: the store is open in another process "
+                "(close every handle first)"
+            ) from None
+        raise io_error(e, path, "lock") from e
 
 
 def _open_page(path: str) -> _accel.SharedPage:
@@ -1076,13 +838,6 @@ def _open_page(path: str) -> _accel.SharedPage:
         raise Corruption(str(e)) from e
     except OSError as e:
         raise io_error(e, path, "map the shared page") from e
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _key(key: object) -> bytes:
@@ -1100,7 +855,7 @@ def _key(key: object) -> bytes:
 
 def _value(value: object) -> bytes:
     if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise InvalidType(f"value must be bytes-like, not {type(value).__name__}")
+        raise not_bytes_like(value)
     value = bytes(value)
     if len(value) > fmt.MAX_VALUE:
         raise ValueTooLarge(f"value is {len(value)} bytes; the limit is {fmt.MAX_VALUE}")
@@ -1108,6 +863,10 @@ def _value(value: object) -> bytes:
 
 
 def _expire(expire_at_ms: object) -> int:
-    if not isinstance(expire_at_ms, int) or expire_at_ms < 0:
+    if isinstance(expire_at_ms, bool) or not isinstance(expire_at_ms, int) or expire_at_ms < 0:
         raise InvalidArgument("expire_at_ms must be a non-negative int (0 = never)")
+    if expire_at_ms > fmt.MAX_EXPIRE_MS:
+        raise InvalidArgument(
+            f"expire_at_ms {expire_at_ms} does not fit the u64 of the entry format (at most {fmt.MAX_EXPIRE_MS})"
+        )
     return expire_at_ms

@@ -6,9 +6,14 @@ writing process they take its GIL, and a writer waits for them on the other core
 process do the work (whoever holds the ``LOCK`` flock; every step crash-safe, see db.py), so
 the helper is simply one more process that opens the store and does it.
 
-Protocol (``main(<path>, <json options>)`` in a child Python): the parent writes one line per
-round ("go"); the helper runs one maintenance round (non-blocking: skipped if another process
-is at it) and answers one line, "ok" or "error <text>". EOF on stdin -- the handle was closed,
+This module is the parent's side (:class:`Helper`, used by maintenance.py); the child's
+program is helper_main.py, which opens the store like any other process (so it imports db.py,
+and nothing here does: imports run one way).
+
+Protocol (``helper_main.main(<path>, <json options>)`` in a child Python): the parent writes
+one line per round ("go"); the helper runs one maintenance round (``LSM.maintain``:
+non-blocking, skipped if another process is at it) and answers one line, "ok" or "error
+<text>". EOF on stdin -- the handle was closed,
 or the parent died -- ends the helper after the round in progress. A helper killed at any
 point leaves what a killed maintainer leaves: nothing the next one cannot finish.
 """
@@ -41,7 +46,7 @@ class Helper:
         # happens to offer): put the tree that holds our package first on its path.
         boot = (
             f"import sys; sys.path.insert(0, {_SHMKV_ROOT!r}); "
-            "from shmkv.lsm.helper import main; sys.exit(main(sys.argv[1:]))"
+            "from shmkv.lsm.helper_main import main; sys.exit(main(sys.argv[1:]))"
         )
         return subprocess.Popen(
             [self.executable, "-c", boot, self.path, json.dumps(self.options)],
@@ -125,28 +130,3 @@ def _close_quiet(f: IO[bytes] | None) -> None:
             f.close()
         except OSError:
             pass
-
-
-def main(argv: list[str]) -> int:
-    from .compaction import LevelOptions
-    from .db import LSM
-
-    path, raw = argv[0], json.loads(argv[1])
-    levels = LevelOptions(**raw.pop("levels"))
-    db = LSM(path, levels=levels, auto_maintenance=False, background=False, **raw)
-    try:
-        for _ in sys.stdin.buffer:
-            try:
-                db._maintain(block=False)
-                reply = "ok"
-            except Exception as e:  # reported to the parent, who records it in stats()
-                reply = f"error {type(e).__name__}: {e}".replace("\n", " ")
-            sys.stdout.write(reply + "\n")
-            sys.stdout.flush()
-    finally:
-        db.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -3,9 +3,10 @@
 Contracts:
 
 - The manifest is never edited in place. A new one is written to ``MANIFEST.<pid>.tmp``,
-  fsynced, renamed over ``MANIFEST``, and the directory fsynced (:func:`write`). A reader opening
-  ``MANIFEST`` therefore sees the old or the new file whole; a crash at any point leaves one of
-  the two in force, plus at most a ``.tmp`` leftover that maintenance removes.
+  fsynced, renamed over ``MANIFEST``, and the directory fsynced (:func:`write`, through
+  atomicfile.py). A reader opening ``MANIFEST`` therefore sees the old or the new file whole;
+  a crash at any point leaves one of the two in force, plus at most a ``.tmp`` leftover that
+  maintenance removes.
 - Only a process holding the maintenance lock (the ``LOCK`` file) writes a manifest, and it
   re-reads the current one under that lock first, so there are no lost updates.
 - ``generation`` increases by one with every write. Other processes notice a new manifest by
@@ -20,6 +21,7 @@ Contracts:
 from __future__ import annotations
 
 import os
+import stat
 import zlib
 from dataclasses import dataclass, field
 
@@ -27,9 +29,11 @@ import msgpack
 
 from shmkv.errors import Corruption
 
+from . import atomicfile
 from . import format as fmt
+from .errors import io_error
+from .fileio import pread_all
 from .sstable import TableMeta
-from .wal import _write_all, fsync_dir, io_error
 
 
 @dataclass
@@ -96,6 +100,38 @@ class Manifest:
             raise Corruption(f"{path}: manifest body malformed: {e}") from e
 
 
+@dataclass
+class Edit:
+    """One change to the manifest, as maintenance makes it (LevelDB's ``VersionEdit``): tables
+    added and removed, the new ``wal_gen`` and ``next_file``, and what to add to the store-wide
+    counters. :meth:`apply` is the one place a new manifest is made from the one in force; the
+    caller publishes it (``VersionSet.log_and_apply_handle_locked``).
+
+    Invariant: ``base`` is the generation of the manifest the edit was made against; it is
+    applied only to that one (the maintenance lock holder is the only publisher, so nothing
+    else can have moved it)."""
+
+    base: int
+    next_file: int
+    wal_gen: int | None = None  # None: unchanged
+    added: list[TableMeta] = field(default_factory=list)
+    removed: set[int] = field(default_factory=set)  # table numbers
+    counters: dict[str, int] = field(default_factory=dict)  # increments
+
+    def apply(self, m: Manifest) -> Manifest:
+        assert m.generation == self.base, "Invariant: an edit applies to the manifest it was made against"
+        c = dict(m.counters)
+        for k, n in self.counters.items():
+            c[k] = c.get(k, 0) + n
+        return Manifest(
+            generation=m.generation + 1,
+            wal_gen=m.wal_gen if self.wal_gen is None else self.wal_gen,
+            next_file=self.next_file,
+            tables=[t for t in m.tables if t.number not in self.removed] + self.added,
+            counters=c,
+        )
+
+
 Identity = tuple[int, int, int]
 
 
@@ -111,25 +147,24 @@ def identity(dirpath: str) -> Identity | None:
 def read(dirpath: str) -> tuple[Manifest, Identity] | None:
     """The current manifest and the identity of the file it came from; None if there is none."""
     path = os.path.join(dirpath, fmt.MANIFEST)
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    try:  # O_NONBLOCK: a FIFO (or device) put in its place must not block the open
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as e:
         raise io_error(e, path, "open manifest") from e
     try:
         st = os.fstat(fd)
-        chunks = []
-        while True:
-            b = os.read(fd, 1 << 20)
-            if not b:
-                break
-            chunks.append(b)
+        if not stat.S_ISREG(st.st_mode):
+            raise Corruption(f"{path}: not a regular file")
+        # Read the size fstat gave, no more: a manifest is never appended to (it is replaced
+        # by rename), so a read loop "until EOF" only had a bound as long as nobody grew it.
+        data = pread_all(fd, st.st_size, 0)
     except OSError as e:
         raise io_error(e, path, "read manifest") from e
     finally:
         os.close(fd)
-    return Manifest.decode(b"".join(chunks), path), (st.st_ino, st.st_ctime_ns, st.st_size)
+    return Manifest.decode(data, path), (st.st_ino, st.st_ctime_ns, st.st_size)
 
 
 def write(dirpath: str, m: Manifest) -> None:
@@ -138,19 +173,7 @@ def write(dirpath: str, m: Manifest) -> None:
     Raises DiskFull / FileAccessError; on failure the previous manifest stays in force.
     """
     path = os.path.join(dirpath, fmt.MANIFEST)
-    tmp = os.path.join(dirpath, f"{fmt.MANIFEST}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, m.encode(), tmp)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(dirpath)
+        atomicfile.replace(path, m.encode())
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise io_error(e, path, "write manifest") from e

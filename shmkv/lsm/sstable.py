@@ -28,7 +28,8 @@ from shmkv.errors import Corruption, Error
 from . import _accel
 from . import format as fmt
 from .bloom import BloomFilter
-from .wal import _pread_all, io_error
+from .errors import io_error
+from .fileio import pread_all
 
 try:  # zstandard is optional: "lz4" is the default codec
     import zstandard
@@ -155,8 +156,12 @@ class TableWriter:
         off, size = self._write_block(raw, self.codec)
         self._index.append((last, off, size))
 
-    def finish(self, number: int = 0, level: int = 0) -> TableMeta:
-        """Write filter, index and footer, fsync, close. Returns the table's metadata."""
+    def finish(self, number: int = 0, level: int = 0, wal_stamp: int = 0) -> TableMeta:
+        """Write filter, index and footer, fsync, close. Returns the table's metadata.
+
+        ``level`` and ``wal_stamp`` (the manifest ``wal_gen`` the table is written for: it
+        holds data of older WAL generations only) go into the footer's ``origin`` word
+        (format.py) for ``shmkv repair``, which has no manifest to read them from."""
         assert self._f is not None
         keys = self._b.keys
         if not keys:
@@ -178,7 +183,7 @@ class TableWriter:
                     i_len,
                     len(keys),
                     fmt.FORMAT_VERSION,
-                    0,
+                    fmt.pack_origin(level, wal_stamp),
                     fmt.SST_MAGIC,
                 )
             )
@@ -253,7 +258,7 @@ class TableReader:
         if self.file_size < fmt.FOOTER.size:
             raise self._corrupt(f"too short to be a table ({self.file_size} bytes)")
         foot = self._pread(fmt.FOOTER.size, self.file_size - fmt.FOOTER.size)
-        f_off, f_len, i_off, i_len, count, version, _, magic = fmt.FOOTER.unpack(foot)
+        f_off, f_len, i_off, i_len, count, version, origin, magic = fmt.FOOTER.unpack(foot)
         if magic != fmt.SST_MAGIC:
             raise self._corrupt("bad magic in footer (not a table, or truncated)")
         if version != fmt.FORMAT_VERSION:
@@ -262,6 +267,8 @@ class TableReader:
         if f_off + f_len > limit or i_off + i_len > limit:
             raise self._corrupt("footer points past the end of the file")
         self.entry_count = count
+        # Where the table was written (None: unknown, a table from before the field existed).
+        self.origin_level, self.origin_wal_stamp = fmt.unpack_origin(origin)
         try:
             self.bloom = BloomFilter.decode(self._read_block(f_off, f_len))
         except ValueError as e:
@@ -303,7 +310,7 @@ class TableReader:
 
     def _pread(self, n: int, off: int) -> bytes:
         try:
-            buf = _pread_all(self.fd, n, off)
+            buf = pread_all(self.fd, n, off)
         except OSError as e:
             raise io_error(e, self.path, "read table") from e
         if len(buf) != n:

@@ -3,10 +3,12 @@
 Reads everything, changes nothing, reports each problem as one string naming the file:
 manifest readable; every named table present, of the recorded size, every block's checksum,
 key order, entry count, bloom filter, recorded key range; levels >= 1 non-overlapping; the live
-WAL chain parses to its end (a torn tail is reported: the next writer cuts it off).
+WAL chain parses to its end (a torn tail is reported: the next writer cuts it off); and every
+file in ``lost/`` (bytes WAL recovery dropped, tables repair set aside: reported until an
+operator removes them, so a drop is never only a counter).
 
-Safe while other processes use the store: WALs are parsed under their flock (so an append in
-flight is never mistaken for a torn tail), and a table unlinked by a concurrent compaction is
+Safe while other processes use the store: WALs are parsed holding the store's WAL lock (the robust
+mutex of the ``SHARED`` page, :meth:`WalFile.locked`: so an append in flight is never mistaken for a torn tail), and a table unlinked by a concurrent compaction is
 reported only if it is still named by the manifest after a re-read.
 """
 
@@ -18,35 +20,55 @@ from shmkv.errors import Error
 
 from . import _accel
 from . import format as fmt
+from . import lost as lostmod
 from . import manifest as mf
 from .sstable import TableReader
 from .wal import WalFile
 
 
 def verify_store(
-    path: str, max_levels: int = 7, page: _accel.SharedPage | None = None
+    path: str,
+    max_levels: int = 7,
+    page: _accel.SharedPage | None = None,
+    *,
+    include_lost: bool = True,
 ) -> list[str]:
     """Problems found in the store at ``path`` ([] when clean). ``page``: the store's shared page
-    if the caller has it open (its WAL lock is taken to read each live WAL)."""
+    if the caller has it open (its WAL lock is taken to read each live WAL). ``include_lost``:
+    also one line per file in ``lost/`` (repair leaves them out: they are not the store's)."""
     if page is None:
         page = _accel.SharedPage(os.path.join(path, fmt.SHARED))
         try:
-            return verify_store(path, max_levels, page)
+            return verify_store(path, max_levels, page, include_lost=include_lost)
         finally:
             page.close()
+    extra = lost_problems if include_lost else lambda _: []
     for _ in range(20):
         try:
             got = mf.read(path)
         except Error as e:
             return [str(e)]
         if got is None:
-            return [f"{path}: MANIFEST is missing"]
+            return [f"{path}: MANIFEST is missing (`shmkv repair` rebuilds it)"]
         m, ident = got
         problems = _verify_tables(path, m, max_levels) + _verify_wals(path, m, page)
         if not problems or mf.identity(path) == ident:
-            return problems
+            return problems + extra(path)
         # The manifest changed under us (flush/compaction elsewhere): check the new one.
-    return problems
+    return problems + extra(path)
+
+
+def lost_problems(path: str) -> list[str]:
+    """One line per file in ``lost/`` (see lost.py)."""
+    try:
+        found = lostmod.listing(path)
+    except Error as e:
+        return [str(e)]
+    return [
+        f"{p}: {size} bytes taken out of the store by WAL recovery or repair and kept here "
+        "(inspect, then remove the file)"
+        for p, size in found
+    ]
 
 
 def _verify_tables(path: str, m: mf.Manifest, max_levels: int) -> list[str]:
@@ -93,6 +115,8 @@ def _verify_tables(path: str, m: mf.Manifest, max_levels: int) -> list[str]:
 def _verify_wals(path: str, m: mf.Manifest, page: _accel.SharedPage) -> list[str]:
     problems: list[str] = []
     gen: int | None = m.wal_gen
+    # Terminates: a SEAL must name a later generation (wal.parse reports one that does not as
+    # corruption, and sealed_to is then None), and each step needs an existing file.
     while gen is not None:
         try:
             w = WalFile.open(path, gen, page)

@@ -7,13 +7,22 @@ Process safety (the contract db.py builds on):
   the lock makes records from different processes land whole and back to back.
 - Under that lock the file holds only whole records, except for a *torn tail* left by a writer
   that died inside its write. Whoever next holds the lock and reads to EOF finds it
-  (:attr:`Replay.torn`) and cuts it off (:meth:`WalFile.truncate`) before appending, so a torn
-  record is never followed by a good one. A bad record that *is* followed by data is corruption
-  (:attr:`Replay.corrupt`), reported, never skipped silently.
+  (:attr:`Replay.torn`) and cuts it off (:meth:`WalFile.truncate_wal_locked`) before appending, so a torn
+  record is never followed by a good one.
+- A torn tail is a record *cut short by the end of the file*: a partial header, a payload the
+  header says runs past EOF, or zeros to EOF where a header should be (a host crash extended the
+  file but the bytes never landed). Nothing else is: a record whose bytes are all there but fail
+  the data checksum is *corruption* (:attr:`Replay.corrupt`) even when it is the last one --
+  a writer that died mid-``write(2)`` cannot leave a complete-length record, so that record
+  was written whole, maybe fsynced and acknowledged, then damaged. (It was: "last record, bad
+  checksum" counted as torn and an acknowledged put vanished without a word. RocksDB's
+  kTolerateCorruptedTailRecords draws the same line: incomplete tail records are tolerated,
+  checksum mismatches are errors.) What recovery does with corruption is db.py's
+  ``wal_recovery`` choice; here it is only found and named.
 - Readers catch up *without* the lock: in an append-only log a record that reads whole and
   passes its checksums is final. What a lock-free reader cannot judge is the end: a record
   still being written looks like a torn one. So any anomaly is read again under the lock,
-  where it is definitive (db.py ``_replay_unlocked``). (It was: every replay under the lock --
+  where it is definitive (version.py ``VersionSet.replay_handle_locked``). (It was: every replay under the lock --
   until a maintenance helper replaying megabytes held every writer up.)
 - A WAL is *sealed* by appending a SEAL record naming the next generation (under the lock,
   after catching up). Nothing is appended after a seal; a writer that replays up to a seal moves
@@ -22,7 +31,6 @@ Process safety (the contract db.py builds on):
 
 from __future__ import annotations
 
-import errno
 import os
 import zlib
 from collections.abc import Iterable, Iterator
@@ -33,11 +41,11 @@ from shmkv.errors import Corruption
 
 from . import _accel
 from . import format as fmt
-from .errors import DiskFull, FileAccessError
+from .errors import io_error
+from .fileio import fsync_dir, pread_all, unlink_quiet, write_all
 
 Entry = tuple[int, bytes, bytes, int]  # kind, key, value, expire_at_ms
 
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def encode_record(rtype: int, payload: bytes | bytearray | memoryview) -> bytes:
@@ -84,14 +92,17 @@ class Replay:
     sealed_to: int | None = None  # next gen, if a SEAL record was read
 
 
-def parse(buf: bytes, base: int) -> Replay:
-    """Parse records in ``buf`` (file bytes starting at offset ``base``) up to the first anomaly."""
+def parse(buf: bytes, base: int, gen: int | None = None) -> Replay:
+    """Parse records in ``buf`` (file bytes starting at offset ``base``) up to the first anomaly.
+
+    ``gen``: the generation of the file, when known: a SEAL must name a later one (a seal
+    naming its own or an earlier generation would send every reader round a cycle)."""
     rep = Replay(end=base, size=base + len(buf))
     mv = memoryview(buf)
     pos = 0
     n = len(buf)
     hs = fmt.REC_HEAD.size
-    while pos < n:
+    while pos < n:  # terminates: every iteration consumes >= REC_HEAD bytes or breaks
         if rep.sealed_to is not None:
             rep.corrupt = f"data after the SEAL record at offset {base + pos}"
             break
@@ -109,34 +120,108 @@ def parse(buf: bytes, base: int) -> Replay:
             rep.corrupt = f"record length {length} at offset {base + pos} is implausible"
             break
         if n - pos - hs < length:
-            rep.torn = True
+            rep.torn = True  # cut short by the end of the file: a writer died in write(2)
             break
         payload = mv[pos + hs : pos + hs + length]
         if zlib.crc32(payload) != dcrc:
-            if pos + hs + length == n:
-                rep.torn = True  # last record, head intact: a host crash lost its last page(s)
-            else:
-                rep.corrupt = f"bad record checksum at offset {base + pos}"
+            # Whole (the header's length fits the file) but damaged: corruption, wherever it
+            # is -- see the module doc for why this is never taken for a torn tail.
+            rep.corrupt = f"bad record checksum at offset {base + pos} ({hs + length} bytes)"
             break
         if rtype == fmt.REC_SEAL:
             if length != fmt.U64.size:
                 rep.corrupt = f"malformed SEAL record at offset {base + pos}"
                 break
-            (rep.sealed_to,) = fmt.U64.unpack_from(payload, 0)
+            (nxt,) = fmt.U64.unpack_from(payload, 0)
+            if gen is not None and nxt <= gen:
+                rep.corrupt = (
+                    f"SEAL record at offset {base + pos} names generation {nxt}, "
+                    f"not one after {gen}"
+                )
+                break
+            rep.sealed_to = nxt
         rep.records.append((rtype, bytes(payload)))
         pos += hs + length
         rep.end = base + pos
     return rep
 
 
+@dataclass
+class Salvage:
+    """What :func:`salvage` kept of a damaged stretch of WAL and what it dropped."""
+
+    records: list[bytes] = field(default_factory=list)  # whole framed records, in file order
+    dropped: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) ranges
+    sealed_to: int | None = None
+
+    @property
+    def dropped_bytes(self) -> int:
+        return sum(n for _, n in self.dropped)
+
+
+def salvage(buf: bytes, base: int, gen: int | None = None) -> Salvage:
+    """Every intact record of ``buf`` (file bytes from offset ``base``), skipping bad ones.
+
+    A record whose header is intact but whose payload fails its checksum is skipped by its own
+    length; after a bad header (whose length cannot be trusted) the next valid record is found
+    by ``_accel.find_record``. Nothing after a SEAL is kept (nothing may follow one). Terminates:
+    every step moves ``pos`` forward by at least one byte."""
+    out = Salvage()
+    pos = 0
+    n = len(buf)
+    hs = fmt.REC_HEAD.size
+    while pos < n:
+        rep = parse(buf[pos:], base + pos, gen)
+        start = pos
+        for rtype, payload in rep.records:
+            size = hs + len(payload)
+            out.records.append(bytes(buf[start : start + size]))
+            start += size
+            if rtype == fmt.REC_SEAL:
+                (out.sealed_to,) = fmt.U64.unpack(payload)
+        pos = rep.end - base
+        if out.sealed_to is not None:
+            if pos < n:
+                out.dropped.append((base + pos, n - pos))
+            break
+        if pos >= n:
+            break
+        # pos is at a bad or torn record: skip it by its own length if its header is sound,
+        # else resynchronise on the next valid record.
+        length, rtype, hcrc, _ = fmt.REC_HEAD.unpack_from(buf, pos) if n - pos >= hs else (0, 0, 0, 0)
+        nxt = -1
+        if (
+            n - pos >= hs
+            and rtype in (fmt.REC_BATCH, fmt.REC_SEAL)
+            and zlib.crc32(buf[pos : pos + 5]) == hcrc
+            and length <= n - pos - hs
+        ):
+            nxt = pos + hs + length
+            if nxt < n:
+                found = _accel.find_record(buf, nxt, fmt.MAX_RECORD)
+                nxt = n if found < 0 else found
+        else:
+            found = _accel.find_record(buf, pos + 1, fmt.MAX_RECORD)
+            nxt = n if found < 0 else found
+        assert nxt > pos, "Invariant: salvage always moves forward"
+        out.dropped.append((base + pos, nxt - pos))
+        pos = nxt
+    return out
+
+
 class WalFile:
-    """One open ``wal-<gen>.log``. Not thread-safe: db.py serialises calls with its own lock."""
+    """One open ``wal-<gen>.log``. Not thread-safe: callers serialise calls with the handle lock (db.py)."""
 
     def __init__(self, path: str, gen: int, fd: int, page: _accel.SharedPage) -> None:
         self.path = path
         self.gen = gen
         self.fd = fd
         self.page = page  # whose lock guards appends (and replays) of every WAL of the store
+        # Writes appended but not yet committed (db.py commit(): an fsync outside the handle lock).
+        # close() waits for the last: a closed fd number can be reused by another file at once,
+        # and an fsync of *that* would be taken for this WAL's.
+        self.pins = 0
+        self._close_pending = False
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -152,7 +237,7 @@ class WalFile:
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                _write_all(fd, fmt.WAL_HEADER.pack(fmt.WAL_MAGIC, fmt.FORMAT_VERSION, 0, gen), tmp)
+                write_all(fd, fmt.WAL_HEADER.pack(fmt.WAL_MAGIC, fmt.FORMAT_VERSION, 0, gen), tmp)
                 os.fsync(fd)
             except BaseException:
                 os.close(fd)
@@ -161,7 +246,7 @@ class WalFile:
             os.replace(tmp, path)
             fsync_dir(dirpath)
         except OSError as e:
-            _unlink_quiet(tmp)
+            unlink_quiet(tmp)
             raise io_error(e, tmp, "create WAL") from e
         return cls.open(dirpath, gen, page)
 
@@ -194,9 +279,17 @@ class WalFile:
         return cls(path, gen, fd, page)
 
     def close(self) -> None:
-        if self.fd >= 0:
+        """Close now, or when the last pin is released (:meth:`unpin`)."""
+        if self.pins:
+            self._close_pending = True
+        elif self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def unpin(self) -> None:
+        self.pins -= 1
+        if not self.pins and self._close_pending:
+            self.close()
 
     # -- locking -----------------------------------------------------------------------------------
 
@@ -220,85 +313,41 @@ class WalFile:
         size = self.size()
         if size <= offset:
             return Replay(end=offset, size=size)
+        return parse(self.read_bytes(offset, size), offset, self.gen)
+
+    def read_bytes(self, offset: int, end: int) -> bytes:
+        """The file's bytes in [offset, end) (fewer if it is shorter)."""
         try:
-            buf = _pread_all(self.fd, size - offset, offset)
+            return pread_all(self.fd, end - offset, offset)
         except OSError as e:
             raise io_error(e, self.path, "read WAL") from e
-        return parse(buf, offset)
 
-    # -- writing (REQUIRES: self.locked() held, and the caller has read to EOF) -------------------
+    # -- writing (REQUIRES: the WAL lock, self.locked(), and the caller has read to EOF) --------
+    # The ``_wal_locked`` suffix names that lock: callers in version.py hold the handle lock too.
 
-    def append_locked(self, data: bytes, start: int | None = None) -> int:
+    def append_wal_locked(self, data: bytes, start: int | None = None, gen: int = 0) -> int:
         """Append whole records (``SharedPage.append_locked``: the change counter is bumped
         before and after); return the counter after. On failure nothing is left behind: a short
         or failed write is cut back to ``start`` and DiskFull/FileAccessError raised.
 
-        ``start``: the current end of file, when the caller knows it (saves an fstat)."""
+        ``start``: the current end of file, when the caller knows it (saves an fstat).
+        ``gen``: this WAL's generation, to publish the new end for group commit (0: don't)."""
         if start is None:
             start = self.size()
         try:
-            return self.page.append_locked(self.fd, data, start)
+            return self.page.append_locked(self.fd, data, start, gen)
         except OSError as e:
             raise io_error(e, self.path, "append to WAL") from e
 
-    def truncate_locked(self, offset: int) -> None:
-        """Cut a torn tail. REQUIRES: the lock, and ``offset`` is the end of the last good record."""
-        os.ftruncate(self.fd, offset)
+    def truncate_wal_locked(self, offset: int) -> None:
+        """Cut a torn tail. REQUIRES: the WAL lock, and ``offset`` is the end of the last good record."""
+        try:
+            os.ftruncate(self.fd, offset)
+        except OSError as e:
+            raise io_error(e, self.path, "truncate WAL") from e
 
     def sync(self) -> None:
         try:
             os.fdatasync(self.fd)
         except OSError as e:
             raise io_error(e, self.path, "fsync WAL") from e
-
-
-# -- small file helpers shared by the other modules --------------------------------------------
-
-
-def _write_all(fd: int, data: bytes | memoryview, path: str) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.write(fd, mv)
-        if n <= 0:  # pragma: no cover - write(2) reports ENOSPC instead of 0 on Linux
-            raise OSError(errno.ENOSPC, "short write", path)
-        mv = mv[n:]
-
-
-def _pread_all(fd: int, n: int, offset: int) -> bytes:
-    buf = os.pread(fd, n, offset)
-    if len(buf) == n:
-        return buf
-    parts = [buf]
-    got = len(buf)
-    while got < n:
-        more = os.pread(fd, n - got, offset + got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
-
-
-def fsync_dir(dirpath: str) -> None:
-    fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def io_error(e: OSError, path: str, what: str) -> Exception:
-    """Map an OSError to the error the LSM raises: DiskFull for ENOSPC, else FileAccessError."""
-    if e.errno in _DISK_FULL:
-        return DiskFull(f"disk full: cannot {what} {path}: {e.strerror}", e.errno, path)
-    return FileAccessError(e.errno or 0, f"cannot {what}: {e.strerror or e}", path)
-
-
-_accel.set_io_error(io_error)

@@ -76,6 +76,20 @@ def test_small_run_prints_table_and_writes_json_and_plot(tmp_path: Path) -> None
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.multiprocess
+@pytest.mark.bench
+def test_scan_mix_runs_the_ordered_backends_and_skips_the_rest(tmp_path: Path) -> None:
+    out = tmp_path / "s.json"
+    args = ["-q", "--backends", "shmkv-btree,lmdb,dict", "--procs", "1", "--keys", "500",
+            "--ops", "300", "--mix", "get=50,scan=50", "--scan-length", "20", "--json", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "skipped dict: no ordered scan" in r.output
+    rep = json.loads(out.read_text())
+    validate(rep)
+    assert {x["backend"] for x in rep["results"]} == {"shmkv-btree", "lmdb"}
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.bench

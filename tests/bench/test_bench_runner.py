@@ -149,3 +149,18 @@ def test_unavailable_backend_is_skipped_with_its_reason() -> None:
 def test_harness_cost_per_call_is_measured_and_small() -> None:
     ns = harness_ns_per_call(0.05)
     assert 1 < ns < 5_000
+
+
+@pytest.mark.multiprocess
+@pytest.mark.bench
+def test_eviction_run_counts_refused_writes_instead_of_failing() -> None:
+    # An eviction run (a capacity) counts StoreFull per worker and sums it into the cell, so
+    # the report can say how many writes were refused; here, with room to evict, none.
+    w = Workload(
+        keys=60_000, key_size=16, ops=20_000, duration=None, mix=Mix.parse("get=50,put=50")
+    )
+    out = run_benchmark(w, ["shmkv"], [2], small_config(keys=w.keys, capacity=4 << 20))
+    assert not out.failed, out.failed
+    (cell,) = out.cells
+    assert cell.counters == {"store_full": 0}
+    assert cell.hit_ratio is not None and cell.hit_ratio < 1.0  # it did evict

@@ -34,3 +34,13 @@ def test_errors() -> None:
         percentile([1], 0)
     with pytest.raises(ValueError):
         median([])
+
+
+def test_the_tier_engine_reports_the_same_nearest_rank_percentile() -> None:
+    # One definition for every published number: index arithmetic (s[int(p * n)]) gave 991 here.
+    from shmkv.bench.tier import pct
+
+    s = list(range(1, 1001))  # ns
+    assert pct(s, 0.99) == percentile(s, 99) / 1000.0 == 0.99
+    assert pct(s, 0.50) == 0.5 and pct(s, 1.0) == 1.0
+    assert pct([], 0.99) != pct([], 0.99)  # NaN: no samples

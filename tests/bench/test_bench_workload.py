@@ -84,8 +84,9 @@ def test_size_dist_rejects_bad_specs(text: str) -> None:
 
 def test_mix_normalises_to_percent() -> None:
     m = Mix.parse("get=9,put=1")
-    assert m.weights() == pytest.approx((90.0, 10.0, 0.0, 0.0))
+    assert m.weights() == pytest.approx((90.0, 10.0, 0.0, 0.0, 0.0))
     assert Mix.parse("incr=80, get=20").describe() == "get 20% incr 80%"
+    assert Mix.parse("get=1,scan=1").describe() == "get 50% scan 50%"
 
 
 @pytest.mark.parametrize("text", ["get=0", "read=5", "get=-1,put=2", "get90"])

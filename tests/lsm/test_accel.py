@@ -6,7 +6,10 @@ from __future__ import annotations
 import heapq
 import multiprocessing as mp
 import os
+import signal
 import struct
+import time
+import types
 import zlib
 from pathlib import Path
 
@@ -69,6 +72,8 @@ def test_crc32_is_zlibs(data: bytes, seed: int) -> None:
 def test_layout_constants_agree_with_format() -> None:
     assert fmt.REC_HEAD.size == 13 and fmt.ENTRY_HEAD.size == 17
     assert (fmt.REC_BATCH, fmt.KIND_PUT, fmt.KIND_DELETE) == (1, 1, 2)
+    wal = types.SimpleNamespace(fd=-1, gen=1)
+    assert _accel.Gen(wal, _accel.Memtable(1)).offset == fmt.WAL_HEADER.size  # WAL_HEADER_SIZE
 
 
 @given(entries)
@@ -401,3 +406,67 @@ def test_shared_page_refuses_a_foreign_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a shmkv shared page"):
         _accel.SharedPage(str(p))
     assert p.read_bytes().startswith(b"not a shared page")
+
+
+def test_a_sync_another_fsync_covered_is_skipped(tmp_path: Path) -> None:
+    """Group commit (ext/lsm/group_commit.h): one fdatasync makes every record published as
+    appended before it durable; a later sync_to for such a record runs no fdatasync."""
+    page = _accel.SharedPage(str(tmp_path / "SHARED"))
+    fd = os.open(tmp_path / "wal", os.O_RDWR | os.O_CREAT | os.O_APPEND)
+    try:
+        page.lock()
+        try:
+            page.append_locked(fd, b"first record", 0, 7)
+            page.append_locked(fd, b"second record", 12, 7)
+        finally:
+            page.unlock()
+        (appended, _, synced), _ = page.group_state()
+        assert appended == (7, 25) and synced == (0, 0)
+        assert page.sync_to(fd, 7, 25) is True  # nothing covered it yet: this call syncs
+        assert page.sync_to(fd, 7, 12) is False  # covered by that fsync
+        assert page.sync_to(fd, 8, 12) is True  # another generation's record: never covered
+        assert page.group_state()[0][2] == (8, 12)
+    finally:
+        os.close(fd)
+        page.close()
+
+
+def _lead_and_stop(path: str, wal: str, end: int) -> None:
+    page = _accel.SharedPage(path)
+    fd = os.open(wal, os.O_RDWR | os.O_APPEND)
+    _accel.stop_in_sync(1)  # stop after claiming the sync, before its fdatasync
+    page.sync_to(fd, 7, end)
+    os._exit(0)
+
+
+def test_a_sync_in_flight_that_covers_a_record_is_trusted_only_until_a_deadline(
+    tmp_path: Path,
+) -> None:
+    """A leader that claimed a sync covering our record, then stopped (SIGSTOP), holds no
+    lock: we wait for it at most ~2 fsyncs + 2 ms (capped at 100 ms), then sync ourselves."""
+    path, wal = str(tmp_path / "SHARED"), str(tmp_path / "wal")
+    page = _accel.SharedPage(path)
+    fd = os.open(wal, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+    child = mp.get_context("fork").Process(target=_lead_and_stop, args=(path, wal, 12))
+    try:
+        page.lock()
+        try:
+            page.append_locked(fd, b"first record", 0, 7)
+        finally:
+            page.unlock()
+        child.start()
+        for _ in range(3000):  # wait until it has claimed and stopped
+            if page.group_state()[0][1] == (7, 12):
+                break
+            time.sleep(0.01)
+        assert page.group_state()[0][1] == (7, 12), "the leader never claimed its sync"
+        t0 = time.monotonic()
+        assert page.sync_to(fd, 7, 12) is True  # waited out the stopped leader, then synced
+        assert time.monotonic() - t0 < 30  # bounded (a real stall would last until SIGCONT)
+        assert page.group_state()[0][2] == (7, 12)
+    finally:
+        if child.pid is not None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.join(10)
+        os.close(fd)
+        page.close()

@@ -86,6 +86,23 @@ def test_put_many_is_one_wal_append_and_one_fsync(open_db: Open) -> None:
     assert [db.get(k) for k in (b"a", b"b", b"c")] == [b"1", b"2", b"3"]
 
 
+def test_puts_under_an_unchanged_view_take_the_one_call_fast_path(open_db: Open) -> None:
+    db = open_db(durability="none", memtable_bytes=1 << 20)
+    db.put(b"warm", b"up")  # the first put may catch up
+    before = db._tail.puts
+    for i in range(100):
+        db.put(b"k%d" % i, b"v%d" % i)
+    assert db._tail.puts == before + 100
+    other = open_db(durability="none", memtable_bytes=1 << 20)  # appends: our view is stale
+    other.put(b"k5", b"from the other")
+    db.put(b"k6", b"after it")  # the Python path catches up, then appends
+    assert db._tail.puts == before + 100
+    assert db.get(b"k5") == b"from the other" and other.get(b"k6") == b"after it"
+    db.put(b"k7", b"fast again")
+    assert db._tail.puts == before + 101
+    assert other.get(b"k7") == b"fast again"
+
+
 def test_scan_is_ordered_half_open_and_skips_dead_keys(open_db: Open) -> None:
     db = open_db()
     for i in range(300):
@@ -225,7 +242,7 @@ def test_missing_table_is_reported_clearly(open_db: Open, db_path: str) -> None:
     db.close()
     (sst,) = [n for n in os.listdir(db_path) if n.endswith(".sst")]
     os.unlink(os.path.join(db_path, sst))
-    with pytest.raises(Corruption, match="names files that do not exist"):
+    with pytest.raises(Corruption, match=f"{sst}: named by the manifest but missing"):
         open_db()
 
 
@@ -518,3 +535,16 @@ def test_handle_used_after_fork_raises_and_leaves_the_parent_working(open_db: Op
     db.put(b"k2", b"v2")  # the parent's locks were not released by the child
     db.flush()
     assert db.get(b"k2") == b"v2" and db.verify() == []
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_in_place_of_the_manifest_raises_instead_of_blocking(
+    open_db: Open, db_path: str
+) -> None:
+    """Every read of on-disk state is bounded: the manifest is read by its size, and a file
+    that is not a regular file is refused (opening a FIFO for reading blocked forever)."""
+    open_db().close()
+    os.unlink(os.path.join(db_path, fmt.MANIFEST))
+    os.mkfifo(os.path.join(db_path, fmt.MANIFEST))
+    with pytest.raises(Corruption, match="MANIFEST: not a regular file"):
+        open_db()

@@ -81,7 +81,7 @@ def kill_at(path: str, target: str, nth: str) -> None:
     """Write until the ``nth`` call of ``target`` (a step of an append, flush or compaction),
     then SIGKILL ourselves right there: ``pre:`` before the call, ``post:`` after it,
     ``torn:wal_write`` halfway through writing the bytes of a WAL record."""
-    import shmkv.lsm.db as dbmod
+    import shmkv.lsm.maintenance as maintmod
     import shmkv.lsm.manifest as mfmod
     import shmkv.lsm.sstable as sstmod
     import shmkv.lsm.wal as walmod
@@ -103,7 +103,7 @@ def kill_at(path: str, target: str, nth: str) -> None:
             "manifest_write": (mfmod, "write"),  # db.py calls mf.write(...)
             "table_finish": (sstmod.TableWriter, "finish"),
             "wal_create": (walmod.WalFile, "create"),
-            "unlink": (dbmod, "_unlink_quiet"),  # old WALs / compaction inputs, after the manifest
+            "unlink": (maintmod, "unlink_quiet"),  # old WALs / compaction inputs, after the manifest
         }[name]
         orig = getattr(owner, attr)
 

@@ -14,6 +14,7 @@ from .base import Adapter, BackendConfig
 # bound, then peers from the nearest alternative to the farthest.
 REGISTRY: dict[str, tuple[str, str]] = {
     "shmkv": ("shmkv_store", "ShmkvAdapter"),
+    "shmkv-btree": ("shmkv_store", "ShmkvBtreeAdapter"),
     "dict": ("pydict", "DictAdapter"),
     "lmdb": ("lmdb_env", "LmdbAdapter"),
     "manager": ("manager_dict", "ManagerDictAdapter"),

@@ -22,7 +22,9 @@ Op contracts (keys and values are bytes):
 - ``get(key) -> bytes | None``; ``put(key, value) -> Any``; ``delete(key) -> Any``;
 - ``get_many(keys) -> Mapping`` with at least the found keys (``len()`` counts hits);
 - ``put_many(mapping)``; ``delete_many(keys)``;
-- ``incr(key) -> int``: add 1 to a decimal counter, creating it at 1 if missing.
+- ``incr(key) -> int``: add 1 to a decimal counter, creating it at 1 if missing;
+- ``scan(key, n) -> int``: read up to ``n`` (key, value) pairs in key order from ``key`` on,
+  returning how many (only where ``scans`` is True: shmkv, shmkv-btree, LMDB).
 
 An adapter is pickled to spawned workers: ``__getstate__`` keeps only the parameters that
 ``setup()`` chose (paths, ports, names), never an open handle.
@@ -59,6 +61,7 @@ class BackendConfig:
 
 
 Op1 = Callable[[bytes], Any]
+OPS = ("get", "put", "delete", "get_many", "put_many", "delete_many", "incr", "scan")
 
 
 def _unset(*_: Any) -> Any:
@@ -78,6 +81,8 @@ class Adapter:
     # False when the backend cannot bound its memory (dict, Manager, LMDB): with a capacity
     # set, such a backend is skipped with a reason instead of measured unfairly.
     evicts: ClassVar[bool] = True
+    # True when the backend has an ordered scan (``scan``): a --mix with scan skips the others.
+    scans: ClassVar[bool] = False
 
     get: Op1
     put: Callable[[bytes, bytes], Any]
@@ -86,13 +91,14 @@ class Adapter:
     put_many: Callable[[dict[bytes, bytes]], Any]
     delete_many: Callable[[list[bytes]], Any]
     incr: Callable[[bytes], int]
+    scan: Callable[[bytes, int], int]
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self._clear_ops()
 
     def _clear_ops(self) -> None:
-        for op in ("get", "put", "delete", "get_many", "put_many", "delete_many", "incr"):
+        for op in OPS:
             setattr(self, op, _unset)
 
     # -- parent side -----------------------------------------------------------------------
@@ -131,10 +137,15 @@ class Adapter:
         """Release this process's handle; the store itself stays (see ``teardown``)."""
         self._clear_ops()
 
+    def counters(self) -> dict[str, int]:
+        """Events this handle counted since ``open()`` that the report shows beside the
+        throughput (shmkv: writes refused with StoreFull in an eviction run). REQUIRES: open."""
+        return {}
+
     def __getstate__(self) -> dict[str, Any]:
         # Keep parameters only: open handles and bound ops are per process.
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_h")}
-        for op in ("get", "put", "delete", "get_many", "put_many", "delete_many", "incr"):
+        for op in OPS:
             state.pop(op, None)
         return state
 

@@ -28,6 +28,7 @@ class LmdbAdapter(Adapter):
     name = "lmdb"
     label = "LMDB file (writemap, sync=False, metasync=False), a transaction per op"
     evicts = False
+    scans = True
 
     def unavailable(self) -> str | None:
         missing = self.missing_package("lmdb")
@@ -93,6 +94,20 @@ class LmdbAdapter(Adapter):
                 txn.put(key, b"%d" % n)
                 return n
 
+        def scan(key: bytes, n: int) -> int:
+            # a read transaction and a cursor per scan, pairs copied out as bytes (as shmkv's)
+            with begin() as txn:
+                cur = txn.cursor()
+                if not cur.set_range(key):
+                    return 0
+                got = 0
+                for _ in cur.iternext():
+                    got += 1
+                    if got >= n:
+                        break
+                return got
+
+        self.scan = scan
         self.get, self.put, self.delete = get, put, delete
         self.get_many, self.put_many, self.delete_many = get_many, put_many, delete_many
         self.incr = incr

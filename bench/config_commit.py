@@ -1,0 +1,93 @@
+"""Commit latency of a configuration change: the built-in Raft group against ``--config etcd://``.
+
+Run::
+
+    python bench/config_commit.py [--changes 20] [--json bench/results/config_commit.json]
+
+What it starts, on 127.0.0.1, stopped at the end by PID: one etcd (Debian's ``etcd-server``,
+tests/cluster/etcd_server.py: a temporary data dir, free ports), then a 3-node shmkv cluster
+with ``--raft-dir`` (tools/cluster.py --raft; it waits for a leader), stopped, then a 3-node
+cluster with ``--config etcd://`` on that etcd. On each, ``--changes`` times, the time for
+``config_client.propose`` of a ``weight`` change sent to n2 to return (committed and applied by
+the member that answered: for Raft the leader's apply, n2 forwarding to it when it follows;
+for etcd n2's read + compare-and-swap transaction). Median, p90 and max over the changes, and
+the etcd/Raft ratio of the medians; every number comes from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _load(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def measure(kind: str, d: Path, url: str, changes: int) -> dict[str, float]:
+    from shmkv.cluster.config_client import group_status, propose
+
+    tc = _load("shmkv_tools_cluster_bench", ROOT / "tools" / "cluster.py")
+    try:
+        st = tc.start(3, d, join_timeout=20, raft=kind == "raft",
+                      extra=["--config", url] if kind == "etcd" else None)
+        seeds = st["seeds"]
+        deadline = time.monotonic() + 20
+        while kind == "raft" and time.monotonic() < deadline:
+            g = group_status(seeds, 0.5)
+            if g and g.get("leader") and g.get("commit"):
+                break
+            time.sleep(0.1)
+        lat = []
+        for i in range(changes):
+            t0 = time.perf_counter()
+            propose(seeds[1:2], {"op": "weight", "name": "n1", "weight": 1.0 + (i + 1) / 10}, 15)
+            lat.append((time.perf_counter() - t0) * 1000)
+        lat.sort()
+        return {"median_ms": round(statistics.median(lat), 1),
+                "p90_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.9))], 1), "max_ms": round(lat[-1], 1)}
+    finally:
+        tc.stop(d, grace=5)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--changes", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    EtcdServer = _load("shmkv_etcd_server", ROOT / "tests" / "cluster" / "etcd_server.py").EtcdServer
+    tmp = Path(tempfile.mkdtemp(prefix="shmkv-config-commit."))
+    etcd = EtcdServer(tmp / "etcd")
+    etcd.start()
+    try:
+        out = {kind: measure(kind, tmp / kind, etcd.url("/bench"), a.changes) for kind in ("raft", "etcd")}
+    finally:
+        etcd.stop()
+    out["etcd_over_raft_median"] = round(out["etcd"]["median_ms"] / out["raft"]["median_ms"], 2)
+    print(f"{'':6} {'median':>8} {'p90':>8} {'max':>8}   (ms per committed change, {a.changes} changes)")
+    for kind in ("raft", "etcd"):
+        r = out[kind]
+        print(f"{kind:6} {r['median_ms']:>8} {r['p90_ms']:>8} {r['max_ms']:>8}")
+    print(f"etcd / raft (medians): {out['etcd_over_raft_median']}")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

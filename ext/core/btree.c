@@ -1,0 +1,924 @@
+/* btree.c -- the ordered index of engine "btree": a B+tree over the hash table's items.
+ *
+ * Design (README "Engines" has the user's view):
+ *   - The hash table stays the source of truth: point get/put/delete are the hash engine's
+ *     code. The tree is DERIVED data: key -> item offset, one entry per chained item, in key
+ *     order, in 1 KiB nodes of a node region reserved at creation (layout.h). Nodes are never
+ *     slab chunks, so the LRU, page moves and class repair never meet one; the price is a
+ *     fixed fifth of the segment (a full region makes a put of a NEW key fail with StoreFull,
+ *     never an eviction of a node).
+ *   - Writers: one robust tree mutex, the innermost lock (layout.h: stripe -> registry ->
+ *     class -> page -> tree; its holder takes nothing else). In a btree store every
+ *     publication of an item into a chain and every unlink from one happens under it
+ *     (table.c), so "the tree's entries = the chained items" holds whenever the lock is free,
+ *     and while it is held the chains are frozen -- which is what makes a rebuild possible
+ *     under the tree lock alone.
+ *   - Readers (scans) never lock: a tree-wide seqlock (tree_version, odd while a writer
+ *     changes the tree). A reader copies up to a batch of (key, value) pairs out of the
+ *     leaves and their items, then re-checks the version; a change means retry. An item
+ *     named by the tree is never freed or rewritten before its entry leaves the tree (frees
+ *     follow the unlink, which bumps the version), so an unchanged version means every byte
+ *     copied was a live item's. Every offset is bounds-checked before it is followed, so a
+ *     torn read is only ever a retry. After a few failed tries (a writer storm) the reader
+ *     takes the tree lock for one batch: progress is guaranteed, and writers wait for one
+ *     memcpy of a batch at worst.
+ *   - A scan is lazy (shmkv/store.py): each batch resumes strictly after the last key it
+ *     returned, so a key live during the whole scan is returned exactly once, in order.
+ *   - Crashes: a process killed inside a split, merge or root growth leaves the tree lock
+ *     owner-dead (and its version odd); the next locker rebuilds the tree from the chains
+ *     (sort + bulk load) -- the index is derived, so nothing is lost. A chain cut by a stripe
+ *     repair or verify() rebuilds it too (shmkv_tree_invalidate).
+ * Rejected: latch coupling (readers lock nodes: a reader SIGSTOPped holding a latch stalls
+ * writers, and every read writes a shared lock word); B-link trees (right-links make readers
+ * correct without locks, but deletes/merges are the hard part and would not fit the time);
+ * per-node versions (optimistic lock coupling as in LeanStore): fewer retries under heavy
+ * writes, but each writer then needs per-node latches; with one tree mutex a tree-wide
+ * version is as precise as the writers' exclusion already is.
+ * Rejected: nodes as slab chunks: eviction, page moves and class repair would each need to
+ * know them, and allocating a node under the tree lock would need a class lock (against the
+ * lock order).
+ *
+ * Invariants (checked by shmkv_tree_verify):
+ *   - keys strictly increase along the leaf chain; every leaf is at depth height-1;
+ *   - inner key i is the entry of the smallest key of child i+1's subtree (a live item);
+ *   - every non-root node holds >= 1 entry; every entry names a LINKED, chained item.
+ */
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "btree.h"
+#include "core.h"
+
+#define LEAF_MIN (BT_LEAF_CAP / 4)
+#define INNER_MIN (BT_INNER_CAP / 4)
+#define BULK_LEAF 38u  /* entries per leaf of a rebuild: room for inserts before a split */
+#define BULK_INNER 32u /* children per inner node of a rebuild */
+#define OPTIMISTIC_TRIES 32
+#define MIN_BATCH 16u /* pairs: the smallest retry of a disturbed scan batch */
+#define PREFETCH_AHEAD 12 /* entries: item cache misses in flight during a scan */
+
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __asm__ __volatile__("pause");
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline bt_node_t *node_at(char *base, header_t *h, uint32_t i) {
+    return (bt_node_t *)(base + h->off_nodes + (uint64_t)i * BT_NODE_SIZE);
+}
+#define NODE(st, i) node_at((st)->base, (st)->hdr, (i))
+
+/* Key bytes [from, from + 8) as a big-endian integer, zero padded: integer order = byte order. */
+static inline uint64_t key_pfx(const char *k, size_t n, size_t from) {
+    uint64_t p = 0;
+    if (n >= from + 8) {
+        memcpy(&p, k + from, 8);
+        return __builtin_bswap64(p);
+    }
+    for (size_t i = from; i < from + 8; i++) p = p << 8 | (i < n ? (uint8_t)k[i] : 0u);
+    return p;
+}
+
+typedef struct {
+    const char *k;
+    size_t n;
+    uint64_t pfx, pfx2;
+} bkey_t;
+
+static inline bkey_t mkkey(const char *k, size_t n) {
+    bkey_t b = {k, n, key_pfx(k, n, 0), key_pfx(k, n, 8)};
+    return b;
+}
+
+/* The key bytes of the item at unit offset `off`, or NULL (and *ok = 0) when no item of that
+ * key length can start there: an optimistic reader met a node in change. */
+static inline const char *item_key(store_t *st, uint32_t off, size_t klen, int *ok) {
+    uint64_t byte = (uint64_t)off * SHMKV_UNIT;
+    if (byte < st->hdr->off_pages || byte + SHMKV_ITEM_HDR + klen > st->hdr->total_size) {
+        *ok = 0;
+        return NULL;
+    }
+    return st->base + byte + SHMKV_ITEM_HDR;
+}
+
+/* <0, 0, >0: `key` against the key of entry `e`. */
+static inline int cmp_entry(store_t *st, const bkey_t *key, const bt_entry_t *e, int *ok) {
+    if (key->pfx != e->pfx) return key->pfx < e->pfx ? -1 : 1;
+    if (key->pfx2 != e->pfx2) return key->pfx2 < e->pfx2 ? -1 : 1;
+    size_t el = e->klen;
+    if (key->n <= 16 && el <= 16) return (key->n > el) - (key->n < el); /* the prefix is the key */
+    const char *ek = item_key(st, e->off, el, ok);
+    if (!ek) return 0;
+    size_t m = key->n < el ? key->n : el;
+    int c = m > 16 ? memcmp(key->k + 16, ek + 16, m - 16) : 0;
+    if (c) return c;
+    return (key->n > el) - (key->n < el);
+}
+
+/* A binary search over a cold 1 KiB node touches ~6 of its 16 cache lines one after another;
+ * asking for all of them first makes that one miss's latency instead of six. */
+static inline void prefetch_node(const bt_node_t *nd) {
+    for (uint32_t i = 0; i < BT_NODE_SIZE; i += 64) __builtin_prefetch((const char *)nd + i);
+}
+
+/* Inner node: the number of keys <= key (the child to descend into); *eq when key[idx-1] is key. */
+static inline uint32_t inner_upper(store_t *st, bt_node_t *nd, const bkey_t *key, int *eq, int *ok) {
+    prefetch_node(nd);
+    uint32_t lo = 0, hi = nd->n;
+    if (hi > BT_INNER_CAP) {
+        *ok = 0;
+        return 0;
+    }
+    *eq = 0;
+    while (lo < hi) {
+        uint32_t mid = (lo + hi) / 2;
+        int c = cmp_entry(st, key, &nd->u.in.k[mid], ok);
+        if (c >= 0) {
+            lo = mid + 1;
+            if (c == 0) *eq = 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+/* Leaf: the first index whose entry is >= key (strict: > key); *eq when that entry is key. */
+static inline uint32_t leaf_bound(store_t *st, bt_node_t *nd, const bkey_t *key, int strict, int *eq, int *ok) {
+    prefetch_node(nd);
+    uint32_t lo = 0, hi = nd->n;
+    if (hi > BT_LEAF_CAP) {
+        *ok = 0;
+        return 0;
+    }
+    *eq = 0;
+    while (lo < hi) {
+        uint32_t mid = (lo + hi) / 2;
+        int c = cmp_entry(st, key, &nd->u.e[mid], ok);
+        if (c > 0 || (strict && c == 0)) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+            if (c == 0) *eq = 1;
+        }
+    }
+    return lo;
+}
+
+/* -- the seqlock's write side (REQUIRES: tree lock) -------------------------------------- */
+
+static inline void w_begin(store_t *st) {
+    uint64_t v = __atomic_load_n(&st->hdr->tree_version, __ATOMIC_RELAXED);
+    /* a dead writer may have left it odd: make it odd by exactly one step from even */
+    __atomic_store_n(&st->hdr->tree_version, (v | 1u), __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+static inline void w_end(store_t *st) {
+    uint64_t v = __atomic_load_n(&st->hdr->tree_version, __ATOMIC_RELAXED);
+    __atomic_store_n(&st->hdr->tree_version, (v | 1u) + 1u, __ATOMIC_RELEASE);
+}
+
+/* -- nodes (REQUIRES: tree lock) ------------------------------------------------------- */
+
+static uint32_t node_alloc(store_t *st) {
+    header_t *h = st->hdr;
+    uint32_t i = h->tree_free;
+    if (!i) return 0;
+    bt_node_t *nd = NODE(st, i);
+    h->tree_free = nd->next;
+    h->tree_nfree--;
+    memset(nd, 0, sizeof *nd);
+    return i;
+}
+
+static void node_free(store_t *st, uint32_t i) {
+    header_t *h = st->hdr;
+    bt_node_t *nd = NODE(st, i);
+    memset(nd, 0, sizeof *nd);
+    nd->next = h->tree_free;
+    h->tree_free = i;
+    h->tree_nfree++;
+}
+
+/* Every node free; no root. */
+static void reset_nodes(char *base, header_t *h) {
+    h->tree_free = 0;
+    for (uint32_t i = h->nnodes; i-- > 1;) {
+        bt_node_t *nd = node_at(base, h, i);
+        memset(nd, 0, sizeof *nd);
+        nd->next = h->tree_free;
+        h->tree_free = i;
+    }
+    h->tree_nfree = h->nnodes ? h->nnodes - 1 : 0;
+    h->tree_root = 0;
+    h->tree_height = 0;
+    h->tree_keys = 0;
+}
+
+int shmkv_tree_init(char *base, header_t *h) {
+    reset_nodes(base, h);
+    uint32_t r = h->tree_free;
+    bt_node_t *nd = node_at(base, h, r);
+    h->tree_free = nd->next;
+    h->tree_nfree--;
+    memset(nd, 0, sizeof *nd);
+    nd->leaf = 1;
+    h->tree_root = r;
+    h->tree_height = 1;
+    return 0;
+}
+
+/* -- locking ------------------------------------------------------------------------- */
+
+int shmkv_tree_lock(store_t *st) {
+    int rc = shmkv_lock(st, &st->hdr->tree_lock.m, LK_TREE);
+    if (rc == 1) {
+        shmkv_tree_rebuild_locked(st);
+        shmkv_lock_consistent(&st->hdr->tree_lock.m);
+        STAT(st, ST_REPAIRS);
+        rc = 0;
+    }
+    return rc;
+}
+
+void shmkv_tree_unlock(store_t *st) { shmkv_unlock(&st->hdr->tree_lock.m); }
+
+int shmkv_tree_room_locked(store_t *st) {
+    return st->hdr->tree_height < BT_MAX_HEIGHT && st->hdr->tree_nfree >= st->hdr->tree_height + 1u;
+}
+
+void shmkv_tree_invalidate(store_t *st) {
+    if (!shmkv_is_btree(st) || shmkv_tree_lock(st) < 0) return;
+    shmkv_tree_rebuild_locked(st);
+    shmkv_tree_unlock(st);
+}
+
+/* -- insert -------------------------------------------------------------------------- */
+
+typedef struct {
+    uint32_t node[BT_MAX_HEIGHT];
+    uint32_t idx[BT_MAX_HEIGHT];
+} path_t;
+
+/* Inserts separator `sep` with right child `right` (left sibling `left`) into the inner node
+ * at depth d of the path; d < 0: the root split, the tree grows a level. */
+static void insert_inner(store_t *st, path_t *p, int d, bt_entry_t sep, uint32_t right, uint32_t left) {
+    header_t *h = st->hdr;
+    if (d < 0) {
+        uint32_t ni = node_alloc(st);
+        bt_node_t *N = NODE(st, ni);
+        N->leaf = 0;
+        N->level = (uint8_t)h->tree_height;
+        N->n = 1;
+        N->u.in.k[0] = sep;
+        N->u.in.c[0] = left;
+        N->u.in.c[1] = right;
+        CRASH_POINT(st, CP_BTREE_ROOT_GROW);
+        h->tree_root = ni;
+        h->tree_height++;
+        return;
+    }
+    uint32_t pi = p->node[d], idx = p->idx[d];
+    bt_node_t *P = NODE(st, pi);
+    if (P->n < BT_INNER_CAP) {
+        memmove(&P->u.in.k[idx + 1], &P->u.in.k[idx], (P->n - idx) * sizeof(bt_entry_t));
+        memmove(&P->u.in.c[idx + 2], &P->u.in.c[idx + 1], (P->n - idx) * sizeof(uint32_t));
+        P->u.in.k[idx] = sep;
+        P->u.in.c[idx + 1] = right;
+        P->n++;
+        return;
+    }
+    bt_entry_t tk[BT_INNER_CAP + 1];
+    uint32_t tc[BT_INNER_CAP + 2];
+    memcpy(tk, P->u.in.k, idx * sizeof(bt_entry_t));
+    tk[idx] = sep;
+    memcpy(tk + idx + 1, P->u.in.k + idx, (BT_INNER_CAP - idx) * sizeof(bt_entry_t));
+    memcpy(tc, P->u.in.c, (idx + 1) * sizeof(uint32_t));
+    tc[idx + 1] = right;
+    memcpy(tc + idx + 2, P->u.in.c + idx + 1, (BT_INNER_CAP - idx) * sizeof(uint32_t));
+    uint32_t total = BT_INNER_CAP + 1, mid = total / 2;
+    uint32_t ri = node_alloc(st);
+    bt_node_t *R = NODE(st, ri);
+    R->leaf = 0;
+    R->level = P->level;
+    R->n = (uint16_t)(total - mid - 1);
+    memcpy(R->u.in.k, tk + mid + 1, R->n * sizeof(bt_entry_t));
+    memcpy(R->u.in.c, tc + mid + 1, (R->n + 1u) * sizeof(uint32_t));
+    CRASH_POINT(st, CP_BTREE_SPLIT);
+    P->n = (uint16_t)mid;
+    memcpy(P->u.in.k, tk, mid * sizeof(bt_entry_t));
+    memcpy(P->u.in.c, tc, (mid + 1) * sizeof(uint32_t));
+    insert_inner(st, p, d - 1, tk[mid], ri, pi);
+}
+
+/* REQUIRES: tree lock, and shmkv_tree_room_locked() true if `k` may be new. Adds k -> off,
+ * or points k's entry (and its separator copy, if any) at `off` when k is present. */
+void shmkv_tree_upsert_locked(store_t *st, const char *k, size_t klen, uint32_t off) {
+    header_t *h = st->hdr;
+    bkey_t key = mkkey(k, klen);
+    path_t p;
+    int ok = 1, eq = 0;
+    w_begin(st);
+    uint32_t cur = h->tree_root;
+    int inner = (int)h->tree_height - 1;
+    for (int d = 0; d < inner; d++) {
+        bt_node_t *nd = NODE(st, cur);
+        uint32_t idx = inner_upper(st, nd, &key, &eq, &ok);
+        if (eq) nd->u.in.k[idx - 1].off = off;
+        p.node[d] = cur;
+        p.idx[d] = idx;
+        cur = nd->u.in.c[idx];
+    }
+    bt_node_t *L = NODE(st, cur);
+    uint32_t pos = leaf_bound(st, L, &key, 0, &eq, &ok);
+    if (eq) {
+        L->u.e[pos].off = off;
+        w_end(st);
+        return;
+    }
+    bt_entry_t ne = {key.pfx, key.pfx2, off, (uint16_t)klen, 0};
+    h->tree_keys++;
+    if (L->n < BT_LEAF_CAP) {
+        memmove(&L->u.e[pos + 1], &L->u.e[pos], (L->n - pos) * sizeof(bt_entry_t));
+        L->u.e[pos] = ne;
+        L->n++;
+        w_end(st);
+        return;
+    }
+    /* split: the lower half stays, the upper half goes to a new right sibling */
+    bt_entry_t tmp[BT_LEAF_CAP + 1];
+    memcpy(tmp, L->u.e, pos * sizeof(bt_entry_t));
+    tmp[pos] = ne;
+    memcpy(tmp + pos + 1, L->u.e + pos, (BT_LEAF_CAP - pos) * sizeof(bt_entry_t));
+    uint32_t total = BT_LEAF_CAP + 1, nl = total / 2;
+    uint32_t ri = node_alloc(st);
+    bt_node_t *R = NODE(st, ri);
+    R->leaf = 1;
+    R->n = (uint16_t)(total - nl);
+    memcpy(R->u.e, tmp + nl, R->n * sizeof(bt_entry_t));
+    R->next = L->next;
+    R->prev = cur;
+    CRASH_POINT(st, CP_BTREE_SPLIT);
+    if (L->next) NODE(st, L->next)->prev = ri;
+    memcpy(L->u.e, tmp, nl * sizeof(bt_entry_t));
+    L->n = (uint16_t)nl;
+    L->next = ri;
+    insert_inner(st, &p, inner - 1, R->u.e[0], ri, cur);
+    w_end(st);
+}
+
+/* -- delete -------------------------------------------------------------------------- */
+
+static void remove_inner_key(bt_node_t *P, uint32_t ki) {
+    memmove(&P->u.in.k[ki], &P->u.in.k[ki + 1], (P->n - ki - 1) * sizeof(bt_entry_t));
+    memmove(&P->u.in.c[ki + 1], &P->u.in.c[ki + 2], (P->n - ki - 1) * sizeof(uint32_t));
+    P->n--;
+}
+
+/* The node at depth d of the path (ni) may have fallen under its minimum: merge it with a
+ * sibling when both fit one node, else borrow one entry from the sibling. */
+static void rebalance(store_t *st, path_t *p, int d, uint32_t ni) {
+    header_t *h = st->hdr;
+    bt_node_t *N = NODE(st, ni);
+    if (d == 0) {
+        if (!N->leaf && N->n == 0) { /* the root shrinks a level */
+            h->tree_root = N->u.in.c[0];
+            h->tree_height--;
+            node_free(st, ni);
+        }
+        return;
+    }
+    if (N->n >= (N->leaf ? LEAF_MIN : INNER_MIN)) return;
+    uint32_t pi = p->node[d - 1], idx = p->idx[d - 1];
+    bt_node_t *P = NODE(st, pi);
+    uint32_t li, ri, sepi;
+    if (idx < P->n) {
+        li = ni;
+        ri = P->u.in.c[idx + 1];
+        sepi = idx;
+    } else {
+        li = P->u.in.c[idx - 1];
+        ri = ni;
+        sepi = idx - 1;
+    }
+    bt_node_t *L = NODE(st, li), *R = NODE(st, ri);
+    if (N->leaf) {
+        if (L->n + R->n <= BT_LEAF_CAP) {
+            memcpy(&L->u.e[L->n], R->u.e, R->n * sizeof(bt_entry_t));
+            CRASH_POINT(st, CP_BTREE_MERGE);
+            L->n = (uint16_t)(L->n + R->n);
+            L->next = R->next;
+            if (R->next) NODE(st, R->next)->prev = li;
+            remove_inner_key(P, sepi);
+            node_free(st, ri);
+            rebalance(st, p, d - 1, pi);
+        } else if (L == N) {
+            L->u.e[L->n++] = R->u.e[0];
+            memmove(R->u.e, R->u.e + 1, (R->n - 1u) * sizeof(bt_entry_t));
+            R->n--;
+            P->u.in.k[sepi] = R->u.e[0];
+        } else {
+            memmove(R->u.e + 1, R->u.e, R->n * sizeof(bt_entry_t));
+            R->u.e[0] = L->u.e[L->n - 1u];
+            L->n--;
+            R->n++;
+            P->u.in.k[sepi] = R->u.e[0];
+        }
+        return;
+    }
+    if (L->n + 1u + R->n <= BT_INNER_CAP) {
+        L->u.in.k[L->n] = P->u.in.k[sepi];
+        memcpy(&L->u.in.k[L->n + 1u], R->u.in.k, R->n * sizeof(bt_entry_t));
+        memcpy(&L->u.in.c[L->n + 1u], R->u.in.c, (R->n + 1u) * sizeof(uint32_t));
+        CRASH_POINT(st, CP_BTREE_MERGE);
+        L->n = (uint16_t)(L->n + 1u + R->n);
+        remove_inner_key(P, sepi);
+        node_free(st, ri);
+        rebalance(st, p, d - 1, pi);
+    } else if (L == N) { /* rotate left through the parent */
+        L->u.in.k[L->n] = P->u.in.k[sepi];
+        L->u.in.c[L->n + 1u] = R->u.in.c[0];
+        L->n++;
+        P->u.in.k[sepi] = R->u.in.k[0];
+        memmove(R->u.in.k, R->u.in.k + 1, (R->n - 1u) * sizeof(bt_entry_t));
+        memmove(R->u.in.c, R->u.in.c + 1, R->n * sizeof(uint32_t));
+        R->n--;
+    } else { /* rotate right through the parent */
+        memmove(R->u.in.k + 1, R->u.in.k, R->n * sizeof(bt_entry_t));
+        memmove(R->u.in.c + 1, R->u.in.c, (R->n + 1u) * sizeof(uint32_t));
+        R->u.in.k[0] = P->u.in.k[sepi];
+        R->u.in.c[0] = L->u.in.c[L->n];
+        R->n++;
+        P->u.in.k[sepi] = L->u.in.k[L->n - 1u];
+        L->n--;
+    }
+}
+
+/* REQUIRES: tree lock. Removes k's entry if it names `off` (0: whatever it names). The item
+ * must still hold its key (it is freed only after this returns). */
+void shmkv_tree_delete_locked(store_t *st, const char *k, size_t klen, uint32_t off) {
+    header_t *h = st->hdr;
+    bkey_t key = mkkey(k, klen);
+    path_t p;
+    int ok = 1, eq = 0;
+    uint32_t cur = h->tree_root;
+    int inner = (int)h->tree_height - 1;
+    for (int d = 0; d < inner; d++) {
+        bt_node_t *nd = NODE(st, cur);
+        uint32_t idx = inner_upper(st, nd, &key, &eq, &ok);
+        p.node[d] = cur;
+        p.idx[d] = idx;
+        cur = nd->u.in.c[idx];
+    }
+    bt_node_t *L = NODE(st, cur);
+    uint32_t pos = leaf_bound(st, L, &key, 0, &eq, &ok);
+    if (!eq || (off && L->u.e[pos].off != off)) return;
+    uint32_t gone = L->u.e[pos].off;
+    w_begin(st);
+    memmove(&L->u.e[pos], &L->u.e[pos + 1], (L->n - pos - 1u) * sizeof(bt_entry_t));
+    L->n--;
+    h->tree_keys--;
+    rebalance(st, &p, inner, cur);
+    /* The separator naming the deleted key, if any, lies on its search path: it becomes the
+     * smallest key of the subtree it leads to (merges may have moved it down a level). */
+    cur = h->tree_root;
+    for (int d = 0; d < (int)h->tree_height - 1; d++) {
+        bt_node_t *nd = NODE(st, cur);
+        uint32_t idx = inner_upper(st, nd, &key, &eq, &ok);
+        if (eq && nd->u.in.k[idx - 1].off == gone) {
+            uint32_t x = nd->u.in.c[idx];
+            while (!NODE(st, x)->leaf) x = NODE(st, x)->u.in.c[0];
+            nd->u.in.k[idx - 1] = NODE(st, x)->u.e[0];
+        }
+        cur = nd->u.in.c[idx];
+    }
+    w_end(st);
+}
+
+/* -- rebuild ------------------------------------------------------------------------- */
+
+static store_t *sort_st; /* qsort's context: rebuilds run under the tree lock, GIL held */
+
+static int cmp_entries(const void *a, const void *b) {
+    const bt_entry_t *x = a, *y = b;
+    int ok = 1;
+    bkey_t kx = {item_key(sort_st, x->off, x->klen, &ok), x->klen, x->pfx, x->pfx2};
+    return cmp_entry(sort_st, &kx, y, &ok);
+}
+
+/* REQUIRES: tree lock. The tree rebuilt from the hash chains, which nobody can change while
+ * the tree lock is held (table.c): collect every chained LINKED item, sort, bulk load. */
+void shmkv_tree_rebuild_locked(store_t *st) {
+    header_t *h = st->hdr;
+    size_t cap = 1024, n = 0;
+    bt_entry_t *v = malloc(cap * sizeof *v);
+    uint64_t limit = h->total_size / SHMKV_MIN_CHUNK + 1;
+    if (!v) return; /* the old tree stays; the next verify() retries */
+    for (uint32_t b = 0; b < h->nbuckets; b++) {
+        uint64_t steps = 0;
+        for (uint32_t off = st->buckets[b]; off && steps++ < limit; off = shmkv_item(st, off)->hnext) {
+            item_t *it = shmkv_item(st, off);
+            if (shmkv_chunk_class(st, off) < 0 || it->state != IT_LINKED || it->klen == 0 ||
+                it->klen > h->max_key)
+                break;
+            if (n == cap) {
+                bt_entry_t *w = realloc(v, 2 * cap * sizeof *v);
+                if (!w) {
+                    free(v);
+                    return;
+                }
+                v = w;
+                cap *= 2;
+            }
+            bt_entry_t e = {key_pfx(ITEM_KEY(it), it->klen, 0), key_pfx(ITEM_KEY(it), it->klen, 8), off, it->klen, 0};
+            v[n++] = e;
+        }
+    }
+    sort_st = st;
+    qsort(v, n, sizeof *v, cmp_entries);
+    w_begin(st);
+    reset_nodes(st->base, h);
+    h->tree_rebuilds++;
+    /* leaves */
+    uint32_t nleaves = n ? (uint32_t)((n + BULK_LEAF - 1) / BULK_LEAF) : 1;
+    uint32_t *level = malloc((nleaves + 1) * sizeof(uint32_t));
+    bt_entry_t *mins = malloc((nleaves + 1) * sizeof(bt_entry_t));
+    if (!level || !mins || nleaves > h->tree_nfree) {
+        /* cannot happen with the region sized at creation (a rebuild packs denser than
+         * inserts); leave an empty tree that scans report as broken, never a partial one */
+        free(level);
+        free(mins);
+        free(v);
+        h->tree_height = 0;
+        w_end(st);
+        return;
+    }
+    uint32_t prev = 0;
+    for (uint32_t i = 0; i < nleaves; i++) {
+        uint32_t li = node_alloc(st);
+        bt_node_t *L = NODE(st, li);
+        L->leaf = 1;
+        size_t from = (size_t)i * BULK_LEAF, to = from + BULK_LEAF < n ? from + BULK_LEAF : n;
+        L->n = (uint16_t)(to - from);
+        if (to > from) memcpy(L->u.e, v + from, (to - from) * sizeof(bt_entry_t));
+        L->prev = prev;
+        if (prev) NODE(st, prev)->next = li;
+        prev = li;
+        level[i] = li;
+        if (L->n) mins[i] = L->u.e[0];
+    }
+    uint32_t count = nleaves, height = 1;
+    while (count > 1) {
+        uint32_t up = (count + BULK_INNER - 1) / BULK_INNER, j = 0;
+        if (up > h->tree_nfree) { /* as above */
+            h->tree_height = 0;
+            free(level);
+            free(mins);
+            free(v);
+            w_end(st);
+            return;
+        }
+        for (uint32_t i = 0; i < count; i += BULK_INNER, j++) {
+            uint32_t ni = node_alloc(st);
+            bt_node_t *N = NODE(st, ni);
+            uint32_t m = count - i < BULK_INNER ? count - i : BULK_INNER;
+            N->leaf = 0;
+            N->level = (uint8_t)height;
+            N->n = (uint16_t)(m - 1);
+            for (uint32_t c = 0; c < m; c++) {
+                N->u.in.c[c] = level[i + c];
+                if (c) N->u.in.k[c - 1] = mins[i + c];
+            }
+            bt_entry_t mn = mins[i];
+            level[j] = ni;
+            mins[j] = mn;
+        }
+        count = up;
+        height++;
+    }
+    h->tree_root = level[0];
+    h->tree_height = height;
+    h->tree_keys = n;
+    w_end(st);
+    free(level);
+    free(mins);
+    free(v);
+}
+
+/* -- scans --------------------------------------------------------------------------- */
+
+typedef struct {
+    char *buf;
+    size_t used, cap;
+    uint32_t count;
+    int done; /* the walk reached the bound or the last key before `max` pairs */
+} outbuf_t;
+
+static int out_push(outbuf_t *o, const char *k, uint32_t kl, const char *v, uint32_t vl) {
+    size_t need = 8 + (size_t)kl + vl;
+    if (o->used + need > o->cap) {
+        size_t cap = o->cap ? o->cap : 4096;
+        while (o->used + need > cap) cap *= 2;
+        char *b = PyMem_RawRealloc(o->buf, cap);
+        if (!b) return -1;
+        o->buf = b;
+        o->cap = cap;
+    }
+    memcpy(o->buf + o->used, &kl, 4);
+    memcpy(o->buf + o->used + 4, &vl, 4);
+    memcpy(o->buf + o->used + 8, k, kl);
+    memcpy(o->buf + o->used + 8 + kl, v, vl);
+    o->used += need;
+    o->count++;
+    return 0;
+}
+
+static inline int node_ok(header_t *h, uint32_t i) { return i > 0 && i < h->nnodes; }
+
+/* One pass: copies up to `max` live pairs into `o`. Returns 1 when every read was plausible,
+ * 0 when the tree was seen in change (retry), -1 out of memory. Without the tree lock the
+ * result counts only if the version did not move meanwhile (the caller checks). */
+static int range_once(store_t *st, const bkey_t *lo, int lo_incl, const bkey_t *hi, int hi_incl,
+                      int reverse, uint32_t max, uint64_t now, outbuf_t *o) {
+    header_t *h = st->hdr;
+    int ok = 1, eq = 0;
+    o->used = 0;
+    o->count = 0;
+    o->done = 1;
+    uint32_t height = __atomic_load_n(&h->tree_height, __ATOMIC_ACQUIRE);
+    uint32_t cur = __atomic_load_n(&h->tree_root, __ATOMIC_ACQUIRE);
+    if (height == 0 || height > BT_MAX_HEIGHT || !node_ok(h, cur)) return 0;
+    const bkey_t *seek = reverse ? hi : lo;
+    for (uint32_t d = 0; d + 1 < height; d++) {
+        bt_node_t *nd = NODE(st, cur);
+        uint32_t n = nd->n;
+        if (nd->leaf || n > BT_INNER_CAP) return 0;
+        uint32_t idx = seek ? inner_upper(st, nd, seek, &eq, &ok) : (reverse ? n : 0);
+        if (!ok) return 0;
+        cur = nd->u.in.c[idx];
+        if (!node_ok(h, cur)) return 0;
+    }
+    bt_node_t *leaf = NODE(st, cur);
+    if (!leaf->leaf || leaf->n > BT_LEAF_CAP) return 0;
+    int64_t pos;
+    if (!reverse) pos = seek ? leaf_bound(st, leaf, seek, !lo_incl, &eq, &ok) : 0;
+    else pos = (seek ? (int64_t)leaf_bound(st, leaf, seek, hi_incl, &eq, &ok) : (int64_t)leaf->n) - 1;
+    if (!ok) return 0;
+    uint64_t hops = 0;
+    uint32_t n = leaf->n;
+    while (o->count < max) {
+        if (pos >= (int64_t)n || pos < 0) {
+            cur = pos < 0 ? leaf->prev : leaf->next;
+            if (!cur) break;
+            if (!node_ok(h, cur) || ++hops > h->nnodes) return 0;
+            leaf = NODE(st, cur);
+            n = leaf->n;
+            if (!leaf->leaf || n > BT_LEAF_CAP) return 0;
+            pos = pos < 0 ? (int64_t)n - 1 : 0;
+            continue;
+        }
+        bt_entry_t e = leaf->u.e[pos];
+        /* the items are scattered over the slab pages (the index holds offsets): start the
+         * cache misses of the next ones now, so they overlap instead of queueing */
+        int64_t ahead = pos + (reverse ? -PREFETCH_AHEAD : PREFETCH_AHEAD);
+        if (ahead >= 0 && ahead < (int64_t)n) {
+            uint64_t pb = (uint64_t)leaf->u.e[ahead].off * SHMKV_UNIT;
+            if (pb >= h->off_pages && pb + 128 <= h->total_size) {
+                __builtin_prefetch(st->base + pb);
+                __builtin_prefetch(st->base + pb + 64);
+            }
+        } else if (ahead == (int64_t)n || ahead == -1) { /* the next leaf, and its first items */
+            uint32_t nx = reverse ? leaf->prev : leaf->next;
+            if (node_ok(h, nx)) prefetch_node(NODE(st, nx));
+        }
+        pos += reverse ? -1 : 1;
+        if (!reverse && hi) {
+            int c = cmp_entry(st, hi, &e, &ok);
+            if (c < 0 || (c == 0 && !hi_incl)) break;
+        } else if (reverse && lo) {
+            int c = cmp_entry(st, lo, &e, &ok);
+            if (c > 0 || (c == 0 && !lo_incl)) break;
+        }
+        if (!ok) return 0;
+        uint64_t byte = (uint64_t)e.off * SHMKV_UNIT;
+        if (byte < h->off_pages || byte + SHMKV_ITEM_HDR > h->total_size) return 0;
+        item_t *it = shmkv_item(st, e.off);
+        uint32_t kl = it->klen, vl = it->vlen;
+        uint64_t exp = it->expire_ms;
+        if (kl != e.klen || vl > h->max_item || byte + SHMKV_ITEM_HDR + kl + vl > h->total_size ||
+            __atomic_load_n(&it->state, __ATOMIC_ACQUIRE) != IT_LINKED)
+            return 0;
+        if (exp && exp <= now) continue; /* expired: a miss, removed by the next get or eviction */
+        if (out_push(o, ITEM_KEY(it), kl, ITEM_KEY(it) + kl, vl) < 0) return -1;
+    }
+    if (o->count >= max) o->done = 0; /* (even if the next key would have been past the bound) */
+    return ok;
+}
+
+PyObject *shmkv_tree_range(store_t *st, const char *lo, size_t lolen, int lo_incl,
+                           const char *hi, size_t hilen, int hi_incl, int reverse, uint32_t max,
+                           int *done) {
+    header_t *h = st->hdr;
+    bkey_t klo, khi;
+    if (lo) klo = mkkey(lo, lolen);
+    if (hi) khi = mkkey(hi, hilen);
+    const bkey_t *plo = lo ? &klo : NULL, *phi = hi ? &khi : NULL;
+    outbuf_t o = {0};
+    uint64_t now = shmkv_now_ms();
+    int got = 0, rc = 0;
+    if (max == 0) return PyList_New(0);
+    /* A batch that a writer disturbed is retried smaller (down to MIN_BATCH): the copy then
+     * fits between two writes, so a write-heavy store still serves scans without the lock;
+     * the caller resumes after the last key, whatever the batch size was. */
+    for (int attempt = 0; attempt < OPTIMISTIC_TRIES && !got; attempt++) {
+        uint64_t v1 = __atomic_load_n(&h->tree_version, __ATOMIC_ACQUIRE);
+        if (v1 & 1u) { /* a writer is in the tree: it holds the lock for a few hundred ns,
+                        * unless it was preempted (then let it run: yield) */
+            if (attempt < 8) for (int i = 0; i < 64; i++) relax();
+            else sched_yield();
+            continue;
+        }
+        rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, &o);
+        if (rc < 0) break;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        got = rc == 1 && __atomic_load_n(&h->tree_version, __ATOMIC_RELAXED) == v1;
+        if (!got) {
+            STAT(st, ST_SCAN_RETRIES);
+            if (max > MIN_BATCH) max = max / 2 > MIN_BATCH ? max / 2 : MIN_BATCH;
+        }
+    }
+    if (!got && rc >= 0) { /* a writer storm or a rebuild: one batch under the lock */
+        STAT(st, ST_SCAN_LOCKED);
+        if (shmkv_tree_lock(st) < 0) {
+            PyMem_RawFree(o.buf);
+            return PyErr_Format(PyExc_OSError, "tree lock failed: %s", strerror(st->last_errno));
+        }
+        rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, &o);
+        if (rc == 0) { /* under the lock: a broken tree, rebuilt from the chains */
+            shmkv_tree_rebuild_locked(st);
+            STAT(st, ST_REPAIRS);
+            rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, &o);
+        }
+        shmkv_tree_unlock(st);
+        got = rc == 1;
+    }
+    if (rc < 0) {
+        PyMem_RawFree(o.buf);
+        return PyErr_NoMemory();
+    }
+    if (!got) {
+        PyMem_RawFree(o.buf);
+        PyErr_SetString(PyExc_RuntimeError, "the ordered index could not be rebuilt from the hash chains");
+        return NULL;
+    }
+    *done = o.done;
+    /* Python objects only now: building them may run the GC (see shmkv_scan_stripe). */
+    PyObject *list = PyList_New(o.count);
+    size_t pos = 0;
+    for (uint32_t i = 0; list && i < o.count; i++) {
+        uint32_t kl, vl;
+        memcpy(&kl, o.buf + pos, 4);
+        memcpy(&vl, o.buf + pos + 4, 4);
+        PyObject *k = PyBytes_FromStringAndSize(o.buf + pos + 8, kl);
+        PyObject *v = k ? PyBytes_FromStringAndSize(o.buf + pos + 8 + kl, vl) : NULL;
+        PyObject *t = v ? PyTuple_Pack(2, k, v) : NULL;
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (!t) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i, t);
+        pos += 8 + (size_t)kl + vl;
+    }
+    PyMem_RawFree(o.buf);
+    return list;
+}
+
+/* -- verify -------------------------------------------------------------------------- */
+
+static void report(PyObject *problems, const char *msg) {
+    PyObject *s = PyUnicode_FromString(msg);
+    if (s) {
+        PyList_Append(problems, s);
+        Py_DECREF(s);
+    }
+}
+
+/* Checks the subtree at `ni` (depth d); sets *mn to its smallest entry. 0 when sound. */
+static int check_node(store_t *st, uint32_t ni, uint32_t d, bt_entry_t *mn, uint64_t *nodes) {
+    header_t *h = st->hdr;
+    if (!node_ok(h, ni) || ++*nodes > h->nnodes) return -1;
+    bt_node_t *nd = NODE(st, ni);
+    int is_leaf = d + 1 == h->tree_height;
+    if (nd->leaf != is_leaf) return -1;
+    if (is_leaf) {
+        if (nd->n > BT_LEAF_CAP || (nd->n == 0 && d > 0)) return -1;
+        if (nd->n) *mn = nd->u.e[0];
+        return 0;
+    }
+    if (nd->n > BT_INNER_CAP || (nd->n == 0 && d == 0)) return -1;
+    for (uint32_t c = 0; c <= nd->n; c++) {
+        bt_entry_t cm;
+        if (check_node(st, nd->u.in.c[c], d + 1, &cm, nodes) < 0) return -1;
+        if (c == 0) *mn = cm;
+        else if (nd->u.in.k[c - 1].off != cm.off) return -1; /* separator = min of its child */
+    }
+    return 0;
+}
+
+static int in_chain(store_t *st, uint32_t off, const char *k, size_t klen) {
+    uint64_t hv = shmkv_hash(k, klen, st->hdr->seed);
+    uint64_t steps = 0, limit = st->hdr->total_size / SHMKV_MIN_CHUNK + 1;
+    for (uint32_t x = st->buckets[(uint32_t)hv & st->bucket_mask]; x && steps++ < limit;
+         x = shmkv_item(st, x)->hnext)
+        if (x == off) return 1;
+    return 0;
+}
+
+/* REQUIRES: tree lock. 0 when the tree is sound and equals the chains, else -1 (with a
+ * message in msg). */
+static int check_tree_locked(store_t *st, char *msg, size_t msglen) {
+    header_t *h = st->hdr;
+    uint64_t nodes = 0;
+    bt_entry_t mn;
+    if (h->tree_height == 0 || h->tree_height > BT_MAX_HEIGHT) {
+        snprintf(msg, msglen, "btree: height %u", h->tree_height);
+        return -1;
+    }
+    if (__atomic_load_n(&h->tree_version, __ATOMIC_RELAXED) & 1u) {
+        snprintf(msg, msglen, "btree: left mid-change by a dead writer");
+        return -1;
+    }
+    if (check_node(st, h->tree_root, 0, &mn, &nodes) < 0) {
+        snprintf(msg, msglen, "btree: a node is malformed (depth, count or separator)");
+        return -1;
+    }
+    uint64_t nfree = 0;
+    for (uint32_t i = h->tree_free; i && nfree <= h->nnodes; i = NODE(st, i)->next) nfree++;
+    if (nfree != h->tree_nfree || nodes + nfree != (uint64_t)h->nnodes - 1) {
+        snprintf(msg, msglen, "btree: %llu nodes in the tree + %llu free != %u", (unsigned long long)nodes,
+                 (unsigned long long)nfree, h->nnodes - 1);
+        return -1;
+    }
+    /* the leaf chain, left to right: sorted, each entry a chained item */
+    uint32_t x = h->tree_root, prev = 0;
+    while (!NODE(st, x)->leaf) x = NODE(st, x)->u.in.c[0];
+    uint64_t keys = 0;
+    bt_entry_t last = {0};
+    for (uint64_t hops = 0; x; x = NODE(st, x)->next) {
+        bt_node_t *L = NODE(st, x);
+        if (++hops > nodes || L->prev != prev || !L->leaf) {
+            snprintf(msg, msglen, "btree: the leaf chain is broken");
+            return -1;
+        }
+        for (uint32_t i = 0; i < L->n; i++) {
+            bt_entry_t *e = &L->u.e[i];
+            int ok = 1;
+            item_t *it = shmkv_item(st, e->off);
+            const char *k = item_key(st, e->off, e->klen, &ok);
+            if (!ok || shmkv_chunk_class(st, e->off) < 0 || it->state != IT_LINKED || it->klen != e->klen ||
+                key_pfx(k, e->klen, 0) != e->pfx || key_pfx(k, e->klen, 8) != e->pfx2 ||
+                !in_chain(st, e->off, k, e->klen)) {
+                snprintf(msg, msglen, "btree: an entry names no chained item (offset %u)", e->off);
+                return -1;
+            }
+            bkey_t bk = {k, e->klen, e->pfx, e->pfx2};
+            if (keys && cmp_entry(st, &bk, &last, &ok) <= 0) {
+                snprintf(msg, msglen, "btree: keys out of order at offset %u", e->off);
+                return -1;
+            }
+            last = *e;
+            keys++;
+        }
+        prev = x;
+    }
+    uint64_t chained = 0, limit = h->total_size / SHMKV_MIN_CHUNK + 1;
+    for (uint32_t b = 0; b < h->nbuckets; b++) {
+        uint64_t steps = 0;
+        for (uint32_t off = st->buckets[b]; off && steps++ < limit; off = shmkv_item(st, off)->hnext) chained++;
+    }
+    if (keys != chained || keys != h->tree_keys) {
+        snprintf(msg, msglen, "btree: %llu entries (counted %llu) for %llu chained items",
+                 (unsigned long long)keys, (unsigned long long)h->tree_keys, (unsigned long long)chained);
+        return -1;
+    }
+    return 0;
+}
+
+/* Under the tree lock alone (the chains are frozen while it is held): checks the tree against
+ * its invariants and the chains; rebuilds it from the chains on any problem. */
+int shmkv_tree_verify(store_t *st, PyObject *problems) {
+    char msg[200];
+    if (!shmkv_is_btree(st)) return 0;
+    int rc = shmkv_tree_lock(st);
+    if (rc < 0) return rc;
+    if (check_tree_locked(st, msg, sizeof msg) < 0) {
+        report(problems, msg);
+        shmkv_tree_rebuild_locked(st);
+        if (check_tree_locked(st, msg, sizeof msg) < 0) report(problems, msg);
+    }
+    shmkv_tree_unlock(st);
+    return 0;
+}

@@ -1,0 +1,202 @@
+"""The configuration group in real daemons (tools/cluster.py --raft): leader loss, live add.
+
+Every process is started through tools/cluster.py and stopped by PID in the fixture's teardown.
+Times are polled with generous deadlines, never asserted (speed belongs in bench/).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import shmkv
+from shmkv.cluster.config_client import group_status
+from shmkv.cluster.errors import QuorumError
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("shmkv_tools_cluster_cfg", ROOT / "tools" / "cluster.py")
+assert _spec is not None and _spec.loader is not None
+tc = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tc)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def raft_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    d = tmp_path / "c"
+    try:
+        state = tc.start(3, d, join_timeout=20.0, raft=True, workers=getattr(request, "param", 1))
+        state["dir"] = d
+        yield state
+    finally:
+        tc.stop(d, grace=5)
+        for node in json.loads((d / "cluster.json").read_text())["nodes"]:
+            assert not tc._alive(node), node
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shmkv.cli", *args], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+
+
+def _status(seeds: list[str]) -> dict[str, Any]:
+    out = _cli("cluster", "status", "--seeds", ",".join(seeds), "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def _poll(what: str, fn: Any, within: float = 30.0) -> Any:
+    deadline = time.monotonic() + within
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not within {within:g} s (last: {last!r})")
+
+
+def _leader(seeds: list[str], not_name: str | None = None) -> dict[str, Any] | None:
+    st = group_status(seeds, 0.5)
+    if st is None or st["leader"] is None or st["leader"]["name"] == not_name:
+        return None
+    return st
+
+
+def test_status_shows_the_group_and_a_sigkilled_leader_is_replaced(raft_cluster: dict[str, Any]) -> None:
+    seeds = raft_cluster["seeds"]
+    _poll("a leader", lambda: _leader(seeds))
+    st = _status(seeds)["config"]
+    lead = st["leader"]
+    assert lead["name"] in st["voters"] and lead["addr"] in seeds
+    assert st["term"] >= 1 and st["commit"] >= 1 and st["epoch"] == 1
+    t0 = time.monotonic()
+    tc.kill(raft_cluster["dir"], lead["name"])
+    rest = [s for s in seeds if s != lead["addr"]]
+    new = _poll("a new leader", lambda: _leader(rest, not_name=lead["name"]))
+    print(f"new leader {new['leader']['name']} {time.monotonic() - t0:.2f} s after SIGKILL")
+    assert new["term"] > st["term"] and new["epoch"] == 1
+    # the survivors still commit changes
+    out = _cli("cluster", "weight", "--seeds", ",".join(rest), [n["name"] for n in raft_cluster["nodes"]
+               if n["addr"] != lead["addr"]][0], "2")
+    assert out.returncode == 0, out.stderr
+    assert "ring epoch 2" in out.stdout
+
+
+@pytest.mark.parametrize("raft_cluster", [2], indirect=True, ids=["workers2"])
+def test_add_a_node_while_a_client_writes(raft_cluster: dict[str, Any]) -> None:
+    """With --workers 2: the group's requests reach worker 0 through the relay, the other
+    worker follows the Store, worker 0 streams the moves."""
+    seeds = raft_cluster["seeds"]
+    _poll("a leader", lambda: _leader(seeds))
+    acked: dict[bytes, bytes] = {}
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        with shmkv.connect(seeds, n=3, timeout=2.0) as c:
+            for i in range(100000):
+                if stop.is_set() or i >= 3000:
+                    return
+                key, value = f"k{i}".encode(), f"v{i}".encode()
+                for attempt in range(5):  # a write may meet nodes mid-switch: retried, named
+                    try:
+                        c.put(key, value)
+                        acked[key] = value
+                        break
+                    except QuorumError as e:
+                        errors.append(f"{key!r} attempt {attempt}: {e}")
+                        time.sleep(0.05)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        _poll("writes", lambda: len(acked) > 200)
+        before = dict(acked)  # written before the change: only the old owners got these
+        node = tc.add_node(raft_cluster["dir"], await_add=True, wait=False)
+        _poll("the new node up", lambda: _cli("cluster", "add", "--seeds", seeds[1], node["addr"],
+                                              "--weight", "1").returncode == 0, within=30)
+        tc.wait_ready(raft_cluster["dir"], [node["name"]], timeout=30)
+        everyone = seeds + [node["addr"]]
+        st = _poll("every node at epoch 2", lambda: (s := group_status(everyone, 0.5)) and len(s["nodes"]) == 4
+                   and all(v["epoch"] == 2 for v in s["nodes"].values()) and s)
+        assert st["epoch"] == 2
+        _poll("more writes after the change", lambda: len(acked) > 600 or not t.is_alive())
+    finally:
+        stop.set()
+        t.join(60)
+    assert not t.is_alive()
+    lost = [e for e in errors if "attempt 4" in e]
+    assert not lost, lost[:3]  # every write succeeded within its retries
+    # the moves are streamed: wait until no node is streaming, then every acked key is readable
+    _poll("rebalance idle", lambda: all(
+        v.get("rebalance", {}).get("state", "idle") == "idle"
+        for v in _raw_views(seeds + [node["addr"]])), within=60)
+    with shmkv.connect(seeds, n=3, timeout=2.0) as c:
+        assert c.ring is not None and c.ring.epoch == 2 and len(c.ring.members) == 4
+        got = c.get_many(list(acked))
+        missing = [k for k in acked if got.get(k) != acked[k]]
+        assert not missing, f"{len(missing)} acknowledged writes not readable, e.g. {missing[:3]}"
+        # the new node holds a copy of every key it now replicates that was written before it
+        # joined: those came only by streaming from the old owners
+        mine = [k for k in before if node["name"] in c.ring.preference_list(k, 3)]
+        assert len(mine) > 20
+        held = _replica_get(node["addr"], mine, c.ring.epoch)
+        absent = [k for k, vs in zip(mine, held, strict=True) if not _has(vs, before[k])]
+        assert not absent, f"{len(absent)} of {len(mine)} keys were not streamed to {node['name']}"
+    out = _status(seeds)
+    assert out["config"]["epoch"] == 2 and out["epoch"] == 2
+
+
+def _has(vs: Any, value: bytes) -> bool:
+    from shmkv.cluster.versions import VersionSet
+
+    return vs is not None and value in VersionSet.from_wire(vs).values
+
+
+def _replica_get(addr: str, keys: list[bytes], epoch: int) -> list[Any]:
+    from shmkv.cluster import wire
+    from shmkv.cluster.transport import TcpTransport, run
+    from shmkv.cluster.wire import Message
+
+    async def go() -> list[Any]:
+        t = TcpTransport()
+        try:
+            r = await t.request(addr, Message(wire.REPLICA_GET_MANY, 0, {"keys": keys, "epoch": epoch}), 5.0)
+            return list(r.fields["versions"])
+        finally:
+            await t.close()
+
+    return run(go())
+
+
+def _raw_views(addrs: list[str]) -> list[dict[str, Any]]:
+    from shmkv.cluster import wire
+    from shmkv.cluster.transport import TcpTransport, run
+    from shmkv.cluster.wire import Message
+
+    async def go() -> list[dict[str, Any]]:
+        t = TcpTransport()
+        out = []
+        try:
+            for a in addrs:
+                try:
+                    r = await t.request(a, Message(wire.CONFIG, 0, {}), 1.0)
+                    out.append(r.fields.get("raft") or {})
+                except Exception:  # noqa: BLE001 -- a node not up counts as not idle
+                    out.append({"rebalance": {"state": "unknown"}})
+        finally:
+            await t.close()
+        return out
+
+    return run(go())

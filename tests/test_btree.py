@@ -1,0 +1,394 @@
+"""The btree engine: an ordered index over the hash table's items (ext/core/btree.c).
+
+- a model test against sortedcontainers.SortedDict: puts, deletes, TTLs, scans (bounds,
+  prefix, reverse, limit), first/last/floor/ceiling;
+- scans concurrent with writers in other processes: every key live during the whole scan is
+  returned exactly once, in order;
+- SIGKILL inside a split, a merge and a root growth (named crash points): the next locker
+  rebuilds the index, verify() is clean and a full ordered scan equals the acknowledged writes;
+- eviction, the disk tier under it, engine selection and bad input.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sortedcontainers import SortedDict
+
+import shmkv
+
+CTX = mp.get_context("fork")
+
+
+@pytest.fixture
+def bt(name):
+    store = shmkv.attach(name, size="16MiB", engine="btree")
+    yield store
+    store.close()
+
+
+def keys_of(pairs):
+    return [k for k, _ in pairs]
+
+
+def model_range(model, lo, hi, reverse=False, limit=None):
+    ks = list(model.irange(lo, hi, inclusive=(True, False)))
+    if reverse:
+        ks.reverse()
+    return [(k, model[k]) for k in ks[:limit]]
+
+
+# -- the model test ---------------------------------------------------------------------
+
+# Short keys over a small alphabet: many shared prefixes (8-byte prefix ties compare the
+# full key in the item), keys shorter and longer than the 8-byte prefix, and b"\0" bytes.
+KEYS = st.binary(min_size=1, max_size=12).map(lambda b: bytes(x % 4 + 0x61 if x > 3 else x for x in b))
+BOUND = st.one_of(st.none(), KEYS)
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), KEYS, st.binary(max_size=40)),
+        st.tuples(st.just("put_many"), st.lists(KEYS, min_size=1, max_size=80)),
+        st.tuples(st.just("del"), KEYS),
+        st.tuples(st.just("del_prefix"), KEYS),
+        st.tuples(st.just("expire"), KEYS),
+        st.tuples(st.just("ttl_long"), KEYS),
+        st.tuples(st.just("scan"), BOUND, BOUND, st.booleans(), st.one_of(st.none(), st.integers(1, 70))),
+        st.tuples(st.just("prefix"), KEYS, st.booleans()),
+        st.tuples(st.just("near"), KEYS),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_btree_matches_a_sorted_dict_model(bt, ops):
+    bt.clear()
+    model: SortedDict = SortedDict()
+    for op in ops:
+        kind = op[0]
+        if kind == "put":
+            bt[op[1]] = op[2]
+            model[op[1]] = op[2]
+        elif kind == "put_many":
+            batch = {k: k * 3 for k in op[1]}
+            bt.put_many(batch)
+            model.update(batch)
+        elif kind == "del":
+            assert bt.delete(op[1]) == (op[1] in model)
+            model.pop(op[1], None)
+        elif kind == "del_prefix":  # many deletes in a row: merges, root shrinks
+            for k in [k for k in model if k.startswith(op[1][:1])]:
+                del bt[k]
+                del model[k]
+        elif kind == "expire":
+            bt.put(op[1], b"short", ttl=0.001)
+            time.sleep(0.002)  # expired now: a miss everywhere, and still in the index until removed
+            model.pop(op[1], None)
+        elif kind == "ttl_long":
+            bt.put(op[1], b"long", ttl=1000)
+            model[op[1]] = b"long"
+        else:
+            if kind == "scan":
+                _, lo, hi, rev, limit = op
+                if lo is not None and hi is not None and lo > hi:
+                    lo, hi = hi, lo
+                got = list(bt.scan(lo, hi, reverse=rev, limit=limit))
+                assert got == model_range(model, lo, hi, rev, limit)
+            elif kind == "prefix":
+                p, rev = op[1], op[2]
+                want = [(k, model[k]) for k in model.irange(p) if k.startswith(p)]
+                assert list(bt.scan(prefix=p, reverse=rev)) == (want[::-1] if rev else want)
+            else:
+                k = op[1]
+                i = model.bisect_left(k)
+                ceil = model.peekitem(i) if i < len(model) else None
+                j = model.bisect_right(k)
+                floor = model.peekitem(j - 1) if j > 0 else None
+                assert bt.ceiling(k) == ceil
+                assert bt.floor(k) == floor
+                assert bt.first() == (model.peekitem(0) if model else None)
+                assert bt.last() == (model.peekitem(-1) if model else None)
+    assert list(bt.scan()) == list(model.items())
+    assert list(bt.scan(reverse=True)) == list(reversed(model.items()))
+    assert bt.verify() == []
+
+
+def test_large_random_workload_splits_merges_and_shrinks(bt):
+    rng = random.Random(7)
+    model: SortedDict = SortedDict()
+    for _ in range(30_000):
+        k = b"user:%06d" % rng.randrange(20_000)
+        if rng.random() < 0.6:
+            bt[k] = k[-3:]
+            model[k] = k[-3:]
+        else:
+            bt.delete(k)
+            model.pop(k, None)
+    assert bt.stats()["btree"]["height"] >= 2
+    assert list(bt.scan()) == list(model.items())
+    assert bt.verify() == []
+    for k in list(model):
+        del bt[k]
+    assert bt.stats()["btree"]["height"] == 1 and bt.stats()["btree"]["keys"] == 0
+    assert list(bt.scan()) == [] and bt.first() is None and bt.last() is None
+    assert bt.verify() == []
+
+
+def test_batches_resume_after_the_last_key(bt):
+    for i in range(5000):
+        bt[b"k%05d" % i] = b"v"
+    assert keys_of(bt.scan(b"k00100", b"k04000")) == [b"k%05d" % i for i in range(100, 4000)]
+    assert keys_of(bt.scan(b"k00100", b"k04000", reverse=True, limit=1500)) == [
+        b"k%05d" % i for i in range(3999, 2499, -1)]
+    assert keys_of(bt.scan(prefix=b"k012")) == [b"k%05d" % i for i in range(1200, 1300)]
+    it = bt.scan()
+    assert next(it) == (b"k00000", b"v")  # lazy: nothing else read yet
+
+
+def test_engine_is_recorded_and_reported(name):
+    with shmkv.attach(name, size="16MiB", engine="btree") as kv:
+        assert kv.engine == "btree" and kv.stats()["engine"] == "btree"
+    with shmkv.attach(name) as kv:  # engine=None takes the store's
+        assert kv.engine == "btree"
+        kv[b"a"] = b"1"
+        assert kv.first() == (b"a", b"1")
+
+
+def test_engine_mismatch_names_both(name):
+    shmkv.attach(name, size="16MiB", engine="btree").close()
+    with pytest.raises(shmkv.EngineMismatch, match="'btree'.*'hash'") as e:
+        shmkv.attach(name, engine="hash")
+    assert isinstance(e.value, shmkv.SegmentMismatch) and isinstance(e.value, shmkv.Error)
+
+
+def test_unknown_engine_is_refused(name):
+    with pytest.raises(shmkv.InvalidArgument, match="engine must be one of .*'hash'.*'btree'.*'lsm'"):
+        shmkv.attach(name, size="16MiB", engine="lsm")
+    assert name not in shmkv.list_stores()
+
+
+@pytest.mark.parametrize("engine", ["hash", "btree"])
+def test_bad_scan_input_raises_clear_errors(name, engine):
+    with shmkv.attach(name, size="16MiB", engine=engine) as kv:
+        with pytest.raises(shmkv.InvalidArgument, match="greater than stop"):
+            kv.scan(b"b", b"a")
+        with pytest.raises(shmkv.InvalidType, match="scan start must be bytes"):
+            kv.scan(5, b"a")
+        with pytest.raises(shmkv.InvalidType, match="scan stop must be bytes"):
+            kv.scan(None, 3.5)
+        with pytest.raises(shmkv.InvalidArgument, match="limit must be > 0"):
+            kv.scan(limit=0)
+        with pytest.raises(shmkv.InvalidArgument, match="limit must be > 0"):
+            kv.scan(limit=-3)
+        with pytest.raises(shmkv.InvalidType, match="limit must be an int"):
+            kv.scan(limit=1.5)
+        with pytest.raises(shmkv.InvalidArgument, match="either prefix"):
+            kv.scan(b"a", prefix=b"x")
+        with pytest.raises(shmkv.InvalidType):
+            kv.floor(None)
+        with pytest.raises(TypeError):  # the built-in class catches it too
+            kv.ceiling(7)
+        assert list(kv.scan(b"a", b"a")) == []  # start == stop: empty, not an error
+
+
+def test_hash_engine_answers_ordered_queries_by_sorting(kv):
+    for k in (b"b", b"a", b"c"):
+        kv[k] = k
+    assert keys_of(kv.scan(reverse=True, limit=2)) == [b"c", b"b"]
+    assert kv.floor(b"bb") == (b"b", b"b") and kv.ceiling(b"bb") == (b"c", b"c")
+
+
+def test_pickle_codec_scans_decode(name):
+    with shmkv.attach(name, size="16MiB", engine="btree", codec="pickle") as kv:
+        kv["x"] = {"a": 1}
+        kv["y"] = [2]
+        assert list(kv.scan()) == [(b"x", {"a": 1}), (b"y", [2])]
+        assert kv.last() == (b"y", [2])
+
+
+def test_eviction_removes_keys_from_the_index(name):
+    with shmkv.attach(name, size="4MiB", engine="btree") as kv:
+        for i in range(40_000):
+            kv[b"e%06d" % i] = b"x" * 200
+        assert kv.stats()["evictions"] > 0
+        scanned = keys_of(kv.scan())
+        assert scanned == sorted(scanned)
+        present = [b"e%06d" % i for i in range(40_000) if kv.get(b"e%06d" % i) is not None]
+        assert scanned == present
+        assert kv.verify() == []
+
+
+def test_a_full_index_refuses_new_keys_but_not_overwrites_or_deletes(name):
+    with shmkv.attach(name, size="1MiB", engine="btree", max_item="64KiB") as kv:
+        with pytest.raises(shmkv.StoreFull, match="ordered index is full"):
+            for i in range(100_000):
+                kv[b"f%06d" % i] = b""
+        n = kv.stats()["btree"]["keys"]
+        assert n == len(kv) > 1000
+        kv[b"f%06d" % 0] = b"overwritten"  # no new node needed
+        assert kv[b"f000000"] == b"overwritten"
+        del kv[b"f000001"]
+        assert len(list(kv.scan())) == n - 1
+        assert kv.verify() == []
+
+
+def test_with_a_path_scans_merge_memory_and_disk(name, tmp_path):
+    """With a path every item is on disk (writes go through), so the ordered scan is the merge
+    of the sorted runs there -- including what memory evicted and tombstoned keys."""
+    model: SortedDict = SortedDict()
+    with shmkv.attach(name, size="4MiB", engine="btree", path=tmp_path / "d", durability="none") as kv:
+        for i in range(8000):
+            k = b"p%05d" % i
+            kv[k] = b"y" * 600
+            model[k] = b"y" * 600
+        for i in range(0, 8000, 3):
+            del kv[b"p%05d" % i]
+            del model[b"p%05d" % i]
+        assert kv.stats()["evictions"] > 0
+        assert list(kv.scan()) == list(model.items())
+        assert list(kv.scan(b"p01000", b"p02000", reverse=True, limit=50)) == model_range(
+            model, b"p01000", b"p02000", True, 50)
+        assert kv.first()[0] == model.peekitem(0)[0] and kv.last()[0] == model.peekitem(-1)[0]
+        assert kv.floor(b"p00003")[0] == b"p00002"
+        assert kv.verify() == []
+    shmkv.unlink(name)  # as after a reboot: the directory's record keeps the engine
+    with pytest.raises(shmkv.EngineMismatch, match="'btree'.*'hash'"):
+        shmkv.attach(name, path=tmp_path / "d", engine="hash")
+    with shmkv.attach(name, path=tmp_path / "d") as kv:
+        assert kv.engine == "btree"
+        assert keys_of(kv.scan(limit=3)) == list(model.keys()[:3])
+
+
+# -- concurrency: scans against writers in other processes -----------------------------------
+
+
+def _churn(name, seed, seconds):
+    kv = shmkv.attach(name)
+    rng = random.Random(seed)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(200):
+            k = b"k%06d" % (rng.randrange(6000) * 2 + 1)  # odd keys churn; even keys are stable
+            if rng.random() < 0.55:
+                kv[k] = b"c" * rng.randrange(1, 60)
+            else:
+                kv.delete(k)
+    kv.close()
+    os._exit(0)
+
+
+@pytest.mark.multiprocess
+def test_scans_see_every_stable_key_once_in_order_under_concurrent_writers(name):
+    kv = shmkv.attach(name, size="32MiB", engine="btree")
+    stable = [b"k%06d" % (i * 2) for i in range(6000)]
+    for k in stable:
+        kv[k] = b"s"
+    writers = [CTX.Process(target=_churn, args=(name, s, 2.5)) for s in (1, 2)]
+    for w in writers:
+        w.start()
+    scans = 0
+    rng = random.Random(3)
+    deadline = time.monotonic() + 2.0
+    try:
+        while time.monotonic() < deadline:
+            rev = rng.random() < 0.5
+            lo = b"k%06d" % rng.randrange(0, 6000)
+            got = keys_of(kv.scan(lo, None, reverse=rev))
+            want = [k for k in stable if k >= lo]
+            if rev:
+                got.reverse()
+            assert all(a < b for a, b in zip(got, got[1:], strict=False)), "out of order or repeated"
+            got_stable = [k for k in got if int(k[1:]) % 2 == 0]
+            assert got_stable == want
+            scans += 1
+    finally:
+        for w in writers:
+            w.join(20)
+    assert all(w.exitcode == 0 for w in writers)
+    assert scans >= 3
+    assert kv.stats()["btree"]["scan_retries"] + kv.stats()["btree"]["scan_locked"] > 0  # raced for real
+    assert kv.verify() == []
+    kv.close()
+
+
+# -- SIGKILL inside split, merge and root growth ------------------------------------------
+
+
+def _die_at(name, point, action):
+    kv = shmkv.attach(name)
+    kv._set_crash_point(point)
+    action(kv)
+    os._exit(3)  # the crash point was not reached
+
+
+def _put_ascending(kv):
+    for i in range(100_000):
+        kv[b"n%06d" % i] = b"v%d" % i
+
+
+def _delete_ascending(kv):
+    for i in range(100_000):
+        kv.delete(b"n%06d" % i)
+
+
+SCENARIOS = {
+    # point -> (keys the parent writes first, what the child does until it dies)
+    "BTREE_ROOT_GROW": (0, _put_ascending),
+    "BTREE_SPLIT": (200, _put_ascending),
+    "BTREE_MERGE": (3000, _delete_ascending),
+    "PUT_PUBLISHED": (100, _put_ascending),
+    "REMOVE_UNLINKED": (100, _delete_ascending),
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("point", sorted(SCENARIOS))
+@pytest.mark.parametrize("verify_first", [False, True])
+def test_killed_inside_a_tree_change_leaves_a_tree_equal_to_the_acknowledged_writes(name, point, verify_first):
+    prefill, action = SCENARIOS[point]
+    kv = shmkv.attach(name, size="16MiB", engine="btree")
+    for i in range(prefill):
+        kv[b"n%06d" % i] = b"v%d" % i
+    p = CTX.Process(target=_die_at, args=(name, point, action))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL, f"crash point {point} not reached (exit {p.exitcode})"
+    # The truth is the hash table (the index is derived): the child's writes are a prefix of
+    # its sequence, the one it died in applied or not.
+    if verify_first:
+        assert kv.verify() == []  # a dead tree writer: repaired (rebuilt), not reported
+    present = [b"n%06d" % i for i in range(5000) if kv.get(b"n%06d" % i) is not None]
+    t0 = time.monotonic()
+    scanned = list(kv.scan())  # a dead writer left the tree lock owner-dead: rebuilt here
+    assert time.monotonic() - t0 < 5
+    assert keys_of(scanned) == present
+    assert all(v == b"v%d" % int(k[1:]) for k, v in scanned)
+    nums = [int(k[1:]) for k in present]
+    if action is _put_ascending:
+        assert nums == list(range(len(nums))) and len(nums) >= prefill
+    else:
+        assert nums == list(range(nums[0] if nums else prefill, prefill))
+    assert kv.verify() == []
+    if point.startswith("BTREE"):
+        assert kv.stats()["btree"]["rebuilds"] >= 1  # the next locker rebuilt the index
+    # and the store keeps working, tree and all
+    kv[b"after"] = b"1"
+    if present:
+        del kv[present[-1]]
+    assert keys_of(kv.scan(start=b"after")) == [b"after"] + [k for k in present[:-1] if k > b"after"]
+    assert kv.verify() == []
+    kv.close()
+
+
+def test_crash_points_of_the_tree_are_named(bt):
+    from shmkv._ext import _core
+
+    assert {"BTREE_SPLIT", "BTREE_MERGE", "BTREE_ROOT_GROW"} <= set(_core.CRASH_POINTS)
