@@ -765,8 +765,13 @@ class AntiEntropy:
         if skey[:1] == VERSIONS:
             vs = VersionSet.decode(raw)
             deleted = vs.is_deleted
-            if deleted and before is None and since is not None and since + self.settings.grace <= self.clock():
-                return None  # collected here already (or about to be everywhere): not stored again
+            if (deleted and since is not None and since + self.settings.grace <= self.clock()
+                    and (before is None or _is_tomb(skey, before))):
+                # collected here already (or about to be everywhere): not stored again. A
+                # tombstone still readable here counts as collected too: collect() expires it
+                # at the next wall-clock millisecond (the Store has no compare-and-delete), and
+                # merging the peer's would store it again, for another grace, with no TTL.
+                return before
             replica.merge(skey[1:], vs)
             if deleted and since is not None and skey in self.tombs:
                 self.tombs[skey] = min(self.tombs[skey], since)
