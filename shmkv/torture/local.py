@@ -8,10 +8,23 @@ functions the integration tests use), clients from ``shmkv.connect``:
   ``--path`` would) -- a restart that lost them would need a fresh actor, which the daemon
   draws when its store is gone;
 - pause: SIGSTOP / SIGCONT of the node's pid (connections still open, nothing answers);
-- settle: there is no anti-entropy yet, so every key is read at R = N (which repairs every
-  stale replica), twice, with a pause for the background repairs to land;
+- strictness: every daemon runs with ``--strict`` (hinted fallbacks never count toward W, the
+  daemon's default being sloppy), so the run's ``"sloppy": False`` -- which lets the checkers
+  judge linearizability when R + W > N -- is true of the cluster, whatever the node count;
+  ``strict=False`` runs the daemons sloppy and records ``"sloppy": True`` (linearizability is
+  then skipped, with the reason);
+- settle: anti-entropy's, not read repair's. The daemons run with ``--ae-interval`` 0.5 s (grace
+  600 s: at least twice the interval, as the daemon requires, and no tombstone is collected
+  during a run -- anti-entropy's documented gap); :meth:`LocalCluster.settle` reads nothing
+  through a coordinator: it polls every node's stored copies (as :meth:`final_states` does)
+  until each key's replicas hold equal copies, for at most ``SETTLE_LIMIT`` seconds (then the
+  convergence checker says what is left, and ``settled`` records that it timed out);
 - final states: each node's replicas are read straight from its shared-memory store (the
-  zero-hop path: ``b"v" + key`` holds the key's encoded VersionSet, cluster/replica.py).
+  zero-hop path: ``b"v" + key`` holds the key's encoded VersionSet, ``b"c" + key`` a counter's
+  PN-state, cluster/replica.py);
+- leftovers: libfaketime leaves ``/dev/shm/faketime_shm_<pid>`` and
+  ``/dev/shm/sem.faketime_sem_<pid>`` behind for a SIGKILLed process; :meth:`stop` removes that
+  pair for every daemon pid this cluster started (``started_pids``), and only for those.
 
 - partition / loss (netns.py): inside the harness' private network namespace each node
   listens on its own 127.0.0.x and the faults are nftables rules between those addresses;
@@ -38,7 +51,13 @@ from ..cluster.versions import Context, VersionSet
 from ..errors import InvalidArgument
 
 VERSIONS_PREFIX = b"v"  # cluster/replica.py: the store key of a key's VersionSet
+COUNTER_PREFIX = b"c"  # ... and of a counter's PN-state
 SKEW_SECONDS = 120
+#: anti-entropy of the daemons a run starts: a round every 0.5 s; the grace (>= twice the
+#: interval, daemon.check_options) outlives any run, so no tombstone is collected mid-run
+AE_FLAGS = ("--ae-interval", "0.5", "--tombstone-grace", "600")
+SETTLE_LIMIT = 30.0  # seconds settle waits for anti-entropy to converge the stored copies
+FAKETIME_LEFTOVERS = ("/dev/shm/faketime_shm_{pid}", "/dev/shm/sem.faketime_sem_{pid}")
 LIBFAKETIME = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
                "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
                "/usr/lib/faketime/libfaketime.so.1")
@@ -117,14 +136,17 @@ class LocalClient:
 class LocalCluster:
     def __init__(self, nodes: int = 3, *, n: int = 3, w: int = 2, r: int = 2,
                  dir: str | None = None, size: str = "32MiB",
-                 nemesis: Iterable[str] = ("kill", "pause")) -> None:
+                 nemesis: Iterable[str] = ("kill", "pause"), strict: bool = True) -> None:
         self.tools = _tools()
         self.kinds = list(nemesis)
         bad = unsupported(self.kinds)
         if bad:
             raise InvalidArgument("; ".join(f"nemesis {k}: {why}" for k, why in bad.items()))
         self.nodes = [f"n{i}" for i in range(1, nodes + 1)]
-        self.config: dict[str, Any] = {"n": n, "w": w, "r": r, "sloppy": False}
+        self.strict = strict
+        self.config: dict[str, Any] = {"n": n, "w": w, "r": r, "sloppy": not strict}
+        self.started_pids: set[int] = set()  # every daemon pid started (restarts included)
+        self.settled: dict[str, Any] = {}  # what the last settle saw: converged, seconds
         self._own_dir = dir is None
         self.dir = Path(dir or tempfile.mkdtemp(prefix="shmkv-torture-"))
         self.size = size
@@ -159,8 +181,16 @@ class LocalCluster:
 
     def start(self) -> None:
         c = self.config
-        self.tools.start(len(self.nodes), self.dir, n=c["n"], w=c["w"], r=c["r"], size=self.size,
-                         hosts=self.hosts, envs=self.envs)
+        extra = [*AE_FLAGS, "--strict" if self.strict else "--sloppy"]
+        try:
+            self.tools.start(len(self.nodes), self.dir, n=c["n"], w=c["w"], r=c["r"], size=self.size,
+                             hosts=self.hosts, envs=self.envs, extra=extra)
+        finally:
+            self._record_pids()
+
+    def _record_pids(self) -> None:
+        if (self.dir / "cluster.json").exists():
+            self.started_pids.update(x["pid"] for x in self.tools._load(self.dir)["nodes"] if x.get("pid"))
 
     def stop(self) -> None:
         if self.net is not None:
@@ -172,13 +202,37 @@ class LocalCluster:
                 cl.close()
             except Exception:  # noqa: BLE001 -- closing a client of a dead cluster
                 pass
-        self.tools.stop(self.dir, grace=5.0)
+        try:
+            self.tools.stop(self.dir, grace=5.0)
+        finally:
+            self.remove_leftovers()
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove libfaketime's /dev/shm pair of every daemon pid this cluster started that is
+        gone now (a live process -- a reused pid -- keeps its files); the paths removed."""
+        import psutil
+
+        removed = []
+        for pid in sorted(self.started_pids):
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                continue
+            for pattern in FAKETIME_LEFTOVERS:
+                path = pattern.format(pid=pid)
+                try:
+                    os.unlink(path)
+                    removed.append(path)
+                except FileNotFoundError:
+                    pass
+        return removed
 
     def kill(self, node: str) -> None:
         self.tools.kill(self.dir, node, signal.SIGKILL)
 
     def restart(self, node: str) -> None:
-        self.tools.restart(self.dir, node)
+        try:
+            self.tools.restart(self.dir, node)
+        finally:
+            self._record_pids()
 
     def pause(self, node: str) -> None:
         os.kill(self._node(node)["pid"], signal.SIGSTOP)
@@ -214,15 +268,41 @@ class LocalCluster:
         return cl
 
     def settle(self, keys: Iterable[bytes]) -> None:
+        """Wait (at most ``SETTLE_LIMIT`` s) until anti-entropy -- and hinted handoff -- made
+        every key's replicas hold equal stored copies; nothing is read through a coordinator,
+        so no read repair helps. A timeout is not an error here: the convergence checker
+        judges the final states and names what differs."""
         keys = list(keys)
         cl = self.client(2.0)
-        for _ in range(2):
-            for k in keys:
-                try:
-                    cl.c.get_versions(k, r=self.config["n"])
-                except Exception:  # noqa: BLE001 -- convergence will say what is left
-                    pass
-            time.sleep(0.5)
+        ring = cl.c.ring
+        owners = {k: (ring.preference_list(k, self.config["n"]) if ring is not None else self.nodes)
+                  for k in keys}
+        t0 = time.monotonic()
+        while True:
+            stored = self._stored(keys)
+            differ = [k for k in keys
+                      if any(stored[o].get(k) != stored[owners[k][0]].get(k) for o in owners[k][1:])]
+            took = time.monotonic() - t0
+            if not differ or took > SETTLE_LIMIT:
+                self.settled = {"converged": not differ, "seconds": round(took, 2), "differ": len(differ)}
+                return
+            time.sleep(0.25)
+
+    def _stored(self, keys: list[bytes]) -> dict[str, dict[bytes, tuple[Any, Any]]]:
+        """node -> key -> (VersionSet or None, PN-counter or None): its stored copies."""
+        from .. import store as store_mod
+        from ..cluster.crdt import PNCounter
+
+        out: dict[str, dict[bytes, tuple[Any, Any]]] = {}
+        for name in self.nodes:
+            held: dict[bytes, tuple[Any, Any]] = {}
+            with store_mod.attach(self._node(name)["store"], create=False) as kv:
+                for k in keys:
+                    v, c = kv.get(VERSIONS_PREFIX + k), kv.get(COUNTER_PREFIX + k)
+                    held[k] = (None if v is None else VersionSet.decode(v),
+                               None if c is None else PNCounter.decode(c))
+            out[name] = held
+        return out
 
     def final_states(self, keys: Iterable[bytes]) -> dict[str, dict[bytes, VersionSet]]:
         from .. import store as store_mod
