@@ -1,6 +1,7 @@
-"""Anti-entropy with real daemons (tools/cluster.py): a wiped replica, keys removed from a
-Store behind its daemon's back, and a delete missed by a down node -- converged within a
-deadline, and no deleted key comes back.
+"""Anti-entropy with real daemons (tools/cluster.py): a wiped replica (memory-only, and a
+``--path`` node whose directory is wiped), keys removed from a Store behind its daemon's back,
+and a delete missed by a down node -- converged within a deadline, and no deleted key comes
+back.
 
 What each node holds is read with REPLICA_GET_MANY over TCP (the replica requests a coordinator
 sends), so the check sees the stored copies and not a quorum read that would repair them.
@@ -8,6 +9,7 @@ sends), so the check sees the stored copies and not a quorum read that would rep
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +86,42 @@ def test_a_wiped_replica_converges_and_deleted_keys_stay_deleted(cluster: Start)
     with _connect(st) as c:
         assert all(c.get(k, r=3) is None for k in keys[:10])
     print(f"wiped replica of 300 keys converged in {took:.1f} s")
+
+
+def test_a_path_node_whose_directory_is_wiped_converges(cluster: Start) -> None:
+    """A ``--path`` node stopped (SIGTERM: a clean stop, its segment removed), its directory --
+    LSM and hints -- deleted, then started again: it comes back empty and anti-entropy brings it
+    every copy, tombstones included, within the deadline; what it restores is on its disk."""
+    import shutil
+
+    st = cluster(3, persist=True, durability="interval", extra=AE)
+    keys = [f"pw{i}".encode() for i in range(300)]
+    with _connect(st) as c:
+        for i, k in enumerate(keys):
+            c.put(k, b"v%d" % i, w=3)
+        for k in keys[:10]:
+            c.delete(k, w=3)
+        assert c.ring is not None
+        epoch = c.ring.epoch
+    wait_converged(st, keys, epoch)
+    n3 = _node(st, "n3")
+    tc.kill(st["dir"], "n3", signal.SIGTERM)
+    assert Path(n3["path"]).is_dir() and any(Path(n3["path"]).iterdir())
+    shutil.rmtree(n3["path"])
+    tc._unlink_store(n3)  # gone already after a clean stop; nothing of n3's copies is left
+    tc.restart(st["dir"], "n3")
+    assert all(x is None for x in held(st, "n3", keys, epoch))
+    took = wait_converged(st, keys, epoch)
+    now = held(st, "n3", keys, epoch)
+    assert all(vs is not None and vs.is_deleted for vs in now[:10])
+    assert [vs.values for vs in now[10:] if vs is not None] == [[b"v%d" % i] for i in range(10, 300)]
+    # restored to its disk, not only its memory: a second clean restart still holds them
+    tc.kill(st["dir"], "n3", signal.SIGTERM)
+    tc.restart(st["dir"], "n3")
+    assert held(st, "n3", keys, epoch) == now
+    with _connect(st) as c:
+        assert all(c.get(k, r=3) is None for k in keys[:10])
+    print(f"wiped --path replica of 300 keys converged in {took:.1f} s")
 
 
 def test_keys_removed_behind_the_back_and_a_missed_delete_with_workers(cluster: Start) -> None:
