@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from ..errors import Error
 from .history import FAIL, OK, UNKNOWN, History
@@ -19,8 +20,27 @@ class PlotUnavailable(Error):
     """matplotlib is not installed."""
 
 
+#: the three panels, top to bottom, by their y labels
+PANELS = ("faults", "ops/s", "latency (ms)")
+
+
 def timeline(h: History, path: str | Path, bucket: float = 0.25) -> Path:
     """Write the timeline of ``h`` (ops and its fault log) to ``path``; return it."""
+    fig = figure(h, bucket)  # raises PlotUnavailable before anything imports pyplot
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def figure(h: History, bucket: float = 0.25) -> Any:
+    """The timeline's matplotlib Figure: three panels sharing the time axis (:data:`PANELS`) --
+    a bar per fault on its node's row, ops/s per outcome, each op's latency. The caller saves
+    and closes it (:func:`timeline` does)."""
     try:
         import matplotlib
 
@@ -43,13 +63,13 @@ def timeline(h: History, path: str | Path, bucket: float = 0.25) -> Path:
                          color={"kill": "tab:red", "pause": "tab:purple"}.get(f["kind"], "tab:gray"))
         ax_f.text(f["t0"], y, f["kind"], fontsize=7, va="center")
     ax_f.set_yticks(range(len(nodes)), nodes)
-    ax_f.set_ylabel("faults")
+    ax_f.set_ylabel(PANELS[0])
     nb = int(end / bucket) + 1
     for outcome in (OK, UNKNOWN, FAIL):
         c = Counter(int((o.complete or o.invoke) / bucket) for o in ops if o.outcome == outcome)
         ax_t.plot([i * bucket for i in range(nb)], [c.get(i, 0) / bucket for i in range(nb)],
                   color=COLORS[outcome], label=outcome, lw=1)
-    ax_t.set_ylabel("ops/s")
+    ax_t.set_ylabel(PANELS[1])
     ax_t.legend(loc="upper right", fontsize=8)
     for outcome in (OK, UNKNOWN, FAIL):
         pts = [(o.invoke, (o.complete - o.invoke) * 1e3) for o in ops
@@ -57,14 +77,11 @@ def timeline(h: History, path: str | Path, bucket: float = 0.25) -> Path:
         if pts:
             ax_l.scatter([p[0] for p in pts], [p[1] for p in pts], s=3, color=COLORS[outcome], label=outcome)
     ax_l.set_yscale("log")
-    ax_l.set_ylabel("latency (ms)")
+    ax_l.set_ylabel(PANELS[2])
     ax_l.set_xlabel("seconds since the run began")
     title = f"shmkv torture: {len(ops)} ops"
     if "seed" in h.meta:
         title += f", seed {h.meta['seed']}"
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

@@ -105,12 +105,29 @@ def test_check_of_a_broken_saved_history_exits_1(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "line 2" in r.output
 
 
-def test_timeline_png_is_written(tmp_path: Path) -> None:
+def test_out_writes_the_timeline_with_its_three_panels(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from shmkv.torture.plot import timeline
+    from shmkv.torture.plot import PANELS, figure
 
-    cfg = RunConfig(time=1.5, seed=3, nemesis=["kill", "pause"], op_timeout=0.1)
-    res = run(InProcessCluster(3, seed=3), cfg)
-    out = timeline(res.history, tmp_path / "t.png")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = RunConfig(time=2.5, seed=3, nemesis=["kill", "pause"], op_timeout=0.1)  # faults: see the first test
+    res = run(InProcessCluster(3, seed=3), cfg, tmp_path / "out")
+    png = tmp_path / "out" / "timeline.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # --out wrote it
+    assert "no timeline" not in (tmp_path / "out" / "report.txt").read_text()
+    fig = figure(res.history)
+    try:
+        faults, rate, latency = fig.axes
+        assert tuple(ax.get_ylabel() for ax in fig.axes) == PANELS == ("faults", "ops/s", "latency (ms)")
+        assert latency.get_xlabel() == "seconds since the run began"
+        # each panel shows what it says: a bar per fault (on its node's row), a rate line per
+        # outcome, a latency point per completed op
+        assert len(faults.collections) == len(res.history.faults) > 0
+        assert {t.get_text() for t in faults.get_yticklabels()} == {f["node"] for f in res.history.faults}
+        assert {ln.get_label() for ln in rate.get_lines()} == {"ok", "fail", "unknown"}
+        timed = [o for o in res.history.ops if o.complete is not None and o.complete > o.invoke]
+        assert sum(len(c.get_offsets()) for c in latency.collections) == len(timed) > 0
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     assert History.load  # the saved form is what --check reads (tested above)
