@@ -43,7 +43,11 @@ The pause is logged.
 
 Bad gossip is refused and logged (rate-limited, one line per reason per ``LOG_EVERY`` s): a
 GOSSIP whose ``from`` is not a member, or is this node's own name (another process claiming its
-identity); entries that are malformed, for non-members, for this node (liveness.py); entries
+identity), or a member whose address pins its connections' source IP (transport.pinned_source:
+a node on its own 127.0.0.x) while the connection came from another IP (a process claiming a
+member's identity; where the source proves nothing -- 127.0.0.1 shared by every process, a
+hostname, a routable IP whose source the kernel picks by route -- nothing is authenticated, the
+documented limit); entries that are malformed, for non-members, for this node (liveness.py); entries
 whose generation lies in the future of this node's wall clock by more than ``MAX_SKEW_MS`` or
 whose counter could not have been reached since that generation at the fastest allowed gossip
 interval (a forged huge counter would otherwise freeze a peer's entry and make it look down
@@ -66,7 +70,7 @@ from ..errors import Error
 from . import wire
 from .failure_detector import DOWN, MAX_LOCAL_PAUSE, UP, PhiAccrual
 from .liveness import FANOUT, INTERVAL, Entry, Gossiper, merge_views, parse_view
-from .transport import Transport
+from .transport import PEER_HOST, Transport, pinned_source
 from .wire import BadRequest, Message
 
 log = logging.getLogger("shmkv.cluster.gossip")
@@ -362,7 +366,8 @@ class Gossip:
     async def handle(self, msg: Message) -> Message:
         """Answer a peer's GOSSIP: merge its view, reply with ours.
 
-        :raises BadRequest: ``from`` is not a member, or is this node's name (logged).
+        :raises BadRequest: ``from`` is not a member, is this node's name, or is a member whose
+            pinned source IP is not the one this request came from (logged).
         """
         sender = msg.fields.get("from")
         if sender == self.name:
@@ -375,6 +380,12 @@ class Gossip:
             self._throttle.warn("from", "%s: refused GOSSIP from %r, not a member of the ring",
                                 self.name, sender)
             raise BadRequest(f"GOSSIP from {sender!r:.80}: not a member of the ring")
+        src, pinned = PEER_HOST.get(), pinned_source(self.members[sender])
+        if src is not None and pinned is not None and src != pinned:
+            self.rejected += 1
+            self._throttle.warn("spoof", "%s: refused GOSSIP claiming to come from %s (%s) sent from %s",
+                                self.name, sender, self.members[sender], src)
+            raise BadRequest(f"GOSSIP from {sender!r}: {sender} connects from {pinned}, this came from {src}")
         self._receive(msg.fields.get("view"), str(sender))
         if self.gossiper is not None:
             return Message(wire.OK, 0, {"view": self.gossiper.payload()})

@@ -47,6 +47,12 @@ TcpTransport
   reconnect loop. A frame the peer cannot parse (garbage on the port) is answered with one
   ERR_BAD_REQUEST (rid 0) and the connection is closed; the server keeps serving everyone else.
 
+- The sender's address: while a handler runs (its first step, and any Task it goes on in),
+  :data:`PEER_HOST` holds the IP the request's connection came from (None on a transport that
+  does not know, e.g. the simulated ones). :func:`pinned_source` says for which member
+  addresses that IP is a fact about the sender: gossip.py uses the pair to refuse a GOSSIP
+  claiming to come from a member at an address it was not sent from.
+
 Thread safety: none; one event loop owns a transport.
 """
 
@@ -54,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import itertools
 import math
@@ -68,6 +75,32 @@ from .wire import Message, Overloaded
 
 Handler = Callable[[Message], Awaitable[Message]]
 T = TypeVar("T")
+
+#: the source IP of the connection whose request the running handler answers (module docstring)
+PEER_HOST: contextvars.ContextVar[str | None] = contextvars.ContextVar("shmkv_peer_host", default=None)
+
+
+def pinned_source(addr: str) -> str | None:
+    """The source IP every connection from the daemon listening at ``addr`` carries, when the
+    daemon pins it: a loopback IPv4 address other than 127.0.0.1 (several nodes on one host's
+    127.0.0.x, as the torture harness runs them; ``TcpTransport(source=...)`` from
+    daemon._loopback_source -- the same rule). None for any other address: 127.0.0.1 (every
+    process on the host shares it), a hostname, a routable IP (the kernel picks the source by
+    route, which may be another interface) -- there the source proves nothing."""
+    host, _ = split_addr(addr)
+    parts = host.split(".")
+    if len(parts) == 4 and parts[0] == "127" and host != "127.0.0.1" and all(p.isdigit() for p in parts):
+        return host
+    return None
+
+
+def _peer_host(writer: asyncio.StreamWriter) -> str | None:
+    peer = writer.get_extra_info("peername")
+    if not peer:
+        return None
+    host = str(peer[0])
+    return host[7:] if host.startswith("::ffff:") else host  # an IPv4-mapped IPv6 address
+
 
 READ_CHUNK = 256 * 1024
 #: Bytes queued in a connection's socket buffer above which a request waits for the peer to
@@ -580,6 +613,7 @@ class TcpTransport(Transport):
         self._server_conns.add(writer)
         decoder = wire.FrameDecoder(self._max_frame)
         out = _Out(writer)
+        PEER_HOST.set(_peer_host(writer))  # this connection's Task: every handler it starts sees it
         try:
             while True:
                 data = await reader.read(READ_CHUNK)

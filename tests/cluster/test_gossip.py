@@ -205,3 +205,48 @@ def test_a_quick_restart_is_no_sample_and_the_next_failure_is_detected_as_fast(m
         assert c.until(lambda: not any("n3" in d for d in c.down_views().values()), limit=5.0) is not None
         c.net.run_for(3.0)
     assert all(t is not None and t <= 5.0 for t in times), times
+
+
+def test_gossip_claiming_a_member_from_another_source_ip_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    """Real TCP on 127.0.0.x (every 127/8 address is on lo): n2 listens on 127.0.0.6, so its
+    daemon's connections come from 127.0.0.6 (pinned_source); a GOSSIP naming n2 from
+    127.0.0.7 is refused, logged and merges nothing. n3 on 127.0.0.1 shares its address with
+    every local process: the source proves nothing there (the documented limit)."""
+    import time
+
+    from shmkv.cluster import daemon
+    from shmkv.cluster.transport import TcpTransport, pinned_source, run
+
+    for addr in ("127.0.0.6:1", "127.0.0.1:1", "10.0.0.1:1", "localhost:1", "[::1]:1", "127.0.0.255:9"):
+        assert pinned_source(addr) == daemon._loopback_source(addr), addr  # one rule, two places
+    now_ms = int(time.time() * 1000)
+
+    async def go() -> list[Any]:
+        srv = TcpTransport(source="127.0.0.5")
+        g = Gossip("n1", {"n1": "127.0.0.5:1", "n2": "127.0.0.6:1", "n3": "127.0.0.1:1"}, srv)
+        addr = await srv.serve("127.0.0.5:0", g.handle)
+        out: list[Any] = []
+        for source, sender, counter in (("127.0.0.6", "n2", 3), ("127.0.0.7", "n2", 9), ("127.0.0.7", "n3", 4)):
+            t = TcpTransport(source=source)
+            try:
+                msg = Message(wire.GOSSIP, 0, {"from": sender, "view": [[sender, now_ms - 1000, counter]]})
+                reply = await t.request(addr, msg, 2.0)
+                out.append(("ok", reply.fields["view"]))
+            except BadRequest as e:
+                out.append(("refused", str(e)))
+            finally:
+                await t.close()
+        assert g.gossiper is not None
+        out.append(dict(g.gossiper.view))
+        out.append(g.rejected)
+        await srv.close()
+        return out
+
+    with caplog.at_level(logging.WARNING, logger="shmkv.cluster.gossip"):
+        honest, spoofed, unpinned, view, rejected = run(go())
+    assert honest[0] == "ok" and unpinned[0] == "ok"
+    assert spoofed[0] == "refused" and "n2 connects from 127.0.0.6, this came from 127.0.0.7" in spoofed[1]
+    assert view["n2"][1] == 3  # the forged counter 9 never entered the view
+    assert view["n3"][1] == 4
+    assert rejected == 1
+    assert "refused GOSSIP claiming to come from n2 (127.0.0.6:1) sent from 127.0.0.7" in caplog.text
