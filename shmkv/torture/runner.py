@@ -6,7 +6,8 @@ Order of a run (each step bounded in time):
 1. ``cluster.start()``; workers (one client each) run for ``time`` seconds while the nemesis
    applies its seeded schedule;
 2. the nemesis heals whatever is still broken, the workers stop;
-3. ``cluster.settle(keys)`` (anti-entropy), then one final read of every key by a fresh
+3. ``cluster.settle(keys)`` (anti-entropy; local.py records what it saw in ``settled``, which
+   goes into the history's metadata as ``settle`` and into the report), then one final read of every key by a fresh
    process (recorded in the history like any other op), then ``cluster.final_states(keys)``;
 4. ``cluster.stop()`` -- always, also when a step failed;
 5. the history (JSON lines), the report (text and JSON) and the timeline PNG go to ``out``.
@@ -113,9 +114,17 @@ def run(
     finally:
         cluster.stop()
     meta = {**asdict(cfg), **{k: v for k, v in cluster.config.items() if v is not None}}
+    settled = getattr(cluster, "settled", None)  # local.py: what waiting for anti-entropy saw
+    if settled:
+        meta["settle"] = dict(settled)
     h = History(ops=rec.ops, meta=meta, final=final, faults=nemesis.log)
     verdicts, skipped = check_history(h, time_limit=time_limit)
     text = render_text(h, verdicts, skipped)
+    if settled:
+        text += (f"\nsettle: anti-entropy converged the stored copies in {settled['seconds']} s"
+                 if settled.get("converged") else
+                 f"\nsettle: {settled.get('differ')} keys' stored copies still differed after "
+                 f"{settled['seconds']} s (see convergence)")
     if errors:
         text += "\nharness errors:\n" + "\n".join(f"  {e}" for e in errors)
     if out is not None:

@@ -30,6 +30,7 @@ def test_three_real_nodes_under_kill_and_pause_keep_every_promise(tmp_path: Path
     assert all("--strict" in node["extra"] for node in state["nodes"])  # what "sloppy": False claims
     assert h.meta["sloppy"] is False and "linearizable" in {v.checker for v in res.verdicts}
     assert cluster.settled["converged"], cluster.settled  # by anti-entropy (test below)
+    assert h.meta["settle"] == cluster.settled and "settle: anti-entropy converged" in res.text
     for node in state["nodes"]:
         assert not psutil.pid_exists(node["pid"]) or psutil.Process(node["pid"]).status() == psutil.STATUS_ZOMBIE
         assert not Path(f"/dev/shm/shmkv.{node['store']}").exists()
