@@ -126,7 +126,7 @@ class Ring:
 
     __slots__ = (
         "_epoch", "_members", "_vnodes_per_weight", "_tokens", "_owners", "_names", "_replication",
-        "_dc_index", "_prefs",
+        "_dc_index", "_prefs", "_vnode_lists",
     )
 
     def __init__(
@@ -175,6 +175,8 @@ class Ring:
         # walked stays right for its lifetime (a new configuration is a new Ring with an empty
         # cache). At most vnodes x distinct n entries; filled lazily by preference_list.
         self._prefs: dict[tuple[int, int], tuple[str, ...]] = {}
+        #: n -> vnode_preference_lists(n), walked once per ring (see there)
+        self._vnode_lists: dict[int, tuple[tuple[str, ...], ...]] = {}
 
     # -- data centres --------------------------------------------------------------------------
 
@@ -218,6 +220,7 @@ class Ring:
             object.__setattr__(out, slot, getattr(self, slot))
         out._replication = MappingProxyType(replication) if replication is not None else None
         out._prefs = {}  # the walk depends on the replication map
+        out._vnode_lists = {}
         return out
 
     def dc_of(self, name: str) -> str | None:
@@ -324,10 +327,16 @@ class Ring:
     def vnode_preference_lists(self, n: int) -> list[tuple[str, ...]]:
         """Per vnode, in token order, the preference list of the keys it owns: every key of vnode
         ``i`` has ``preference_list(key, n) == list(result[i])``. For a caller that looks up many
-        keys' lists (the client's zero-hop reads: one bisect instead of a walk per key)."""
-        self.check_n(n)
-        names = self._names
-        return [tuple(names[o] for o in self._walk(i, n)) for i in range(len(self._tokens))]
+        keys' lists (the client's zero-hop reads: one bisect instead of a walk per key).
+        Walked once per ring and n, then copied (several nodes in one process -- the
+        simulator's -- share a ring, and each asks; a walk of every vnode costs ~30 ms)."""
+        hit = self._vnode_lists.get(n)
+        if hit is None:
+            self.check_n(n)
+            names = self._names
+            hit = self._vnode_lists[n] = tuple(
+                tuple(names[o] for o in self._walk(i, n)) for i in range(len(self._tokens)))
+        return list(hit)
 
     def preference_list(self, key: bytes, n: int) -> list[str]:
         """The members of the next ``n`` vnodes from ``key``'s token that belong to distinct members.
