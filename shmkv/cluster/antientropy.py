@@ -112,7 +112,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 import random
@@ -311,9 +310,8 @@ class AntiEntropy:
         if ring is None or len(skey) < 2:
             return None
         if self._ranges is None or self._ranges[0] is not ring:
-            repl = ring.replication
-            self._ranges = (ring, _range_table(ring, None if repl is None else tuple(sorted(repl.items())),
-                                               self.node.config.n, self.node.config.name))
+            n, me = self.node.config.n, self.node.config.name
+            self._ranges = (ring, ring.derived(("ae_ranges", n, me), lambda: _range_table(ring, n, me)))
             self._last = None
         last = self._last  # a merge asks for its key's range twice: the check, then on_change
         if last is not None and last[0] == skey:
@@ -1118,15 +1116,10 @@ def _batches(xs: Sequence[Any], size: int) -> Iterator[list[Any]]:
         yield list(xs[i : i + size])
 
 
-@functools.lru_cache(maxsize=8)
-def _range_table(
-    ring: Ring, repl: tuple[tuple[str, int], ...] | None, n: int, me: str
-) -> tuple[Range | None, ...]:
+def _range_table(ring: Ring, n: int, me: str) -> tuple[Range | None, ...]:
     """Per vnode of ``ring``, the sorted replica set of its keys if ``me`` is in it, else None.
-    ``repl``: ring.replication as a key (Ring equality ignores it; the walk does not).
-    Cached (a Ring is immutable; equal rings give equal tables): an owner restarted on the same
-    ring, or several nodes of one process (the simulator's), table it once -- ~10 ms a ring of
-    6,000 vnodes. A few entries only: a daemon's old rings are not kept alive for long."""
+    Kept on the ring (Ring.derived): an owner restarted on the same ring, or several nodes of
+    one process (the simulator's), table it once -- ~10 ms for 6,000 vnodes."""
     return tuple(tuple(sorted(p)) if me in p else None for p in ring.vnode_preference_lists(n))
 
 
