@@ -8,8 +8,9 @@ functions the integration tests use), clients from ``shmkv.connect``:
   ``--path`` would) -- a restart that lost them would need a fresh actor, which the daemon
   draws when its store is gone;
 - pause: SIGSTOP / SIGCONT of the node's pid (connections still open, nothing answers);
-- settle: there is no anti-entropy yet, so every key is read at R = N (which repairs every
-  stale replica), twice, with a pause for the background repairs to land;
+- settle: every key is read at R = N (which repairs every stale replica), twice, with a pause
+  for the background repairs to land -- the daemons' anti-entropy (rounds 10 s apart by
+  default) is not waited for;
 - final states: each node's replicas are read straight from its shared-memory store (the
   zero-hop path: ``b"v" + key`` holds the key's encoded VersionSet, cluster/replica.py).
 
