@@ -281,9 +281,12 @@ async def _main(o: Options, worker: Worker | None = None) -> int:
         fronts.share(failures)
         ae = _start_antientropy(o, node, worker)  # before any request is served: no write missed
         shares = ring.shares()
+        # with --workers each worker logs its own line, naming itself (the supervisor prints
+        # the one "ready NAME ADDR workers K" line tools/cluster.py waits for)
         log.info(
-            "%s ready: ring epoch %d, %d members (%s), N=%d W=%d R=%d",
-            name, ring.epoch, len(ring.members),
+            "%s%s ready: ring epoch %d, %d members (%s), N=%d W=%d R=%d",
+            name, "" if worker is None else f" worker {worker.index}/{worker.count}",
+            ring.epoch, len(ring.members),
             ", ".join(f"{m} {shares[m]:.1%}" for m in ring.members), o.n, o.w, o.r,
         )
         await fronts.start()
