@@ -432,7 +432,8 @@ class AntiEntropy:
         self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def stop(self) -> None:
-        self._task = await _cancelled(self._task)
+        await _cancelled(self._task)
+        self._task = None
 
     async def run(self) -> None:
         """Build, then every ``interval`` (with up to 10 % jitter, so peers do not all start
@@ -986,15 +987,15 @@ class Relay:
         self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def stop(self) -> None:
-        self._task = await _cancelled(self._task)
+        await _cancelled(self._task)
+        self._task = None
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(self.flush(), self.timeout)
 
 
 
 async def _cancelled(task: asyncio.Task[None] | None) -> None:
-    """Cancel ``task`` (the loop of an owner or a relay) and wait for it to end; returns None,
-    the value its holder keeps instead."""
+    """Cancel ``task`` (the loop of an owner or a relay) and wait for it to end."""
     if task is not None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
