@@ -158,7 +158,9 @@ DEFAULT_RATE = 10_000.0
 #: 8 MB/s is about 6 % of a 1 Gbit/s link, and binds only for copies above ~800 bytes at the
 #: default key rate
 DEFAULT_BYTE_RATE = 8_000_000.0
-#: the least non-zero --ae-bytes-rate: below it one large copy alone outwaits a request time-out
+#: the least non-zero --ae-bytes-rate (daemon.check_options): a pushed copy larger than rate x
+#: the AE time-out (320 KB at this rate and 5 s) waits past its request's time-out, so lower
+#: rates would fail exchanges on ordinary values
 MIN_BYTE_RATE = 65_536.0
 #: Store items per build step before yielding to the event loop
 BUILD_CHUNK = 1000
@@ -290,7 +292,7 @@ class AntiEntropy:
         self._rebuild_now = False
         self._rng = random.Random(node.config.name)  # deterministic jitter, per node
         self.bucket = TokenBucket(self.settings.rate)
-        self.byte_bucket = TokenBucket(self.settings.byte_rate, least_burst=float(MIN_BYTE_RATE * TokenBucket.BURST_S))
+        self.byte_bucket = TokenBucket(self.settings.byte_rate, least_burst=MIN_BYTE_RATE * TokenBucket.BURST_S)
         #: the peer this node's own exchange is repairing with (None: none running)
         self._repairing: str | None = None
         #: loop time until which this node counts as serving a peer's repair
