@@ -19,14 +19,15 @@ Then:
    keys are overwritten with W=2, n3 restarts; bytes exchanged per differing key until every
    node's tree digest is equal again;
 3. wiped replica, no rate limit: n3 is SIGKILLed and its segment removed, then restarted empty
-   with ``--ae-rate 0``; the time until it holds all KEYS keys again (STATUS ``keys``) and the
+   with ``--ae-rate 0 --ae-bytes-rate 0``; the time until it holds all KEYS keys again (STATUS ``keys``) and the
    digests agree, the bytes per key, and the foreground p99 *during* that repair;
 4. without repair again, the three nodes in agreement after step 3: the foreground p99, a
    second "without" sample, so the machine's drift over the run shows;
 5. wiped replica again, restarted with ``--ae-rate RATE`` (``auto``: a third of the keys/s
    step 3 reached, so the limit binds on any machine): the foreground p99 during the repair
    and the keys/s it kept to, over at most LIMITED_WINDOW seconds (a limited repair of 1 M
-   keys takes as long as the limit says; its speed is what is checked, not its end).
+   keys takes as long as the limit says; its speed is what is checked, not its end). The byte
+   limit stays off in steps 3 and 5 (``--ae-bytes-rate 0``): the key limit is what is measured.
 
 Both repairs' p99 are compared with step 1's (same run: ``p99_ratio_*``). Bytes are the frames
 of the AE requests each node sent and the replies it got (the nodes' own counters, STATUS
@@ -151,7 +152,7 @@ def wiped_repair(d: Path, st: dict[str, Any], fg: Foreground, keys: int, rate: f
     tc.kill(d, "n3")
     tc._unlink_store(n3)
     b0 = ae_bytes(st, ("n1", "n2"))  # n3's counters restart at 0 with it
-    tc.restart(d, "n3", extra=[*AE, "--ae-rate", f"{rate:g}"])
+    tc.restart(d, "n3", extra=[*AE, "--ae-rate", f"{rate:g}", "--ae-bytes-rate", "0"])
     load0 = os.getloadavg()[0]
     fg.start()
     t0 = time.monotonic()
