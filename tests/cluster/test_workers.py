@@ -110,7 +110,7 @@ def test_two_workers_serve_one_resp_port_and_both_answer_redis_clients(cluster: 
         if len(pids) == 2:
             break
     assert len(pids) == 2, "32 RESP connections all reached one worker"
-    for i, r in enumerate(conns):  # a write through one worker is read through the other
+    for i, _r in enumerate(conns):  # a write through one worker is read through the other
         assert conns[-1 - i].get(b"k%d" % i) == b"v%d" % i
     for r in conns:
         r.close()
