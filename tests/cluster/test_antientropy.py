@@ -249,10 +249,8 @@ def test_tombstones_are_collected_after_the_grace_and_the_key_stays_deleted(ae_c
     assert len(c.copies("n1")) == 29
 
 
-def test_a_tombstone_past_its_grace_is_not_stored_again(ae_cluster: AECluster) -> None:
-    """One replica collected (its clock ran ahead), the other still holds it: the exchange must
-    not hand the tombstone back for a second grace period."""
-    c = ae_cluster
+def _a_tombstone_past_its_grace(c: AECluster) -> bytes:
+    """Key k0 deleted on every replica, the loops stopped, the clock past the grace; its key."""
     c.net.run_for(0.1)
     key = b"k0"
     c.put_all(5)
@@ -261,6 +259,14 @@ def test_a_tombstone_past_its_grace_is_not_stored_again(ae_cluster: AECluster) -
     for name in c.names:
         c.net.run(c.svc[name].stop())
     c.net.run_for(GRACE + 1)
+    return key
+
+
+def test_a_tombstone_past_its_grace_is_not_stored_again(ae_cluster: AECluster) -> None:
+    """One replica collected (its clock ran ahead), the other still holds it: the exchange must
+    not hand the tombstone back for a second grace period."""
+    c = ae_cluster
+    key = _a_tombstone_past_its_grace(c)
     assert c.ae("n1").collect() == 1  # n1 alone collects; n2 and n3 still hold it
     c.net.run(c.ae("n2").exchange("n1"))  # often within the millisecond the collected entry
     # stays readable (the Store rounds a ttl up to 1 ms): the exchange must not store it again
@@ -292,15 +298,7 @@ def test_a_collected_tombstone_still_readable_is_not_stored_again(ae_cluster: AE
     must not be merged -- the merge, finding the entry gone by then, stored it again, for a new
     grace (seen once in ~160 exchanges right after a collect)."""
     c = ae_cluster
-    c.net.run_for(0.1)
-    key = b"k0"
-    skey = VERSIONS + key
-    c.put_all(5)
-    c.request(c.coordinators(key)[0], wire.DELETE, key=key, w=3)
-    c.net.run_for(0.5)
-    for name in c.names:
-        c.net.run(c.svc[name].stop())
-    c.net.run_for(GRACE + 1)
+    skey = VERSIONS + _a_tombstone_past_its_grace(c)
     replica = c.nodes["n1"].replica
     raw = replica.store.get(skey)
     assert c.ae("n1").collect() == 1
