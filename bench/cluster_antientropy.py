@@ -2,6 +2,7 @@
 
     python bench/cluster_antientropy.py [--keys 1000000] [--diff 1000] [--value-size 100]
                                         [--window 5] [--ae-rate auto] [--limited-window 60]
+                                        [--limit keys|bytes] [--ae-bytes-rate auto]
                                         [--json bench/results/cluster_antientropy.json]
 
 The documented run is ``--keys 1000000`` (the default; 10-15 minutes on a loaded 2-core
@@ -19,14 +20,18 @@ Then:
    keys are overwritten with W=2, n3 restarts; bytes exchanged per differing key until every
    node's tree digest is equal again;
 3. wiped replica, no rate limit: n3 is SIGKILLed and its segment removed, then restarted empty
-   with ``--ae-rate 0``; the time until it holds all KEYS keys again (STATUS ``keys``) and the
+   with ``--ae-rate 0 --ae-bytes-rate 0``; the time until it holds all KEYS keys again (STATUS ``keys``) and the
    digests agree, the bytes per key, and the foreground p99 *during* that repair;
 4. without repair again, the three nodes in agreement after step 3: the foreground p99, a
    second "without" sample, so the machine's drift over the run shows;
 5. wiped replica again, restarted with ``--ae-rate RATE`` (``auto``: a third of the keys/s
    step 3 reached, so the limit binds on any machine): the foreground p99 during the repair
    and the keys/s it kept to, over at most LIMITED_WINDOW seconds (a limited repair of 1 M
-   keys takes as long as the limit says; its speed is what is checked, not its end).
+   keys takes as long as the limit says; its speed is what is checked, not its end). The byte
+   limit stays off in steps 3 and 5 (``--ae-bytes-rate 0``): the key limit is what is measured.
+   With ``--limit bytes`` step 5 limits bytes instead: ``--ae-rate 0 --ae-bytes-rate RATE``
+   (``auto``: a third of the bytes/s step 3 moved) -- the run for large values, where a key
+   count lets the copies swamp the link.
 
 Both repairs' p99 are compared with step 1's (same run: ``p99_ratio_*``). Bytes are the frames
 of the AE requests each node sent and the replies it got (the nodes' own counters, STATUS
@@ -144,14 +149,14 @@ class Foreground:
 
 
 def wiped_repair(d: Path, st: dict[str, Any], fg: Foreground, keys: int, rate: float, kv_bytes: float,
-                 window: float | None = None) -> dict[str, Any]:
-    """SIGKILL n3, remove its segment, restart it empty with ``--ae-rate rate``; measure until
-    it is repaired (or for ``window`` seconds)."""
+                 window: float | None = None, byte_rate: float = 0.0) -> dict[str, Any]:
+    """SIGKILL n3, remove its segment, restart it empty with ``--ae-rate rate --ae-bytes-rate
+    byte_rate``; measure until it is repaired (or for ``window`` seconds)."""
     n3 = next(n for n in st["nodes"] if n["name"] == "n3")
     tc.kill(d, "n3")
     tc._unlink_store(n3)
     b0 = ae_bytes(st, ("n1", "n2"))  # n3's counters restart at 0 with it
-    tc.restart(d, "n3", extra=[*AE, "--ae-rate", f"{rate:g}"])
+    tc.restart(d, "n3", extra=[*AE, "--ae-rate", f"{rate:g}", "--ae-bytes-rate", f"{byte_rate:.0f}"])
     load0 = os.getloadavg()[0]
     fg.start()
     t0 = time.monotonic()
@@ -163,14 +168,14 @@ def wiped_repair(d: Path, st: dict[str, Any], fg: Foreground, keys: int, rate: f
             return True
         return held[0] >= keys and len(set(digests(st))) == 1
 
-    wait(done, 900, f"wiped-replica repair at --ae-rate {rate:g}", every=0.25)
+    wait(done, 900, f"wiped-replica repair at --ae-rate {rate:g} --ae-bytes-rate {byte_rate:.0f}", every=0.25)
     took = time.monotonic() - t0
     during = fg.stop()
     got = ae_bytes(st) - b0
     a3 = status(n3["addr"])["antientropy"]
     complete = held[0] >= keys
-    return {"ae_rate": rate, "complete": complete, "seconds": round(took, 2), "keys_held": held[0],
-            "keys_per_s": round(held[0] / took), "bytes": got, "bytes_per_key": round(got / max(1, held[0]), 1),
+    return {"ae_rate": rate, "ae_bytes_rate": byte_rate, "complete": complete, "seconds": round(took, 2), "keys_held": held[0],
+            "keys_per_s": round(held[0] / took), "bytes": got, "bytes_per_s": round(got / took), "bytes_per_key": round(got / max(1, held[0]), 1),
             "bytes_per_key_over_kv": round(got / max(1, held[0]) / kv_bytes, 3),
             "streamed_by_n3": a3.get("streamed"), "throttled_s_n3": a3.get("throttled_s"),
             "foreground": during, "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)]}
@@ -184,12 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, default=5.0)
     ap.add_argument("--ae-rate", default="auto",
                     help="the limited repair's --ae-rate in keys/s (auto: a third of the unlimited repair's)")
+    ap.add_argument("--limit", choices=("keys", "bytes"), default="keys",
+                    help="what the limited repair (step 5) limits")
+    ap.add_argument("--ae-bytes-rate", default="auto",
+                    help="with --limit bytes: its --ae-bytes-rate in bytes/s (auto: a third of the unlimited repair's)")
     ap.add_argument("--limited-window", type=float, default=60.0,
                     help="seconds the limited repair is measured for, at most")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     flags = list(AE)  # each node's --ae-rate: the default, except n3's in steps 3 and 4
-    out: dict[str, Any] = {"keys": a.keys, "diff": a.diff, "value_size": a.value_size, "flags": flags,
+    out: dict[str, Any] = {"keys": a.keys, "diff": a.diff, "value_size": a.value_size, "flags": flags, "limit": a.limit,
                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     d = Path(tempfile.mkdtemp(prefix="shmkv-ae-bench."))
     size = f"{max(64, (a.keys * (a.value_size + 200)) // (1 << 20) * 3)}MiB"
@@ -257,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         print("wiped, no limit", r, flush=True)
         rate = float(r["keys_per_s"]) / 3 if a.ae_rate == "auto" else float(a.ae_rate)
         rate = float(max(100, round(rate, -2)))
+        byte_rate = 0.0
+        if a.limit == "bytes":  # the bytes limited instead of the keys
+            byte_rate = float(r["bytes_per_s"]) / 3 if a.ae_bytes_rate == "auto" else float(a.ae_bytes_rate)
+            rate, byte_rate = 0.0, float(max(65536, round(byte_rate, -3)))
 
         # 4. without repair, again
         fg.start()
@@ -265,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         print("without repair (after)", out["without_after"], flush=True)
 
         # 5. the wiped replica at the limit, for at most LIMITED_WINDOW seconds
-        out["wiped_limited"] = r = wiped_repair(d, st, fg, a.keys, rate, kv, window=a.limited_window)
+        out["wiped_limited"] = r = wiped_repair(d, st, fg, a.keys, rate, kv, window=a.limited_window,
+                                                byte_rate=byte_rate)
         r["p99_ratio_vs_without"] = round(r["foreground"]["p99_ms"] / out["without"]["p99_ms"], 2)
         print("wiped, limited", r, flush=True)
         fg.c.close()

@@ -19,7 +19,7 @@ import psutil
 
 from . import segment
 from .errors import Error, InvalidArgument
-from .sizes import format_size
+from .sizes import format_size, parse_size
 from .store import Store, attach, restore_counted
 
 
@@ -298,6 +298,31 @@ def _bounds(value: str) -> tuple[float, float]:
     return low, high
 
 
+def _key_rate(value: str) -> float:
+    """--ae-rate: keys per second, a plain number. :raises ConfigError: not one -- and a size
+    ("8MB") is pointed at --ae-bytes-rate, the limit that counts bytes."""
+    from .cluster.errors import ConfigError
+
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parse_size(value, "--ae-rate")
+    except Error:
+        raise ConfigError(f"--ae-rate is keys per second (a number, 0: no limit), got {value!r}") from None
+    raise ConfigError(f"--ae-rate counts keys per second, not bytes: for a limit in bytes per second "
+                      f"use --ae-bytes-rate {value}")
+
+
+def _bytes_rate(value: str) -> float:
+    """--ae-bytes-rate: bytes per second as a size ("8MB", "512KiB", "1000000"), or 0: no limit.
+    :raises InvalidArgument: not a size."""
+    if value.strip() in ("0", "0.0", "none"):
+        return 0.0
+    return float(parse_size(value, "--ae-bytes-rate"))
+
+
 @main.command()
 @click.option("--listen", required=True, help="host:port this node serves on (one of --seeds).")
 @click.option("--seeds", default="", help="Every founding node's host:port, comma-separated: the epoch-1 ring.")
@@ -349,15 +374,17 @@ def _bounds(value: str) -> tuple[float, float]:
               help="What load is: store operations per second, or bytes stored in memory.")
 @click.option("--balance-interval", type=float, default=1.0, show_default=True,
               help="Seconds between the leader's load samples.")
-@click.option("--ae-rate", type=float, default=10_000.0, show_default=True,
+@click.option("--ae-rate", default="10000", show_default=True,
               help="Keys per second this node merges from anti-entropy repairs (0: no limit).")
+@click.option("--ae-bytes-rate", default="8MB", show_default=True,
+              help="Bytes per second of the copies it merges from repairs, a size (8MB = 8,000,000; 0: no limit).")
 def serve(
     listen: str, seeds: str, size: str, path: str | None, durability: str, weight: float,
     name: str | None, n: int | None, w: str, r: str, timeout: float, join_timeout: float, store_name: str | None,
     resp: str | None, metrics: str | None, workers: int | None,
     gossip_interval: float, strict: bool, max_hints: int, raft_dir: str | None,
     config_voters: str | None, join: str | None, await_add: bool, config_url: str | None, dc: str | None, n_per_dc: str | None,
-    ae_interval: float, tombstone_grace: float, ae_rebuild: float, ae_rate: float,
+    ae_interval: float, tombstone_grace: float, ae_rebuild: float, ae_rate: str, ae_bytes_rate: str,
     auto_balance: bool, balance_threshold: float, balance_window: float, balance_cooldown: float,
     balance_bounds: str, balance_metric: str, balance_interval: float,
 ) -> None:
@@ -369,6 +396,7 @@ def serve(
     try:
         per_dc = parse_n_per_dc(n_per_dc) if n_per_dc is not None else None
         bounds = _bounds(balance_bounds)
+        key_rate, byte_rate = _key_rate(ae_rate), _bytes_rate(ae_bytes_rate)
     except Error as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -382,7 +410,8 @@ def serve(
         gossip_interval=gossip_interval, strict=strict, max_hints=max_hints,
         raft_dir=raft_dir, config_voters=_addrs(config_voters) if config_voters else None,
         join=join, await_add=await_add, config=config_url, dc=dc, n_per_dc=per_dc,
-        ae_interval=ae_interval, tombstone_grace=tombstone_grace, ae_rebuild=ae_rebuild, ae_rate=ae_rate,
+        ae_interval=ae_interval, tombstone_grace=tombstone_grace, ae_rebuild=ae_rebuild, ae_rate=key_rate,
+        ae_bytes_rate=byte_rate,
         auto_balance=auto_balance, balance_threshold=balance_threshold, balance_window=balance_window,
         balance_cooldown=balance_cooldown, balance_bounds=bounds, balance_metric=balance_metric,
         balance_interval=balance_interval,

@@ -107,6 +107,8 @@ class Options:
     balance_interval: float = 1.0
     #: keys per second this node merges from anti-entropy exchanges (0: no limit)
     ae_rate: float = 10_000.0
+    #: bytes per second of those copies (antientropy._cost; 0: no limit)
+    ae_bytes_rate: float = 8_000_000.0
 
 
 def _loopback_source(listen: str) -> str | None:
@@ -178,8 +180,13 @@ def check_options(o: Options) -> None:
                     ("--ae-rebuild", o.ae_rebuild)):
         if not v >= 0:
             raise ConfigError(f"{flag} must be >= 0 seconds, got {v}")
-    if not o.ae_rate >= 0:
+    if not 0 <= o.ae_rate < float("inf"):
         raise ConfigError(f"--ae-rate must be >= 0 keys per second (0: no limit), got {o.ae_rate}")
+    from .antientropy import MIN_BYTE_RATE
+
+    if not (o.ae_bytes_rate == 0 or MIN_BYTE_RATE <= o.ae_bytes_rate < float("inf")):
+        raise ConfigError(f"--ae-bytes-rate must be 0 (no limit) or at least {MIN_BYTE_RATE:g} bytes per "
+                          f"second (64KiB), got {o.ae_bytes_rate:g}")
     if o.ae_interval > 0 and o.tombstone_grace < 2 * o.ae_interval:
         raise ConfigError(f"--tombstone-grace ({o.tombstone_grace} s) must be at least twice --ae-interval "
                           f"({o.ae_interval} s): a tombstone must outlive the rounds that spread it")
@@ -274,9 +281,12 @@ async def _main(o: Options, worker: Worker | None = None) -> int:
         fronts.share(failures)
         ae = _start_antientropy(o, node, worker)  # before any request is served: no write missed
         shares = ring.shares()
+        # with --workers each worker logs its own line, naming itself (the supervisor prints
+        # the one "ready NAME ADDR workers K" line tools/cluster.py waits for)
         log.info(
-            "%s ready: ring epoch %d, %d members (%s), N=%d W=%d R=%d",
-            name, ring.epoch, len(ring.members),
+            "%s%s ready: ring epoch %d, %d members (%s), N=%d W=%d R=%d",
+            name, "" if worker is None else f" worker {worker.index}/{worker.count}",
+            ring.epoch, len(ring.members),
             ", ".join(f"{m} {shares[m]:.1%}" for m in ring.members), o.n, o.w, o.r,
         )
         await fronts.start()
@@ -379,7 +389,8 @@ def _start_antientropy(o: Options, node: Node, worker: Worker | None) -> AntiEnt
     from .antientropy import Settings, service
 
     settings = Settings(interval=o.ae_interval, grace=o.tombstone_grace, rebuild=o.ae_rebuild,
-                        timeout=max(5.0, 5 * o.timeout), rate=o.ae_rate)
+                        timeout=max(5.0, 5 * o.timeout), rate=o.ae_rate,
+                        byte_rate=o.ae_bytes_rate)
     return service(node, settings, None if worker is None else worker.index,
                    1 if worker is None else worker.count)
 

@@ -139,7 +139,7 @@ class RespParser:
                 if self._dirty:
                     self._reader = hiredis.Reader()
                     self._dirty = False
-                self._reader.feed(self._buf)  # (hiredis copies what it is fed)
+                self._reader.feed(self._buf)  # type: ignore[arg-type]  # any buffer (its stub: bytes); hiredis copies it
                 self._reading, self._aligned, self._checked = True, True, False
             if not self._multibulk(out):
                 break

@@ -40,7 +40,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -126,7 +126,7 @@ class Ring:
 
     __slots__ = (
         "_epoch", "_members", "_vnodes_per_weight", "_tokens", "_owners", "_names", "_replication",
-        "_dc_index", "_prefs",
+        "_dc_index", "_prefs", "_derived",
     )
 
     def __init__(
@@ -175,6 +175,9 @@ class Ring:
         # walked stays right for its lifetime (a new configuration is a new Ring with an empty
         # cache). At most vnodes x distinct n entries; filled lazily by preference_list.
         self._prefs: dict[tuple[int, int], tuple[str, ...]] = {}
+        #: tables computed from this ring once (:meth:`derived`): vnode_preference_lists(n)
+        #: under ("vnode_lists", n), and callers' own (anti-entropy's range table)
+        self._derived: dict[Hashable, Any] = {}
 
     # -- data centres --------------------------------------------------------------------------
 
@@ -218,6 +221,7 @@ class Ring:
             object.__setattr__(out, slot, getattr(self, slot))
         out._replication = MappingProxyType(replication) if replication is not None else None
         out._prefs = {}  # the walk depends on the replication map
+        out._derived = {}
         return out
 
     def dc_of(self, name: str) -> str | None:
@@ -324,10 +328,24 @@ class Ring:
     def vnode_preference_lists(self, n: int) -> list[tuple[str, ...]]:
         """Per vnode, in token order, the preference list of the keys it owns: every key of vnode
         ``i`` has ``preference_list(key, n) == list(result[i])``. For a caller that looks up many
-        keys' lists (the client's zero-hop reads: one bisect instead of a walk per key)."""
+        keys' lists (the client's zero-hop reads: one bisect instead of a walk per key).
+        Walked once per ring and n, then copied (several nodes in one process -- the
+        simulator's -- share a ring, and each asks; a walk of every vnode costs ~30 ms)."""
         self.check_n(n)
         names = self._names
-        return [tuple(names[o] for o in self._walk(i, n)) for i in range(len(self._tokens))]
+        lists: tuple[tuple[str, ...], ...] = self.derived(("vnode_lists", n), lambda: tuple(
+            tuple(names[o] for o in self._walk(i, n)) for i in range(len(self._tokens))))
+        return list(lists)
+
+    def derived(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per ring and ``key`` and kept as long as the ring is: a ring
+        is immutable, so a table derived from it stays right (a new configuration is a new Ring
+        with none). The value is shared between callers: never modify it."""
+        try:
+            return self._derived[key]
+        except KeyError:
+            value = self._derived[key] = make()
+            return value
 
     def preference_list(self, key: bytes, n: int) -> list[str]:
         """The members of the next ``n`` vnodes from ``key``'s token that belong to distinct members.

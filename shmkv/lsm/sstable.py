@@ -34,7 +34,7 @@ from .fileio import pread_all
 try:  # zstandard is optional: "lz4" is the default codec
     import zstandard
 except ImportError:  # pragma: no cover
-    zstandard = None  # type: ignore[assignment]
+    zstandard = None  # type: ignore[assignment,unused-ignore]  # (unused where zstandard is absent: Any)
 
 Entry = tuple[bytes, int, bytes, int]  # key, kind, value, expire_at_ms
 
@@ -86,7 +86,7 @@ def _decompress(codec: int, data: bytes) -> bytes:
     if codec == fmt.COMP_ZSTD:
         if zstandard is None:  # pragma: no cover
             raise ValueError("zstd block but the zstandard module is missing")
-        return zstandard.ZstdDecompressor().decompress(data)
+        return bytes(zstandard.ZstdDecompressor().decompress(data))
     raise ValueError(f"unknown compression code {codec}")
 
 

@@ -5,8 +5,9 @@ a cluster on 127.0.0.1 and stops it by PID (a module, not conftest, so tests can
 :func:`start` stops whatever it recorded if the start fails; :func:`halt` resumes any node a
 failed test left SIGSTOPped and stops every node by its recorded pid (tools/cluster.py ``stop``:
 SIGTERM, wait, SIGKILL after the grace, leftover segments removed); :func:`assert_gone` checks
-that no recorded node or worker process is left; :func:`stop` is both. :func:`eventually` and
-:func:`run_threads` are the bounded retry and the thread pool the tests share.
+that no recorded node or worker process is left; :func:`stop` is both. :func:`eventually`,
+:func:`poll` and :func:`run_threads` are the bounded retries and the thread pool the tests
+share; :func:`cli` runs ``python -m shmkv.cli``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import importlib.util
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -83,6 +86,25 @@ def eventually(check: Callable[[], T], retry_on: type[BaseException] | tuple[typ
             if time.monotonic() >= deadline:
                 raise
             time.sleep(every)
+
+
+def poll(what: str, fn: Callable[[], T], within: float = 30.0, every: float = 0.1) -> T:
+    """``fn()``'s first truthy result, polled every ``every`` seconds (bounded: after ``within``
+    seconds an AssertionError names ``what`` and the last result)."""
+    deadline = time.monotonic() + within
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"{what} not within {within:g} s (last: {last!r})")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m shmkv.cli ARGS`` from the repository root (a minute at most)."""
+    return subprocess.run([sys.executable, "-m", "shmkv.cli", *args], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
 
 
 def run_threads(work: Callable[[int], None], count: int, timeout: float = 60.0) -> list[BaseException]:

@@ -64,9 +64,11 @@ def wait_converged(st: dict[str, Any], keys: list[bytes], epoch: int) -> float:
 
 
 def test_a_wiped_replica_converges_and_deleted_keys_stay_deleted(cluster: Start) -> None:
-    st = cluster(3, extra=AE)
+    st = cluster(3, extra=[*AE, "--ae-rate", "50000", "--ae-bytes-rate", "4MB"])
     keys = [f"ae{i}".encode() for i in range(300)]
     with _connect(st) as c:
+        for ae in (s["antientropy"] for s in c.status()):  # the limits reached every node
+            assert (ae["rate"], ae["byte_rate"]) == (50_000.0, 4_000_000.0), ae
         for i, k in enumerate(keys):
             c.put(k, b"v%d" % i, w=3)
         for k in keys[:10]:

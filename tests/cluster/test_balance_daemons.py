@@ -26,7 +26,7 @@ import shmkv
 from shmkv.cluster.config_client import group_status
 from shmkv.errors import Error
 
-from .local_cluster import ROOT, tc
+from .local_cluster import ROOT, poll, start, stop
 
 pytestmark = pytest.mark.slow
 
@@ -37,25 +37,15 @@ FLAGS = ["--auto-balance", "--balance-window", "2", "--balance-cooldown", "3", "
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[dict[str, Any]]:
     d = tmp_path / "c"
+    state = start(d, 3, n=2, w=2, r=2, raft=True, metrics=True, extra=FLAGS)  # stops what it began if it fails
     try:
-        state = tc.start(3, d, n=2, w=2, r=2, join_timeout=20.0, raft=True, metrics=True, extra=FLAGS)
-        state["dir"] = d
         yield state
     finally:
-        tc.stop(d, grace=5)
-        for node in json.loads((d / "cluster.json").read_text())["nodes"]:
-            assert not tc._alive(node), node
+        stop(d)
 
 
 def _poll(what: str, fn: Callable[[], Any], within: float = 20.0) -> Any:
-    deadline = time.monotonic() + within
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not within {within:g} s (last: {last!r})")
+    return poll(what, fn, within, every=0.2)
 
 
 def _leader(seeds: list[str]) -> dict[str, Any] | None:

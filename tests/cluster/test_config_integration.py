@@ -6,10 +6,7 @@ Times are polled with generous deadlines, never asserted (speed belongs in bench
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,11 +19,9 @@ import shmkv
 from shmkv.cluster.config_client import group_status
 from shmkv.cluster.errors import QuorumError
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("shmkv_tools_cluster_cfg", ROOT / "tools" / "cluster.py")
-assert _spec is not None and _spec.loader is not None
-tc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tc)
+from .local_cluster import cli as _cli
+from .local_cluster import poll as _poll
+from .local_cluster import start, stop, tc
 
 pytestmark = pytest.mark.slow
 
@@ -34,36 +29,17 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def raft_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     d = tmp_path / "c"
+    state = start(d, 3, raft=True, workers=getattr(request, "param", 1))  # stops what it began if it fails
     try:
-        state = tc.start(3, d, join_timeout=20.0, raft=True, workers=getattr(request, "param", 1))
-        state["dir"] = d
         yield state
     finally:
-        tc.stop(d, grace=5)
-        for node in json.loads((d / "cluster.json").read_text())["nodes"]:
-            assert not tc._alive(node), node
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shmkv.cli", *args], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+        stop(d)
 
 
 def _status(seeds: list[str]) -> dict[str, Any]:
     out = _cli("cluster", "status", "--seeds", ",".join(seeds), "--json")
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-def _poll(what: str, fn: Any, within: float = 30.0) -> Any:
-    deadline = time.monotonic() + within
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not within {within:g} s (last: {last!r})")
 
 
 def _leader(seeds: list[str], not_name: str | None = None) -> dict[str, Any] | None:

@@ -9,14 +9,9 @@ EtcdServer). Times are polled with generous deadlines, never asserted.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,12 +19,9 @@ import shmkv
 from shmkv.cluster.config_client import group_status
 
 from .etcd_server import EtcdServer
-
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("shmkv_tools_cluster_etcd", ROOT / "tools" / "cluster.py")
-assert _spec is not None and _spec.loader is not None
-tc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tc)
+from .local_cluster import cli as _cli
+from .local_cluster import poll as _poll
+from .local_cluster import tc
 
 pytestmark = pytest.mark.slow
 
@@ -42,22 +34,6 @@ def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
         yield server
     finally:
         server.stop()
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shmkv.cli", *args], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
-
-
-def _poll(what: str, fn: Any, within: float = 30.0) -> Any:
-    deadline = time.monotonic() + within
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not within {within:g} s (last: {last!r})")
 
 
 def test_three_daemons_on_etcd_add_a_fourth_and_every_key_stays_readable(etcd: EtcdServer, tmp_path: Path) -> None:

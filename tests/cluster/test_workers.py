@@ -63,6 +63,10 @@ def test_two_workers_serve_one_port_and_concurrent_writers_through_both_lose_no_
     assert {s["worker"] for s in statuses} == {0, 1}
     assert len({s["pid"] for s in statuses}) == 2  # two processes ...
     assert len({s["actor"] for s in statuses}) == 1  # ... of one node: one actor, one store
+    text = Path(st["nodes"][0]["log"]).read_text()
+    # each worker's "ready" log line names the worker; the node's "ready" line is printed once
+    assert text.count("n1 worker 0/2 ready:") == 1 and text.count("n1 worker 1/2 ready:") == 1, text
+    assert text.count("ready n1 ") == 1, text
     rounds = 150
     errors: list[BaseException] = []
 
@@ -106,7 +110,7 @@ def test_two_workers_serve_one_resp_port_and_both_answer_redis_clients(cluster: 
         if len(pids) == 2:
             break
     assert len(pids) == 2, "32 RESP connections all reached one worker"
-    for i, r in enumerate(conns):  # a write through one worker is read through the other
+    for i, _r in enumerate(conns):  # a write through one worker is read through the other
         assert conns[-1 - i].get(b"k%d" % i) == b"v%d" % i
     for r in conns:
         r.close()

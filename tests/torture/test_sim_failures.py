@@ -4,7 +4,7 @@ virtual loop next to the coordinator (simulate.SimCluster), and the deliberately
 failing seed and its replay command, the replay reproducing the same history bit for bit, and
 the correct build passing that seed.
 
-The CI sweep of a few hundred seeds is in test_sim_sweep.py."""
+The CI sweep of a hundred seeds (SHMKV_SIM_SEEDS for more) is in test_sim_sweep.py."""
 
 from __future__ import annotations
 
