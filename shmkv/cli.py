@@ -351,6 +351,8 @@ def _bounds(value: str) -> tuple[float, float]:
               help="Seconds between the leader's load samples.")
 @click.option("--ae-rate", type=float, default=10_000.0, show_default=True,
               help="Keys per second this node merges from anti-entropy repairs (0: no limit).")
+@click.option("--stream-rate", default="20M", show_default=True,
+              help="Bytes per second this node pushes to new owners after a ring change (K/M/G: x1000).")
 def serve(
     listen: str, seeds: str, size: str, path: str | None, durability: str, weight: float,
     name: str | None, n: int | None, w: str, r: str, timeout: float, join_timeout: float, store_name: str | None,
@@ -359,7 +361,7 @@ def serve(
     config_voters: str | None, join: str | None, await_add: bool, config_url: str | None, dc: str | None, n_per_dc: str | None,
     ae_interval: float, tombstone_grace: float, ae_rebuild: float, ae_rate: float,
     auto_balance: bool, balance_threshold: float, balance_window: float, balance_cooldown: float,
-    balance_bounds: str, balance_metric: str, balance_interval: float,
+    balance_bounds: str, balance_metric: str, balance_interval: float, stream_rate: str,
 ) -> None:
     """Run one node of a shmkv cluster until SIGTERM (asyncio; uvloop when installed)."""
     from .cluster.daemon import Options
@@ -369,6 +371,9 @@ def serve(
     try:
         per_dc = parse_n_per_dc(n_per_dc) if n_per_dc is not None else None
         bounds = _bounds(balance_bounds)
+        from .cluster.rebalance import parse_rate
+
+        rate = parse_rate(stream_rate)
     except Error as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -385,7 +390,7 @@ def serve(
         ae_interval=ae_interval, tombstone_grace=tombstone_grace, ae_rebuild=ae_rebuild, ae_rate=ae_rate,
         auto_balance=auto_balance, balance_threshold=balance_threshold, balance_window=balance_window,
         balance_cooldown=balance_cooldown, balance_bounds=bounds, balance_metric=balance_metric,
-        balance_interval=balance_interval,
+        balance_interval=balance_interval, stream_rate=rate,
     )
     if not opts.seeds and not join and not config_url:
         click.echo("error: give --seeds (a founding node), --join (a node joining a running cluster) "

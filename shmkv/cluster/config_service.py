@@ -239,7 +239,9 @@ class ConfigService:
         cfg = self.node.config
         self._bootstrap_term = raft.term
         # counts: daemon.check_options refuses level names (--w local_quorum) with the group
-        raft.propose(encode_command(bootstrap_command(self.node.ring, cfg.n, cfg.w, cfg.r)))  # type: ignore[arg-type]
+        # moves=True: ring changes keep the old owners serving until the copies are pushed
+        raft.propose(encode_command(bootstrap_command(self.node.ring, cfg.n, cfg.w, cfg.r,  # type: ignore[arg-type]
+                                                      moves=True)))
         log.info("%s leads term %d: proposing the bootstrap configuration (epoch %d)",
                  self.name, raft.term, self.node.ring.epoch)
         self._process()
@@ -331,6 +333,7 @@ class ConfigService:
         old = self.node.ring
         if old is not None and cfg.epoch <= old.epoch:
             return False
+        self.node.moving = cfg.moving  # before the ring: never a new ring without its move
         self.node.ring = cfg.ring
         self.node.config.w, self.node.config.r = cfg.w, cfg.r
         if self.store is not None:
@@ -537,6 +540,7 @@ class StoreFollower:
             return
         old = self.node.ring
         if cfg is not None and (old is None or cfg.epoch > old.epoch):
+            self.node.moving = cfg.moving
             self.node.ring = cfg.ring
             self.node.config.w, self.node.config.r = cfg.w, cfg.r
 
@@ -553,6 +557,9 @@ def _describe(cmd: dict[str, Any]) -> str:
         return "bootstrap"
     if op == "add":
         return f"add {cmd.get('name')} at {cmd.get('addr')} weight {cmd.get('weight', 1.0):g}"
+    if op == "streamed":
+        return (f"move of epoch {cmd.get('move')} ended by the operator" if cmd.get("force")
+                else f"{cmd.get('name')} streamed its copies of the move of epoch {cmd.get('move')}")
     if op == "weight":
         auto = " (auto-balance)" if cmd.get("auto") else ""
         return f"weight {cmd.get('name')} {cmd.get('weight'):g}{auto}"

@@ -61,6 +61,7 @@ from .nodeconfig import DEFAULT_TIMEOUT, Config
 from .placement import apl
 from .quorum import FAILED, OK, PENDING, ReadTally, WriteTally, check_quorum
 from .replica import VERSIONS, Replica
+from .cluster_config import Move
 from .ring import Ring
 from .transport import RequestTimeout, Transport, Unreachable
 from .versions import MAX_TTL_MS, Context, VersionSet
@@ -124,6 +125,7 @@ class Node:
         self.transport = transport
         self.replica = replica
         self._ring_now: Ring | None = None
+        self._moving: Move | None = None
         self.suspects: set[str] = set()
         self.draining = False
         self.in_flight = 0
@@ -164,6 +166,30 @@ class Node:
         if ring is not None and self.config.n_per_dc is not None:
             ring = ring.with_replication(self.config.n_per_dc)
         self._ring_now = ring
+
+    @property
+    def moving(self) -> Move | None:
+        """The ring change whose copies are still being pushed (cluster_config.Move), or None:
+        then every key is served by ``ring`` alone (the fast path). While it is set, a key whose
+        preference list differs in ``moving.ring`` (the old ring) is *moving*: it is read from
+        its old owners and written to W of the old and W of the new owners (module docstring of
+        cluster_config.py, "Moves"), and this node also serves replica requests for the keys the
+        old ring gave it."""
+        return self._moving
+
+    @moving.setter
+    def moving(self, mv: Move | None) -> None:
+        if mv is not None and self.config.n_per_dc is not None:
+            mv = Move(mv.epoch, mv.ring.with_replication(self.config.n_per_dc), mv.waiting)
+        self._moving = mv
+
+    def _old_prefs(self, key: bytes, prefs: Sequence[str]) -> list[str] | None:
+        """``key``'s old owners while it moves (None: it does not move, or nothing moves)."""
+        mv = self._moving
+        if mv is None:
+            return None
+        old = mv.ring.preference_list(key, self.config.n)
+        return None if set(old) == set(prefs) else old
 
     # -- the entry point -------------------------------------------------------------------
 
@@ -275,9 +301,14 @@ class Node:
                 )
             return await self._forward(code, f, prefs)
         timeout = self._timeout(f)
+        old = self._old_prefs(key, prefs) if self._moving is not None else None
         if code in (wire.GET, wire.GET_VERSIONS):
             r = f.get("r") or self.config.r
-            vs = (await self.read(key, prefs, r, timeout)).visible(self.replica.now_ms())
+            if old is None:
+                vs = await self.read(key, prefs, r, timeout)
+            else:
+                vs = await self.read_moving(key, old, r, timeout)
+            vs = vs.visible(self.replica.now_ms())
             seen = vs.context.encode()
             if code == wire.GET_VERSIONS:
                 return Message(wire.OK, 0, {"values": vs.values, "context": seen})
@@ -301,11 +332,17 @@ class Node:
             value = f["value"] if code == wire.PUT else None
             strict = self.config.strict if f.get("strict") is None else bool(f["strict"])
             ttl = _ttl(f.get("ttl_ms")) if code == wire.PUT else None  # a tombstone never expires
-            vs = await self.write(key, value, ctx, prefs, w, timeout, ttl, strict=strict)
+            if old is None:
+                vs = await self.write(key, value, ctx, prefs, w, timeout, ttl, strict=strict)
+            else:
+                vs = await self.write_moving(key, value, ctx, prefs, old, w, timeout, ttl)
             return Message(wire.OK, 0, {"context": vs.context.encode()})
         if code == wire.INCR:
             w = f.get("w") or self.config.w
-            value = await self.incr(key, f["delta"], prefs, w, timeout)
+            if old is None:
+                value = await self.incr(key, f["delta"], prefs, w, timeout)
+            else:
+                value = await self.incr_moving(key, f["delta"], prefs, old, w, timeout)
             return Message(wire.OK, 0, {"value": value})
         raise BadRequest(f"{wire.NAMES.get(code, code)} is not served here")
 
@@ -414,6 +451,139 @@ class Node:
             raise _err(tally)
         return new
 
+    # -- moving keys (a ring change whose copies are not all pushed yet: Node.moving) -------
+
+    async def read_moving(self, key: bytes, old: Sequence[str], r: Level, timeout: float) -> VersionSet:
+        """Read a moving key from its *old* owners ``old`` (R of them). Every write acknowledged
+        before the change is on W of them, and every write since on W of them too
+        (:meth:`write_moving`), so R + W > N holds over the old owners whatever the new ones
+        hold yet. This node may not be an old owner (a new one coordinating): then it only asks."""
+        me = self.config.name
+        if me in old:
+            return await self.read(key, old, r, timeout)
+        nd = self._need(r, old, "R")
+        up = self._up(old)
+        tally: ReadTally[VersionSet] = ReadTally(len(old), nd.total, up, nd.per_dc, self._dc_of)
+        if tally.state == FAILED:
+            raise _unreachable(tally, old, up, "read", key)
+        msg = Message(wire.REPLICA_GET, 0, {"key": key, "epoch": self._ring().epoch})
+
+        def after() -> None:
+            if tally.state == OK and tally.stale():
+                self._spawn(self._repair(key, tally, timeout))
+
+        fan = _FanOut(self, lambda node, reply: tally.answer(node, VersionSet.from_wire(reply.fields["versions"])),
+                      tally.fail, lambda: tally.state != PENDING, after)
+        fan.start(up, lambda _node: msg, timeout)
+        if tally.state == PENDING:
+            await fan.waiter
+        if tally.state != OK:
+            raise _err(tally)
+        result = tally.result()
+        assert result is not None
+        # this (new) owner's copy may lack what is not pushed yet: merge what the read saw into it
+        self.replica.merge(key, result)
+        return result
+
+    def _dual(self, key: bytes, prefs: Sequence[str], old: Sequence[str], w: Level,
+              what: str) -> tuple[WriteTally, WriteTally, list[str]]:
+        """The two tallies of a moving key's write -- W of the new owners AND W of the old --
+        and every up target but this node. :raises QuorumError: either cannot be reached."""
+        targets = list(dict.fromkeys([*prefs, *old]))
+        up = self._up(targets)
+        tallies = []
+        for owners in (prefs, old):
+            nd = self._need(w, owners, "W")
+            t = WriteTally(len(owners), nd.total, [p for p in up if p in owners], nd.per_dc, self._dc_of)
+            if t.state == FAILED:
+                raise _unreachable(t, owners, [p for p in up if p in owners], what, key)
+            tallies.append(t)
+        return tallies[0], tallies[1], [p for p in up if p != self.config.name]
+
+    async def _fan_dual(self, t_new: WriteTally, t_old: WriteTally, others: Sequence[str], msg: Message,
+                        timeout: float, on_reply: Callable[[str, Message], None] | None = None) -> None:
+        me = self.config.name
+        for t in (t_new, t_old):
+            if me in t.targets:
+                t.ack(me)
+
+        def reply(node: str, r: Message) -> None:
+            if on_reply is not None:
+                on_reply(node, r)
+            for t in (t_new, t_old):
+                if node in t.targets:
+                    t.ack(node)
+
+        def fail(node: str, reason: str, *, maybe_reached: bool = False) -> None:
+            for t in (t_new, t_old):
+                if node in t.targets:
+                    t.fail(node, reason, maybe_reached=maybe_reached)
+
+        def decided() -> bool:
+            return t_new.state != PENDING and t_old.state != PENDING
+
+        if others:
+            fan = _FanOut(self, reply, fail, decided)
+            fan.start(others, lambda _node: msg, timeout)
+            if not decided():
+                await fan.waiter
+        for t in (t_new, t_old):
+            if t.state != OK:
+                raise _err(t)
+
+    async def write_moving(self, key: bytes, value: bytes | None, context: Context | None,
+                           prefs: Sequence[str], old: Sequence[str], w: Level, timeout: float,
+                           ttl: float | None = None) -> VersionSet:
+        """A moving key's write: minted here (a new owner), acknowledged by W of the new owners
+        ``prefs`` and W of the old ``old`` (strict: no fallbacks; a down owner gets a hint)."""
+        t_new, t_old, others = self._dual(key, prefs, old, w, "write")
+        expires = None if ttl is None else self.replica.now_ms() + max(1, int(ttl * 1000))
+        new = self.replica.coordinate(key, value, context, expires)
+        down = [p for p in dict.fromkeys([*prefs, *old]) if p != self.config.name and p not in others]
+        if down:
+            self._keep_hints(down, key, new)
+        msg = Message(wire.REPLICA_PUT, 0, {"key": key, "versions": new.to_wire(), "epoch": self._ring().epoch})
+        await self._fan_dual(t_new, t_old, others, msg, timeout)
+        return new
+
+    async def incr_moving(self, key: bytes, delta: int, prefs: Sequence[str], old: Sequence[str],
+                          w: Level, timeout: float) -> int:
+        """INCR of a moving key: as :meth:`incr`, acknowledged by W new and W old owners."""
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise BadRequest("delta must be an int")
+        t_new, t_old, others = self._dual(key, prefs, old, w, "increment")
+        merged = self.replica.increment(key, delta)
+        msg = Message(wire.REPLICA_COUNTER, 0, {"key": key, "counter": merged.to_wire(), "epoch": self._ring().epoch})
+
+        def on_reply(_node: str, reply: Message) -> None:
+            nonlocal merged
+            merged = merged.merge(PNCounter.from_wire(reply.fields["counter"]))
+
+        await self._fan_dual(t_new, t_old, others, msg, timeout, on_reply)
+        self.replica.merge_counter(key, merged)
+        return merged.value
+
+    async def _batch_moving(self, code: int, keys: Sequence[bytes], values: Sequence[bytes | None],
+                            prefs_of: Sequence[Sequence[str]], need: Level, timeout: float) -> Message:
+        """GET_MANY / PUT_MANY with a moving key among them: key by key (rare: only while a
+        move is on, and never on the fast path)."""
+        async def one(i: int) -> Any:
+            key, prefs = keys[i], prefs_of[i]
+            old = self._old_prefs(key, prefs)
+            if code == wire.GET_MANY:
+                vs = await (self.read(key, prefs, need, timeout) if old is None
+                            else self.read_moving(key, old, need, timeout))
+                vs = vs.visible(self.replica.now_ms())
+                return [vs.values, vs.context.encode()]
+            if old is None:
+                await self.write(key, values[i], None, prefs, need, timeout)
+            else:
+                await self.write_moving(key, values[i], None, prefs, old, need, timeout)
+            return None
+
+        results = await asyncio.gather(*(one(i) for i in range(len(keys))))
+        return Message(wire.OK, 0, {"results": list(results)} if code == wire.GET_MANY else {})
+
     async def _replicate_late(self, nodes: list[str], msg: Message, timeout: float) -> None:
         """The ``ack-before-w`` test bug's write-behind: the replica requests, late."""
         await asyncio.sleep(TEST_BUG_DELAY)
@@ -496,6 +666,8 @@ class Node:
                     got=epoch,
                 )
             return await self._forward_batch(code, f, keys, values)
+        if self._moving is not None and any(self._old_prefs(k, p) is not None for k, p in zip(keys, prefs_of, strict=True)):
+            return await self._batch_moving(code, keys, values, prefs_of, need, timeout)
         if code == wire.GET_MANY:
             now = self.replica.now_ms()
             vss = [vs.visible(now) for vs in await self.read_many(keys, prefs_of, need, timeout)]
@@ -818,7 +990,9 @@ class Node:
         for key in keys:
             if not isinstance(key, bytes) or not key:
                 raise BadRequest("key must be non-empty bytes")
-            if self.config.name not in ring.preference_list(key, self.config.n):
+            if self.config.name not in ring.preference_list(key, self.config.n) and not (
+                self._moving is not None and self.config.name in self._moving.ring.preference_list(key, self.config.n)
+            ):  # (while a move is on, an old owner of the key still holds and serves its copy)
                 raise WrongEpoch(
                     f"{self.config.name} holds no copy of {key[:64]!r} at ring epoch {ring.epoch}; "
                     "the sender routes by another ring",

@@ -107,6 +107,8 @@ class Options:
     balance_interval: float = 1.0
     #: keys per second this node merges from anti-entropy exchanges (0: no limit)
     ae_rate: float = 10_000.0
+    #: bytes per second a node pushes to new owners after a ring change (rebalance.py)
+    stream_rate: float = 20_000_000.0
 
 
 def _loopback_source(listen: str) -> str | None:
@@ -178,6 +180,8 @@ def check_options(o: Options) -> None:
                     ("--ae-rebuild", o.ae_rebuild)):
         if not v >= 0:
             raise ConfigError(f"{flag} must be >= 0 seconds, got {v}")
+    if not (isinstance(o.stream_rate, (int, float)) and 0 < o.stream_rate < float("inf")):
+        raise ConfigError(f"--stream-rate must be bytes per second > 0, got {o.stream_rate!r}")
     if not o.ae_rate >= 0:
         raise ConfigError(f"--ae-rate must be >= 0 keys per second (0: no limit), got {o.ae_rate}")
     if o.ae_interval > 0 and o.tombstone_grace < 2 * o.ae_interval:
