@@ -470,6 +470,17 @@ def cluster_status(seeds: str, timeout: float, as_json: bool) -> None:
                                                   f"at {last['load']:.2f}x its share" if last else "")
                        + ("; loads " + " ".join(f"{n}:{v:.2f}x" for n, v in bal["loads"].items())
                           if bal.get("loads") else ""))
+        mv = cs.get("moving")
+        if mv:
+            click.echo(f"moving: the change of epoch {mv['epoch']} (from epoch {mv['from_epoch']}); waiting for "
+                       f"{', '.join(mv['waiting'])} to finish streaming (reads of moving keys go to the old owners)")
+        for nm, v in sorted((cs.get("nodes") or {}).items()):
+            rb = v.get("rebalance") or {}
+            if rb and (mv or rb.get("state") != "idle"):
+                click.echo(f"  {nm:14} transfer {rb.get('state')}: {rb.get('keys_sent', 0)} keys / "
+                           f"{rb.get('bytes_sent', 0) / 1e6:.1f} MB sent, {rb.get('scanned', 0)}/"
+                           f"{rb.get('to_scan', 0)} keys scanned, {rb.get('ranges', 0)} ranges pending, "
+                           f"report {rb.get('report', '-')}")
     click.echo(f"{'NAME':16} {'ADDR':22} {'WEIGHT':>6} {'SHARE':>7} {'KEYS':>9} {'HINTS':>7}  HEALTH  VIEW")
     for r_ in rows:
         keys = "-" if r_["keys"] is None else str(r_["keys"])
@@ -488,12 +499,22 @@ def _config_status(addrs: list[str], timeout: float) -> dict[str, Any] | None:
     return group_status(addrs, timeout)
 
 
-def _change(seeds: str, cmd: dict[str, Any], timeout: float) -> None:
-    from .cluster.config_client import propose
+def _change(seeds: str, cmd: dict[str, Any], timeout: float, wait: float = 0.0) -> None:
+    """Commit ``cmd``; with ``wait`` > 0, then wait up to that many seconds for its move to end
+    (exit status 1 if it did not: the copies are still being pushed)."""
+    from .cluster.config_client import propose, wait_moved
 
     with _errors_as_messages():
         cfg = propose(_addrs(seeds), cmd, timeout)
     click.echo(f"committed: ring epoch {cfg.epoch}, members {', '.join(sorted(cfg.ring.members))}")
+    if wait > 0 and cfg.moving is not None:
+        with _errors_as_messages():
+            left = wait_moved(_addrs(seeds) + [m.addr for m in cfg.ring.members.values()], cfg.moving.epoch, wait)
+        if left is not None:
+            click.echo(f"error: the copies of epoch {cfg.moving.epoch} are still moving after {wait:g} s; waiting "
+                       f"for {', '.join(left.get('waiting') or [])} (see `shmkv cluster status`)", err=True)
+            sys.exit(1)
+        click.echo("moved: every old owner pushed its copies to the new owners")
 
 
 @cluster.command("add")
@@ -501,8 +522,10 @@ def _change(seeds: str, cmd: dict[str, Any], timeout: float) -> None:
 @click.option("--weight", type=float, default=None, help="Share relative to weight-1 nodes (default: the node's --weight).")
 @click.option("--dc", default=None, help="The node's data centre.")
 @click.option("--timeout", type=float, default=15.0, show_default=True)
+@click.option("--wait", type=float, default=0.0, show_default=True,
+              help="Seconds to wait for the copies to reach the new node (0: return once committed).")
 @click.argument("addr")
-def cluster_add(seeds: str, weight: float | None, dc: str | None, timeout: float, addr: str) -> None:
+def cluster_add(seeds: str, weight: float | None, dc: str | None, timeout: float, wait: float, addr: str) -> None:
     """Add the running node at ADDR (started with --join ... --await-add) to the ring."""
     from .cluster.config_client import node_identity
 
@@ -510,16 +533,38 @@ def cluster_add(seeds: str, weight: float | None, dc: str | None, timeout: float
         ident = node_identity(addr, timeout)
     cmd = {"op": "add", "name": ident["name"], "addr": addr,
            "weight": float(weight if weight is not None else ident.get("weight", 1.0)), "dc": dc}
-    _change(seeds, cmd, timeout)
+    _change(seeds, cmd, timeout, wait)
 
 
 @cluster.command("remove")
 @click.option("--seeds", required=True, help="Any members' host:port, comma-separated.")
 @click.option("--timeout", type=float, default=15.0, show_default=True)
+@click.option("--wait", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the copies to reach their new owners (0: do not wait).")
 @click.argument("name")
-def cluster_remove(seeds: str, timeout: float, name: str) -> None:
-    """Remove the member NAME from the ring (its keys are streamed to their new owners)."""
-    _change(seeds, {"op": "remove", "name": name}, timeout)
+def cluster_remove(seeds: str, timeout: float, wait: float, name: str) -> None:
+    """Remove the member NAME from the ring (its keys are streamed to their new owners); stop
+    the node once this has returned 0."""
+    _change(seeds, {"op": "remove", "name": name}, timeout, wait)
+
+
+@cluster.command("finish-move")
+@click.option("--seeds", required=True, help="Any members' host:port, comma-separated.")
+@click.option("--timeout", type=float, default=15.0, show_default=True)
+@click.option("--force", is_flag=True, required=True, help="Required: this ends the move unfinished.")
+def cluster_finish_move(seeds: str, timeout: float, force: bool) -> None:
+    """End the move under way without waiting for every old owner (one is gone for good):
+    reads of the keys it held go to their new owners at once, which may not have every copy
+    yet (read repair and anti-entropy then bring them)."""
+    from .cluster.config_client import group_status
+
+    with _errors_as_messages():
+        st = group_status(_addrs(seeds), timeout)
+    mv = (st or {}).get("moving")
+    if not mv:
+        click.echo("error: no move is under way", err=True)
+        sys.exit(2)
+    _change(seeds, {"op": "streamed", "force": True, "move": mv["epoch"]}, timeout)
 
 
 @cluster.command("weight")

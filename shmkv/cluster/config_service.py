@@ -432,6 +432,9 @@ class ConfigService:
             "epoch": self.node.ring.epoch if self.node.ring is not None else 0,
             "config_epoch": self.state.epoch if self.state is not None else 0,
         }
+        mv = self.state.moving if self.state is not None else None
+        if mv is not None:  # a ring change whose copies are not all pushed yet (cluster_config.Move)
+            out["moving"] = {"epoch": mv.epoch, "from_epoch": mv.ring.epoch, "waiting": sorted(mv.waiting)}
         if self.extra_status is not None:
             out.update(self.extra_status())
         if raft is not None:

@@ -183,6 +183,16 @@ class Node:
             mv = Move(mv.epoch, mv.ring.with_replication(self.config.n_per_dc), mv.waiting)
         self._moving = mv
 
+    def _addr_of(self, ring: Ring, node: str) -> str:
+        """``node``'s address: in ``ring``, else in the moving ring (an old owner the change
+        removed still serves its copies until the move ends)."""
+        m = ring.members.get(node)
+        if m is None and self._moving is not None:
+            m = self._moving.ring.members.get(node)
+        if m is None:
+            raise Unreachable(f"{node} is not a member at ring epoch {ring.epoch}", sent=False)
+        return m.addr
+
     def _old_prefs(self, key: bytes, prefs: Sequence[str]) -> list[str] | None:
         """``key``'s old owners while it moves (None: it does not move, or nothing moves)."""
         mv = self._moving
@@ -904,7 +914,7 @@ class Node:
         """One replica request; never raises (the outcome carries the error)."""
         ring = self._ring()
         try:
-            reply = await self.transport.request(ring.members[node].addr, msg, timeout)
+            reply = await self.transport.request(self._addr_of(ring, node), msg, timeout)
         except (Unreachable, RequestTimeout) as e:
             self._suspect(node)
             return node, None, e
@@ -1199,12 +1209,14 @@ class _FanOut:
     def start(self, nodes: Sequence[str], make: Callable[[str], Message], timeout: float) -> None:
         """Send ``make(node)`` to each of ``nodes`` (in order)."""
         owner = self.node
-        members = owner._ring().members
+        ring = owner._ring()
+        members = ring.members
         send = owner.transport.send
         self.left = len(nodes)
         owner._fanouts.add(self)
         for node in nodes:
-            fut = send(members[node].addr, make(node), timeout)
+            m = members.get(node)
+            fut = send(m.addr if m is not None else owner._addr_of(ring, node), make(node), timeout)
             fut.add_done_callback(functools.partial(self._outcome, node))
 
     def ended(self) -> asyncio.Future[None]:
