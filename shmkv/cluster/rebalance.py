@@ -116,7 +116,14 @@ class Rebalancer:
             mv = Move(new.epoch, old, frozenset())  # a change without moves (etcd's): push, report nothing
         if mv is None or me not in mv.ring.members:
             if self._task is not None and not self._task.done() and mv is None:
-                self._task.cancel()  # the move was ended (by the operator): nothing to push
+                # the move is over: by this node's own report (it was the last), or ended by the
+                # operator (cluster finish-move) -- either way nothing is left to push
+                self._task.cancel()
+                if self.progress["state"] == "reporting":
+                    self.progress["report"] = "committed"
+                    self._done = self._move
+                else:
+                    self.progress["report"] = "move ended before this node finished"
                 self.progress["state"] = "idle"
             return
         if mv.epoch == self._done or (mv.epoch == self._move and self._task is not None and not self._task.done()):
@@ -240,7 +247,8 @@ class Rebalancer:
             if count >= self.batch:
                 if not await self._flush(pending, size):
                     return False
-                self._save(mv.epoch, skey)
+                self._save(mv.epoch, skey)  # before the pause: a kill in it keeps this batch done
+                await asyncio.sleep(size / self.rate)  # the rate limit: this batch at --stream-rate
                 pending, size, count = {}, 0, 0
         if pending and not await self._flush(pending, size):
             return False
@@ -256,7 +264,6 @@ class Rebalancer:
                 return False
             self._sent(len(items), 0)
         self.progress["bytes_sent"] += size
-        await asyncio.sleep(size / self.rate)  # the rate limit: this batch's bytes at --stream-rate
         return True
 
     def _sent(self, keys: int, nbytes: int) -> None:
