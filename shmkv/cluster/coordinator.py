@@ -169,7 +169,21 @@ class Node:
         old = self._ring_now
         if ring is None or old is None or not _same_placement(old, ring) or ring.epoch < old.epoch:
             self._same_since = ring.epoch if ring is not None else 0
+            if ring is not None and old is not None and self.gossip is not None:
+                self._follow_members(ring)
         self._ring_now = ring
+
+    def _follow_members(self, ring: Ring) -> None:
+        """Gossip with the new ring's members -- and, while a move is on, the old ring's: an old
+        owner removed by the change still serves its copies and must not be judged down for
+        silence (it would be skipped)."""
+        members = {m.name: m.addr for m in ring.members.values()}
+        if self._moving is not None:
+            members = {**{m.name: m.addr for m in self._moving.ring.members.values()}, **members}
+        try:
+            self.gossip.set_members(members)
+        except Exception:  # noqa: BLE001 -- liveness follows best effort; never fail a ring change
+            log.exception("%s: gossip could not follow the ring change", self.config.name)
 
     def _epoch_near(self, epoch: int, ring: Ring) -> bool:
         """``epoch`` routes exactly as ``ring`` does, though it is not ``ring``'s: an older epoch

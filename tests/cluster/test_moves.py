@@ -279,3 +279,17 @@ def test_a_push_cut_off_mid_move_resumes_after_its_cursor(mg: MoveGroup) -> None
                 and "n5" in node.ring.preference_list(k, 3)]
     assert n1_gains and all(mg.nodes["n5"].replica.get(k).values == [b"v-" + k] for k in n1_gains)
     assert again.progress["keys_sent"] == len(n1_gains)  # nothing sent twice across the restart
+
+
+def test_gossip_follows_a_ring_change() -> None:
+    import random
+
+    from shmkv.cluster.liveness import Gossiper
+
+    g = Gossiper("n1", 1, {"n1": "a:1", "n2": "b:1", "n3": "c:1"}, random.Random(0))
+    assert g.peers == ["n2", "n3"]
+    g.set_members({"n2": "b:1", "n3": "c:1", "n4": "d:1"}, now=5.0)  # n4 added; n1 keeps itself
+    assert g.peers == ["n2", "n3", "n4"] and "n4" in g.detector.peers
+    assert g.receive([["n4", 7, 1]], now=5.5) == []  # a new member's gossip is taken, not refused
+    g.set_members({"n1": "a:1", "n2": "b:1", "n4": "d:1"}, now=6.0)  # n3 removed
+    assert g.peers == ["n2", "n4"] and "n3" not in g.detector.peers

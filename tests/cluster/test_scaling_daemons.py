@@ -159,6 +159,7 @@ def test_add_then_remove_a_node_under_writes_loses_nothing_and_reads_stay_right(
         everyone = seeds + [node["addr"]]
         _watch_move(load, everyone)
         during_add = load.reads_moving
+        time.sleep(5.0)  # the 4-node ring in steady state: gossip follows the ring (no peer judged down)
         out = _cli("cluster", "status", "--seeds", seeds[0])
         assert out.returncode == 0, out.stderr
         proc = subprocess.Popen([sys.executable, "-m", "shmkv.cli", "cluster", "remove", "--seeds", seeds[0],
