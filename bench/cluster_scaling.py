@@ -11,9 +11,11 @@ group (tools/cluster.py --raft, N=3 W=2 R=2, ``--stream-rate`` on every node), p
 preloaded key every 2 ms) runs throughout; its request latencies are bucketed by phase:
 
 - ``baseline``: 5 s with nothing moving;
-- ``join``: a 4th node joins (``--join``: it adds itself); from the commit of the add until the
-  group reports the move over (every old owner pushed and reported, rebalance.py);
-- ``leave``: ``remove`` of that node, until the move is over;
+- ``join``: a 4th node joins (``--join``: it adds itself); its time runs from when the node
+  serves (just after its add commits: the pushes may start a little earlier, so the time is a
+  slight underestimate) until the group reports the move over (every old owner pushed and
+  reported, rebalance.py); the latencies include the node's start;
+- ``leave``: ``remove`` of that node, from its commit until the move is over;
 - then the leader is SIGKILLed (twice, restarted in between) and the time until a survivor
   reports a new leader is measured.
 
@@ -130,8 +132,8 @@ def _sent(addrs: list[str]) -> int:
 def _move(fg: Foreground, phase: str, addrs: list[str], start: Any) -> dict[str, float]:
     before = _sent(addrs)
     fg.phase = phase
+    cfg = start()  # returns at the commit (join: once the node serves, just after its add commits)
     t0 = time.monotonic()
-    cfg = start()
     _poll(f"{phase}: the move over", lambda: (s := group_status(addrs, 0.5)) is not None and s.get("moving") is None
           and (s.get("epoch") or 0) > cfg.epoch, within=600)
     secs = time.monotonic() - t0

@@ -103,6 +103,7 @@ class Rebalancer:
         self._move: int | None = None  # the epoch of the move being pushed (or done)
         self._done: int | None = None  # the last move this node finished (and reported)
         self._task: asyncio.Task[None] | None = None
+        self._legacy: Ring | None = None  # the oldest ring of a push without moves under way
         self.progress: dict[str, Any] = {"state": "idle", "keys_sent": 0, "bytes_sent": 0, "failed_passes": 0,
                                          "scanned": 0, "sent": 0}
 
@@ -113,7 +114,13 @@ class Rebalancer:
         mv = self.node.moving
         me = self.node.config.name
         if mv is None and old is not None and dict(old.members) != dict(new.members):
-            mv = Move(new.epoch, old, frozenset())  # a change without moves (etcd's): push, report nothing
+            # a change without moves (etcd's): push, report nothing; a change during such a push
+            # rescans from the oldest ring not streamed yet, so both changes' copies are covered
+            running = self._task is not None and not self._task.done() and self._legacy is not None
+            mv = Move(new.epoch, self._legacy if running and self._legacy is not None else old, frozenset())
+            self._legacy = mv.ring
+        elif mv is not None:
+            self._legacy = None
         if mv is None or me not in mv.ring.members:
             if self._task is not None and not self._task.done() and mv is None:
                 # the move is over: by this node's own report (it was the last), or ended by the
