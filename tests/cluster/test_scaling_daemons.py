@@ -133,10 +133,14 @@ def _moving(addrs: list[str]) -> Any:
     return None if st is None else st.get("moving")
 
 
-def _watch_move(load: Load, addrs: list[str], within: float = 90.0) -> None:
-    """Mark the load as moving until the group reports the move over."""
+def _watch_move(load: Load, addrs: list[str], within: float = 90.0, refused: list[str] | None = None) -> None:
+    """Mark the load as moving until the group reports the move over; ``refused``: the output
+    of a ring change tried while the move is on."""
     _poll("a move under way", lambda: _moving(addrs) is not None, within=20)
     load.moving.set()
+    if refused is not None:
+        out = _cli("cluster", "weight", "--seeds", addrs[0], "n1", "2")
+        refused.append(f"{out.returncode} {out.stdout}{out.stderr}")
     try:
         _poll("the move over", lambda: _moving(addrs) is None, within=within)
     finally:
@@ -157,11 +161,18 @@ def test_add_then_remove_a_node_under_writes_loses_nothing_and_reads_stay_right(
         time.sleep(0.5)
         node = tc.add_node(cluster["dir"])  # --join: it adds itself
         everyone = seeds + [node["addr"]]
-        _watch_move(load, everyone)
+        refused: list[str] = []
+        _watch_move(load, everyone, refused=refused)
         during_add = load.reads_moving
+        # bad input, with the cluster live: nothing is committed, the error names the reason
+        epoch = group_status(everyone, 1.0)["epoch"]
+        assert refused[0].startswith("1 ") and "a configuration change is in progress" in refused[0], refused
+        twice = _cli("cluster", "add", "--seeds", seeds[0], node["addr"])
+        assert twice.returncode == 1 and "already a member" in twice.stderr, twice.stderr
         time.sleep(5.0)  # the 4-node ring in steady state: gossip follows the ring (no peer judged down)
         out = _cli("cluster", "status", "--seeds", seeds[0])
         assert out.returncode == 0, out.stderr
+        assert group_status(everyone, 1.0)["epoch"] == epoch  # the refused changes committed nothing
         proc = subprocess.Popen([sys.executable, "-m", "shmkv.cli", "cluster", "remove", "--seeds", seeds[0],
                                  node["name"], "--wait", "90"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, cwd=ROOT)
@@ -181,6 +192,8 @@ def test_add_then_remove_a_node_under_writes_loses_nothing_and_reads_stay_right(
     assert during_add > 0 and load.reads_moving > during_add  # reads were checked during both moves
     assert not load.wrong, load.wrong[:3]
     assert not load.unreadable, load.unreadable[:3]
+    below_n = _cli("cluster", "remove", "--seeds", seeds[0], "n3")
+    assert below_n.returncode == 1 and "fewer than N=3" in below_n.stderr, below_n.stderr
     tc.kill(cluster["dir"], node["name"], signal.SIGTERM)  # the removed node is not needed any more
     _check_all(seeds, acked)
     st = group_status(seeds, 1.0)
