@@ -548,6 +548,22 @@ def cluster_remove(seeds: str, timeout: float, wait: float, name: str) -> None:
     _change(seeds, {"op": "remove", "name": name}, timeout, wait)
 
 
+@cluster.command("voter")
+@click.option("--seeds", required=True, help="Any members' host:port, comma-separated.")
+@click.option("--timeout", type=float, default=15.0, show_default=True)
+@click.argument("action", type=click.Choice(["add", "remove"]))
+@click.argument("name")
+def cluster_voter(seeds: str, timeout: float, action: str, name: str) -> None:
+    """Add the member NAME to the configuration group's voters (it must run with a fresh
+    --raft-dir), or remove it from them (one at a time; at least 2 stay)."""
+    from .cluster.config_client import group_status, propose
+
+    with _errors_as_messages():
+        cfg = propose(_addrs(seeds), {"op": "voter", "action": action, "name": name}, timeout)
+        st = group_status(_addrs(seeds) + [m.addr for m in cfg.ring.members.values()], 1.0)  # the leader's word
+    click.echo(f"committed: voters {', '.join((st or {}).get('voters') or [])}")
+
+
 @cluster.command("finish-move")
 @click.option("--seeds", required=True, help="Any members' host:port, comma-separated.")
 @click.option("--timeout", type=float, default=15.0, show_default=True)

@@ -90,11 +90,11 @@ async def _group_status(addrs: Sequence[str], timeout: float) -> dict[str, Any] 
                                       "role": "learner", "rebalance": v.get("rebalance")}
                           for v in etcd},
             }
-        voters = next(iter(views.values())).get("voters") or []
-        # The leader's own view is the authority for term and commit: the highest term's leader.
+        # The leader's own view is the authority for term, commit and voters: the highest term's leader.
         leaders = [v for v in views.values() if v.get("role") == "leader"]
         lead = max(leaders, key=lambda v: v.get("term", 0)) if leaders else None
         base = lead or max(views.values(), key=lambda v: (v.get("term") or 0, v.get("commit") or 0))
+        voters = base.get("voters") or next(iter(views.values())).get("voters") or []
         return {
             "source": "raft",
             "voters": voters,

@@ -25,6 +25,7 @@ from shmkv.cluster.cluster_config import ClusterConfig, apply, bootstrap_command
 from shmkv.cluster.config_service import ConfigService
 from shmkv.cluster.coordinator import Config, Node
 from shmkv.cluster.errors import ConfigError, WrongEpoch
+from shmkv.cluster.raft.core import Role
 from shmkv.cluster.rebalance import PROGRESS_KEY, Rebalancer, moving_ranges, parse_rate
 from shmkv.cluster.replica import Replica
 from shmkv.cluster.ring import Member, Ring
@@ -132,6 +133,12 @@ class MoveGroup(Group):
 
         self.net.run(boot())
         return node
+
+    def leaders(self, alive: set[str] | None = None) -> list[str]:
+        """Leaders among every node (the voter set may change here)."""
+        alive = alive or set(self.names)
+        return [n for n in self.names if n in alive and self.services[n].raft is not None
+                and self.services[n].raft.role == Role.LEADER]
 
     def add_node(self, name: str) -> None:
         self.stores[name] = shmkv.attach(f"cfgtest.{os.getpid()}.{next(_seq)}", size="16MiB")
@@ -293,3 +300,35 @@ def test_gossip_follows_a_ring_change() -> None:
     assert g.receive([["n4", 7, 1]], now=5.5) == []  # a new member's gossip is taken, not refused
     g.set_members({"n1": "a:1", "n2": "b:1", "n4": "d:1"}, now=6.0)  # n3 removed
     assert g.peers == ["n2", "n4"] and "n3" not in g.detector.peers
+
+
+def test_voters_are_added_and_removed_one_at_a_time(mg: MoveGroup) -> None:
+    mg.wait_leader()
+
+    def change(via: str, **cmd: Any) -> Message:
+        return wire.raise_for_error(mg.request(via, wire.CONFIG_CHANGE, cmd=cmd))
+
+    with pytest.raises(ConfigError, match="not a member"):
+        change("n2", op="voter", action="add", name="nobody")
+    with pytest.raises(ConfigError, match="is a configuration voter; first"):
+        change("n2", op="remove", name="n1")
+    change("n4", op="voter", action="add", name="n4")  # n4 is a learner: forwarded to the leader
+    mg.net.run_for(3.0)
+    assert mg.services["n4"].raft is not None and sorted(mg.services["n4"].raft.voters) == ["n1", "n2", "n3", "n4"]
+    assert all(mg.services[n].voters == ("n1", "n2", "n3", "n4") for n in mg.names)
+    with pytest.raises(ConfigError, match="already a configuration voter"):
+        change("n1", op="voter", action="add", name="n4")
+    change("n3", op="voter", action="remove", name="n1")
+    mg.net.run_for(3.0)
+    for n in ("n2", "n3", "n4"):
+        assert sorted(mg.services[n].raft.voters) == ["n2", "n3", "n4"], n
+    assert mg.services["n1"].status()["voter"] is False
+    # the new group commits without n1: kill its leader, a ring change still goes through
+    lead = mg.wait_leader({"n2", "n3", "n4"})
+    if lead != "n1":
+        mg.crash(lead)
+    rest = {"n2", "n3", "n4"} - {lead}
+    mg.wait_leader(rest | ({"n1"} if lead == "n1" else set()))
+    via = sorted(rest)[0]
+    assert mg.request(via, wire.CONFIG_CHANGE, cmd={"op": "weight", "name": "n2", "weight": 2.0}).code == wire.OK
+    assert mg.services[via].state.ring.members["n2"].weight == 2.0

@@ -236,3 +236,26 @@ def test_a_pusher_sigkilled_mid_transfer_resumes_and_nothing_acknowledged_is_los
         held = _replica_get(node["addr"], mine, c.ring.epoch)
     absent = [k for k, vs in zip(mine, held, strict=True) if not _has(vs, acked[k])]
     assert mine and not absent, f"{len(absent)} of {len(mine)} keys not streamed to {node['name']}"
+
+
+def test_a_voter_is_replaced_then_removed_from_the_ring(cluster: dict[str, Any]) -> None:
+    """voter add of a joined node, voter remove of a founder, SIGKILL it: the new group commits
+    the founder's removal from the ring, and its copies reach their new owners."""
+    seeds = cluster["seeds"]
+    node = tc.add_node(cluster["dir"])
+    everyone = seeds + [node["addr"]]
+    _poll("the add's move over", lambda: _moving(everyone) is None, within=60)
+    out = _cli("cluster", "voter", "--seeds", seeds[0], "add", node["name"])
+    assert out.returncode == 0, out.stderr
+    assert "voters n1, n2, n3, n4" in out.stdout
+    out = _cli("cluster", "voter", "--seeds", seeds[0], "remove", "n3")
+    assert out.returncode == 0, out.stderr
+    assert "voters n1, n2, n4" in out.stdout
+    tc.kill(cluster["dir"], "n3")
+    rest = [a for a in everyone if a != seeds[2]]
+    _poll("a leader among n1, n2, n4", lambda: _leader(rest), within=30)
+    out = _cli("cluster", "remove", "--seeds", rest[0], "n3", "--wait", "60")
+    assert out.returncode == 0, out.stdout + out.stderr
+    st = group_status(rest, 1.0)
+    assert st is not None and st["voters"] == ["n1", "n2", "n4"] and st["moving"] is None
+    _check_all(rest, dict(cluster["preloaded"]))
