@@ -479,7 +479,7 @@ def cluster_status(seeds: str, timeout: float, as_json: bool) -> None:
             if rb and (mv or rb.get("state") != "idle"):
                 click.echo(f"  {nm:14} transfer {rb.get('state')}: {rb.get('keys_sent', 0)} keys / "
                            f"{rb.get('bytes_sent', 0) / 1e6:.1f} MB sent, {rb.get('scanned', 0)}/"
-                           f"{rb.get('to_scan', 0)} keys scanned, {rb.get('ranges', 0)} ranges pending, "
+                           f"{rb.get('to_scan', 0)} keys scanned, {rb.get('ranges_moving', 0)} ranges moving, "
                            f"report {rb.get('report', '-')}")
     click.echo(f"{'NAME':16} {'ADDR':22} {'WEIGHT':>6} {'SHARE':>7} {'KEYS':>9} {'HINTS':>7}  HEALTH  VIEW")
     for r_ in rows:

@@ -144,7 +144,7 @@ class Rebalancer:
         me = self.node.config.name
         must_report = me in mv.waiting
         self.progress.update(state="streaming", move=mv.epoch, scanned=0, sent=0,
-                             ranges=self._ranges(mv), report="waiting" if must_report else "not needed")
+                             ranges_moving=self._ranges(mv), report="waiting" if must_report else "not needed")
         try:
             ok = await self._pass(mv)
         except Error as e:  # the store went away (shutdown): stop
@@ -157,7 +157,7 @@ class Rebalancer:
             self._move = None
             return
         log.info("%s: streamed %d copies to their new owners (move of epoch %d)", me, self.progress["sent"], mv.epoch)
-        self.progress.update(state="reporting" if must_report else "idle", ranges=0)
+        self.progress.update(state="reporting" if must_report else "idle")
         if must_report:
             await self._report(mv)
         self._done = mv.epoch

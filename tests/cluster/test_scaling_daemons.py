@@ -44,7 +44,7 @@ VALUE = b"x" * 200
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     d = tmp_path / "c"
-    rate = getattr(request, "param", "300K")
+    rate = getattr(request, "param", "150K")
     try:
         state = tc.start(3, d, join_timeout=20.0, raft=True, extra=["--stream-rate", rate])
         state["dir"] = d
@@ -141,6 +141,8 @@ def _watch_move(load: Load, addrs: list[str], within: float = 90.0, refused: lis
     if refused is not None:
         out = _cli("cluster", "weight", "--seeds", addrs[0], "n1", "2")
         refused.append(f"{out.returncode} {out.stdout}{out.stderr}")
+        refused.append(_cli("cluster", "status", "--seeds", addrs[0]).stdout)
+        refused.append(_cli("cluster", "status", "--seeds", addrs[0], "--json").stdout)
     try:
         _poll("the move over", lambda: _moving(addrs) is None, within=within)
     finally:
@@ -167,6 +169,11 @@ def test_add_then_remove_a_node_under_writes_loses_nothing_and_reads_stay_right(
         # bad input, with the cluster live: nothing is committed, the error names the reason
         epoch = group_status(everyone, 1.0)["epoch"]
         assert refused[0].startswith("1 ") and "a configuration change is in progress" in refused[0], refused
+        # progress, while it moved: the move and each pusher's transfer, in text and JSON
+        assert "moving: the change of epoch 2" in refused[1] and "transfer " in refused[1], refused[1]
+        cfg = json.loads(refused[2])["config"]
+        assert cfg["moving"]["epoch"] == 2 and set(cfg["moving"]["waiting"]) <= {"n1", "n2", "n3"}
+        assert all("keys_sent" in cfg["nodes"][n]["rebalance"] for n in ("n1", "n2", "n3"))
         twice = _cli("cluster", "add", "--seeds", seeds[0], node["addr"])
         assert twice.returncode == 1 and "already a member" in twice.stderr, twice.stderr
         time.sleep(5.0)  # the 4-node ring in steady state: gossip follows the ring (no peer judged down)
