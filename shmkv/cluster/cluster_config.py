@@ -27,7 +27,7 @@ no other ring change is accepted ("a configuration change is in progress"). Each
 the epoch like any command (the ring's members do not change), so nodes that agree on the epoch
 agree on the move too. Why the removed node is not waited for: one removal at a time, with
 W >= 2 every write acknowledged before it is also on a remaining old owner of its key, which
-pushes it (the removed node pushes too, best effort). Without ``moves`` (a log written before
+pushes it (the removed node pushes too, best effort); with W = 1 it is waited for like the rest. Without ``moves`` (a log written before
 this, or etcd's configuration) changes apply at once as before.
 
 An ``auto`` weight change moves the ring weight but keeps the member's *configured* weight
@@ -297,7 +297,8 @@ def apply(state: ClusterConfig | None, cmd: Mapping[str, Any]) -> tuple[ClusterC
     ring = _ring(tuple(members.values()), state.epoch + 1, state.ring.vnodes_per_weight)
     moving = None
     if state.moves:  # the old owners still in the ring must report their pushes (docstring)
-        waiting = frozenset(m for m in state.ring.members if m in members)
+        # with W=1 a write may be on the removed node alone: then it must report too
+        waiting = frozenset(m for m in state.ring.members if m in members or state.w < 2)
         moving = Move(ring.epoch, state.ring, waiting)
     return ClusterConfig(ring, state.n, state.w, state.r, base, state.moves, moving), None
 

@@ -66,6 +66,9 @@ def test_a_ring_change_starts_a_move_that_ends_with_the_last_old_owners_report()
     s3, why = apply(s, {"op": "remove", "name": "n2"})
     assert why is None and s3 is not None and s3.moving is not None
     assert s3.moving.waiting == {"n1", "n3", "n4", "n5"}  # the removed node is not waited for
+    w1 = ClusterConfig(s.ring, 3, 1, 3, moves=True)  # W=1: a write may live on the removed node only
+    s4, _ = apply(w1, {"op": "remove", "name": "n2"})
+    assert s4 is not None and s4.moving is not None and "n2" in s4.moving.waiting
     forced, why = apply(s3, {"op": "streamed", "force": True, "move": s3.epoch})
     assert why is None and forced is not None and forced.moving is None
 
