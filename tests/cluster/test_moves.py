@@ -335,3 +335,37 @@ def test_voters_are_added_and_removed_one_at_a_time(mg: MoveGroup) -> None:
     via = sorted(rest)[0]
     assert mg.request(via, wire.CONFIG_CHANGE, cmd={"op": "weight", "name": "n2", "weight": 2.0}).code == wire.OK
     assert mg.services[via].state.ring.members["n2"].weight == 2.0
+
+
+def test_a_removed_node_serves_its_old_copies_until_the_move_ends_and_is_not_waited_for(mg: MoveGroup) -> None:
+    mg.wait_leader()
+    keys = [f"key{i}".encode() for i in range(120)]
+    for k in keys:
+        _put(mg, k, b"v-" + k, mg.ring, w=3)
+    assert mg.request("n2", wire.CONFIG_CHANGE, cmd={"op": "remove", "name": "n4"}).code == wire.OK
+    mg.net.run_for(2.0)
+    mv = mg.nodes["n1"].moving
+    assert mv is not None and mv.waiting == {"n1", "n2", "n3"}  # n4 (removed) is not awaited
+    assert mg.nodes["n4"].moving == mv  # the removed node learnt the move: it serves its copies
+    held = [k for k in keys if "n4" in mv.ring.preference_list(k, 3)]
+    assert held
+    # every old owner but n4 loses its copy of one key: only the removed node still has it
+    k = held[0]
+    for o in mv.ring.preference_list(k, 3):
+        if o != "n4":
+            del mg.stores[o][b"v" + k]
+    new = mg.nodes["n1"].ring
+    via = new.preference_list(k, 3)[0]
+    assert _get(mg, via, k, r=3) == [b"v-" + k]  # R=3 of the old owners: the removed one answers too
+    mg.crash("n4")  # gone mid-move: the other old owners answer (R=2 of the old three)
+    for k2 in held[1:10]:
+        assert _get(mg, new.preference_list(k2, 3)[0], k2) == [b"v-" + k2]
+    mg.let_push()
+    end = mg.net.now + 30.0
+    while mg.net.now < end and any(mg.nodes[n].moving is not None for n in ("n1", "n2", "n3")):
+        mg.net.run_for(0.5)
+    assert all(mg.nodes[n].moving is None for n in ("n1", "n2", "n3"))  # ended without n4's report
+    for k2 in held:  # its copies reached the new owners (from the remaining old owners)
+        if k2 != k:
+            for o in new.preference_list(k2, 3):
+                assert mg.nodes[o].replica.get(k2).values == [b"v-" + k2], (k2, o)
