@@ -45,6 +45,7 @@ from typing import Any
 
 from ..errors import Error
 from . import wire
+from .cluster_config import Move
 from .crdt import PNCounter
 from .errors import (
     ClusterError,
@@ -61,7 +62,6 @@ from .nodeconfig import DEFAULT_TIMEOUT, Config
 from .placement import apl
 from .quorum import FAILED, OK, PENDING, ReadTally, WriteTally, check_quorum
 from .replica import VERSIONS, Replica
-from .cluster_config import Move
 from .ring import Ring
 from .transport import RequestTimeout, Transport, Unreachable
 from .versions import MAX_TTL_MS, Context, VersionSet
@@ -706,7 +706,9 @@ class Node:
                     got=epoch,
                 )
             return await self._forward_batch(code, f, keys, values)
-        if self._moving is not None and any(self._old_prefs(k, p) is not None for k, p in zip(keys, prefs_of, strict=True)):
+        if self._moving is not None and any(
+            self._old_prefs(k, p) is not None for k, p in zip(keys, prefs_of, strict=True)
+        ):
             return await self._batch_moving(code, keys, values, prefs_of, need, timeout)
         if code == wire.GET_MANY:
             now = self.replica.now_ms()

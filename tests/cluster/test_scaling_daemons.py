@@ -27,7 +27,7 @@ import pytest
 import shmkv
 from shmkv.cluster.config_client import group_status
 
-from .test_config_integration import _cli, _leader, _poll, _raw_views, _replica_get, _has
+from .test_config_integration import _cli, _has, _leader, _poll, _raw_views, _replica_get
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("shmkv_tools_cluster_scaling", ROOT / "tools" / "cluster.py")
