@@ -21,8 +21,9 @@ group's) makes every ring change -- add, remove, weight -- start a *move*: the c
 keeps the ring before the change (``moving.ring``) and the names of the old owners still in the
 ring (``moving.waiting``) until each has reported with ``streamed`` that it pushed every copy
 whose preference list gained members (rebalance.py); the last report ends the move. While a move
-is on, coordinators read a moving key from its *old* owners and write it to W of the old AND W
-of the new (coordinator.py), so a read never depends on a new owner that has not caught up; and
+is on, coordinators read a moving key from R of its old AND R of its new owners and write it
+to W of the old AND W of the new (coordinator.py), so a read never depends on new owners that
+have not caught up; and
 no other ring change is accepted ("a configuration change is in progress"). Each report raises
 the epoch like any command (the ring's members do not change), so nodes that agree on the epoch
 agree on the move too. Why the removed node is not waited for: one removal at a time, with

@@ -202,7 +202,7 @@ class Node:
         """The ring change whose copies are still being pushed (cluster_config.Move), or None:
         then every key is served by ``ring`` alone (the fast path). While it is set, a key whose
         preference list differs in ``moving.ring`` (the old ring) is *moving*: it is read from
-        its old owners and written to W of the old and W of the new owners (module docstring of
+        R old and R new owners and written to W of the old and W of the new (module docstring of
         cluster_config.py, "Moves"), and this node also serves replica requests for the keys the
         old ring gave it."""
         return self._moving
@@ -347,7 +347,7 @@ class Node:
             if old is None:
                 vs = await self.read(key, prefs, r, timeout)
             else:
-                vs = await self.read_moving(key, old, r, timeout)
+                vs = await self.read_moving(key, prefs, old, r, timeout)
             vs = vs.visible(self.replica.now_ms())
             seen = vs.context.encode()
             if code == wire.GET_VERSIONS:
@@ -493,36 +493,65 @@ class Node:
 
     # -- moving keys (a ring change whose copies are not all pushed yet: Node.moving) -------
 
-    async def read_moving(self, key: bytes, old: Sequence[str], r: Level, timeout: float) -> VersionSet:
-        """Read a moving key from its *old* owners ``old`` (R of them). Every write acknowledged
-        before the change is on W of them, and every write since on W of them too
-        (:meth:`write_moving`), so R + W > N holds over the old owners whatever the new ones
-        hold yet. This node may not be an old owner (a new one coordinating): then it only asks."""
+    async def read_moving(self, key: bytes, prefs: Sequence[str], old: Sequence[str], r: Level,
+                          timeout: float) -> VersionSet:
+        """Read a moving key from R of its *old* owners ``old`` AND R of its new ones ``prefs``
+        (the union, each quorum counted on its own), answering the merge of every answer. Why
+        both: every write acknowledged before the change is on W old owners and every one during
+        the move on W old and W new (:meth:`write_moving`) -- the old quorum sees those, whatever
+        the new owners hold yet; and a write coordinated by a node that has already learnt the
+        move's end is on W *new* owners only -- the new quorum sees that one, so a node that has
+        not learnt the end yet reads it too."""
         me = self.config.name
-        if me in old:
-            return await self.read(key, old, r, timeout)
-        nd = self._need(r, old, "R")
-        up = self._up(old)
-        tally: ReadTally[VersionSet] = ReadTally(len(old), nd.total, up, nd.per_dc, self._dc_of)
-        if tally.state == FAILED:
-            raise _unreachable(tally, old, up, "read", key)
-        msg = Message(wire.REPLICA_GET, 0, {"key": key, "epoch": self._ring().epoch})
+        targets = list(dict.fromkeys([*prefs, *old]))
+        up = self._up(targets)
+        tallies: list[ReadTally[VersionSet]] = []
+        for owners in (old, prefs):
+            nd = self._need(r, owners, "R")
+            mine = [p for p in up if p in owners]
+            t: ReadTally[VersionSet] = ReadTally(len(owners), nd.total, mine, nd.per_dc, self._dc_of)
+            if t.state == FAILED:
+                raise _unreachable(t, owners, mine, "read", key)
+            tallies.append(t)
+        local = self.replica.get(key)
+        for t in tallies:
+            if me in t.targets:
+                t.answer(me, local)
+        others = [p for p in up if p != me]
 
-        def after() -> None:
-            if tally.state == OK and tally.stale():
-                self._spawn(self._repair(key, tally, timeout))
+        def on_reply(node: str, reply: Message) -> None:
+            vs = VersionSet.from_wire(reply.fields["versions"])
+            for t in tallies:
+                if node in t.targets:
+                    t.answer(node, vs)
 
-        fan = _FanOut(self, lambda node, reply: tally.answer(node, VersionSet.from_wire(reply.fields["versions"])),
-                      tally.fail, lambda: tally.state != PENDING, after)
-        fan.start(up, lambda _node: msg, timeout)
-        if tally.state == PENDING:
-            await fan.waiter
-        if tally.state != OK:
-            raise _err(tally)
-        result = tally.result()
+        def on_fail(node: str, reason: str, *, maybe_reached: bool = False) -> None:
+            for t in tallies:
+                if node in t.targets:
+                    t.fail(node, reason, maybe_reached=maybe_reached)
+
+        def decided() -> bool:
+            return all(t.state != PENDING for t in tallies)
+
+        def after() -> None:  # every answer is in: repair the stale copies of each quorum
+            for t in tallies:
+                if t.state == OK and t.stale():
+                    self._spawn(self._repair(key, t, timeout))
+
+        if others:
+            msg = Message(wire.REPLICA_GET, 0, {"key": key, "epoch": self._ring().epoch})
+            fan = _FanOut(self, on_reply, on_fail, decided, after)
+            fan.start(others, lambda _node: msg, timeout)
+            if not decided():
+                await fan.waiter
+        result: VersionSet | None = None
+        for t in tallies:
+            if t.state != OK:
+                raise _err(t)
+            got = t.result()
+            assert got is not None
+            result = got if result is None else result.merge(got)
         assert result is not None
-        # this (new) owner's copy may lack what is not pushed yet: merge what the read saw into it
-        self.replica.merge(key, result)
         return result
 
     def _dual(self, key: bytes, prefs: Sequence[str], old: Sequence[str], w: Level,
@@ -612,7 +641,7 @@ class Node:
             old = self._old_prefs(key, prefs)
             if code == wire.GET_MANY:
                 vs = await (self.read(key, prefs, need, timeout) if old is None
-                            else self.read_moving(key, old, need, timeout))
+                            else self.read_moving(key, prefs, old, need, timeout))
                 vs = vs.visible(self.replica.now_ms())
                 return [vs.values, vs.context.encode()]
             if old is None:

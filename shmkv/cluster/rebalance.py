@@ -7,8 +7,8 @@ holds whose preference list *gained* members -- members in the new list that wer
 old -- to those members (REPLICA_PUT_MANY for version sets, REPLICA_COUNTER for counters), at
 the node's current epoch, then commits ``{"op": "streamed", "name": me, "move": E}``; the last
 report ends the move and coordinators go back to the new ring alone (coordinator.py,
-``Node.moving``). Until then reads of a moving key are answered by its old owners, so a new
-owner that has not caught up is never the only source of a read. A node removed by the change
+``Node.moving``). Until then reads of a moving key ask R of its old owners too, so new owners
+that have not caught up are never the only source of a read. A node removed by the change
 pushes too, best effort: it is not waited for (cluster_config.py says why).
 
 Order and resumption. Keys are pushed in sorted order, in batches of at most ``batch`` copies;

@@ -369,3 +369,33 @@ def test_a_removed_node_serves_its_old_copies_until_the_move_ends_and_is_not_wai
         if k2 != k:
             for o in new.preference_list(k2, 3):
                 assert mg.nodes[o].replica.get(k2).values == [b"v-" + k2], (k2, o)
+
+
+def test_a_node_still_in_the_move_reads_a_write_made_after_the_move_ended_elsewhere(mg: MoveGroup) -> None:
+    """The end of a move reaches nodes one by one: a write coordinated by a node that has learnt
+    it goes to W *new* owners only. A reader still in the move asks R old AND R new owners, so it
+    sees that write; R old owners alone would miss it (the control)."""
+    mg.wait_leader()
+    mg.add_node("n5")
+    mv = mg.nodes["n1"].moving
+    new = mg.nodes["n1"].ring
+    assert mv is not None
+    # a key whose owners go from {a, b, c} to {a, b, n5}, with a coordinator a
+    k = next(k for k in (f"key{i}".encode() for i in range(2000))
+             if "n5" in new.preference_list(k, 3) and new.preference_list(k, 3)[0] != "n5")
+    a, b = [o for o in new.preference_list(k, 3) if o != "n5"]
+    c = next(o for o in mv.ring.preference_list(k, 3) if o not in (a, b))
+    mg.nodes[a].moving = None  # a has learnt the end of the move; b and c have not
+    mg.net.partition({mg.addr[b]}, set(mg.addr.values()) - {mg.addr[b]})
+    assert mg.request(a, wire.PUT, key=k, value=b"late", epoch=new.epoch, w=2).code == wire.OK
+    mg.net.run_for(2.0)
+    mg.net.heal()
+    mg.nodes[a].moving = mv
+    assert [o for o in (a, b, c, "n5") if b"late" in mg.nodes[o].replica.get(k).values] == [a, "n5"]
+    mg.nodes[a].suspects.clear()
+    mg.nodes[b].suspects.clear()
+    mg.nodes[c].suspects.clear()
+    old_only = mg.net.run(mg.nodes[b].read(k, [b, c], 2, 1.0))  # the control: R=2 of the old b, c
+    assert b"late" not in old_only.values
+    assert _get(mg, b, k, r=2) == [b"late"]  # b, still in the move: R old and R new
+    mg.net.run_for(2.0)  # the reads' repairs finish before the network closes
