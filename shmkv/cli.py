@@ -378,6 +378,8 @@ def _bytes_rate(value: str) -> float:
               help="Keys per second this node merges from anti-entropy repairs (0: no limit).")
 @click.option("--ae-bytes-rate", default="8MB", show_default=True,
               help="Bytes per second of the copies it merges from repairs, a size (8MB = 8,000,000; 0: no limit).")
+@click.option("--stream-rate", default="20M", show_default=True,
+              help="Bytes per second this node pushes to new owners after a ring change (K/M/G: x1000).")
 def serve(
     listen: str, seeds: str, size: str, path: str | None, durability: str, weight: float,
     name: str | None, n: int | None, w: str, r: str, timeout: float, join_timeout: float, store_name: str | None,
@@ -386,7 +388,7 @@ def serve(
     config_voters: str | None, join: str | None, await_add: bool, config_url: str | None, dc: str | None, n_per_dc: str | None,
     ae_interval: float, tombstone_grace: float, ae_rebuild: float, ae_rate: str, ae_bytes_rate: str,
     auto_balance: bool, balance_threshold: float, balance_window: float, balance_cooldown: float,
-    balance_bounds: str, balance_metric: str, balance_interval: float,
+    balance_bounds: str, balance_metric: str, balance_interval: float, stream_rate: str,
 ) -> None:
     """Run one node of a shmkv cluster until SIGTERM (asyncio; uvloop when installed)."""
     from .cluster.daemon import Options
@@ -397,6 +399,9 @@ def serve(
         per_dc = parse_n_per_dc(n_per_dc) if n_per_dc is not None else None
         bounds = _bounds(balance_bounds)
         key_rate, byte_rate = _key_rate(ae_rate), _bytes_rate(ae_bytes_rate)
+        from .cluster.rebalance import parse_rate
+
+        rate = parse_rate(stream_rate)
     except Error as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -414,7 +419,7 @@ def serve(
         ae_bytes_rate=byte_rate,
         auto_balance=auto_balance, balance_threshold=balance_threshold, balance_window=balance_window,
         balance_cooldown=balance_cooldown, balance_bounds=bounds, balance_metric=balance_metric,
-        balance_interval=balance_interval,
+        balance_interval=balance_interval, stream_rate=rate,
     )
     if not opts.seeds and not join and not config_url:
         click.echo("error: give --seeds (a founding node), --join (a node joining a running cluster) "
@@ -494,6 +499,17 @@ def cluster_status(seeds: str, timeout: float, as_json: bool) -> None:
                                                   f"at {last['load']:.2f}x its share" if last else "")
                        + ("; loads " + " ".join(f"{n}:{v:.2f}x" for n, v in bal["loads"].items())
                           if bal.get("loads") else ""))
+        mv = cs.get("moving")
+        if mv:
+            click.echo(f"moving: the change of epoch {mv['epoch']} (from epoch {mv['from_epoch']}); waiting for "
+                       f"{', '.join(mv['waiting'])} to finish streaming (reads of moving keys go to the old owners)")
+        for nm, v in sorted((cs.get("nodes") or {}).items()):
+            rb = v.get("rebalance") or {}
+            if rb and (mv or rb.get("state") != "idle"):
+                click.echo(f"  {nm:14} transfer {rb.get('state')}: {rb.get('keys_sent', 0)} keys / "
+                           f"{rb.get('bytes_sent', 0) / 1e6:.1f} MB sent, {rb.get('scanned', 0)}/"
+                           f"{rb.get('to_scan', 0)} keys scanned, {rb.get('ranges_moving', 0)} ranges moving, "
+                           f"report {rb.get('report', '-')}")
     click.echo(f"{'NAME':16} {'ADDR':22} {'WEIGHT':>6} {'SHARE':>7} {'KEYS':>9} {'HINTS':>7}  HEALTH  VIEW")
     for r_ in rows:
         keys = "-" if r_["keys"] is None else str(r_["keys"])
@@ -512,12 +528,22 @@ def _config_status(addrs: list[str], timeout: float) -> dict[str, Any] | None:
     return group_status(addrs, timeout)
 
 
-def _change(seeds: str, cmd: dict[str, Any], timeout: float) -> None:
-    from .cluster.config_client import propose
+def _change(seeds: str, cmd: dict[str, Any], timeout: float, wait: float = 0.0) -> None:
+    """Commit ``cmd``; with ``wait`` > 0, then wait up to that many seconds for its move to end
+    (exit status 1 if it did not: the copies are still being pushed)."""
+    from .cluster.config_client import propose, wait_moved
 
     with _errors_as_messages():
         cfg = propose(_addrs(seeds), cmd, timeout)
     click.echo(f"committed: ring epoch {cfg.epoch}, members {', '.join(sorted(cfg.ring.members))}")
+    if wait > 0 and cfg.moving is not None:
+        with _errors_as_messages():
+            left = wait_moved(_addrs(seeds) + [m.addr for m in cfg.ring.members.values()], cfg.moving.epoch, wait)
+        if left is not None:
+            click.echo(f"error: the copies of epoch {cfg.moving.epoch} are still moving after {wait:g} s; waiting "
+                       f"for {', '.join(left.get('waiting') or [])} (see `shmkv cluster status`)", err=True)
+            sys.exit(1)
+        click.echo("moved: every old owner pushed its copies to the new owners")
 
 
 @cluster.command("add")
@@ -525,8 +551,10 @@ def _change(seeds: str, cmd: dict[str, Any], timeout: float) -> None:
 @click.option("--weight", type=float, default=None, help="Share relative to weight-1 nodes (default: the node's --weight).")
 @click.option("--dc", default=None, help="The node's data centre.")
 @click.option("--timeout", type=float, default=15.0, show_default=True)
+@click.option("--wait", type=float, default=0.0, show_default=True,
+              help="Seconds to wait for the copies to reach the new node (0: return once committed).")
 @click.argument("addr")
-def cluster_add(seeds: str, weight: float | None, dc: str | None, timeout: float, addr: str) -> None:
+def cluster_add(seeds: str, weight: float | None, dc: str | None, timeout: float, wait: float, addr: str) -> None:
     """Add the running node at ADDR (started with --join ... --await-add) to the ring."""
     from .cluster.config_client import node_identity
 
@@ -534,16 +562,54 @@ def cluster_add(seeds: str, weight: float | None, dc: str | None, timeout: float
         ident = node_identity(addr, timeout)
     cmd = {"op": "add", "name": ident["name"], "addr": addr,
            "weight": float(weight if weight is not None else ident.get("weight", 1.0)), "dc": dc}
-    _change(seeds, cmd, timeout)
+    _change(seeds, cmd, timeout, wait)
 
 
 @cluster.command("remove")
 @click.option("--seeds", required=True, help="Any members' host:port, comma-separated.")
 @click.option("--timeout", type=float, default=15.0, show_default=True)
+@click.option("--wait", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the copies to reach their new owners (0: do not wait).")
 @click.argument("name")
-def cluster_remove(seeds: str, timeout: float, name: str) -> None:
-    """Remove the member NAME from the ring (its keys are streamed to their new owners)."""
-    _change(seeds, {"op": "remove", "name": name}, timeout)
+def cluster_remove(seeds: str, timeout: float, wait: float, name: str) -> None:
+    """Remove the member NAME from the ring (its keys are streamed to their new owners); stop
+    the node once this has returned 0."""
+    _change(seeds, {"op": "remove", "name": name}, timeout, wait)
+
+
+@cluster.command("voter")
+@click.option("--seeds", required=True, help="Any members' host:port, comma-separated.")
+@click.option("--timeout", type=float, default=15.0, show_default=True)
+@click.argument("action", type=click.Choice(["add", "remove"]))
+@click.argument("name")
+def cluster_voter(seeds: str, timeout: float, action: str, name: str) -> None:
+    """Add the member NAME to the configuration group's voters (it must run with a fresh
+    --raft-dir), or remove it from them (one at a time; at least 2 stay)."""
+    from .cluster.config_client import group_status, propose
+
+    with _errors_as_messages():
+        cfg = propose(_addrs(seeds), {"op": "voter", "action": action, "name": name}, timeout)
+        st = group_status(_addrs(seeds) + [m.addr for m in cfg.ring.members.values()], 1.0)  # the leader's word
+    click.echo(f"committed: voters {', '.join((st or {}).get('voters') or [])}")
+
+
+@cluster.command("finish-move")
+@click.option("--seeds", required=True, help="Any members' host:port, comma-separated.")
+@click.option("--timeout", type=float, default=15.0, show_default=True)
+@click.option("--force", is_flag=True, required=True, help="Required: this ends the move unfinished.")
+def cluster_finish_move(seeds: str, timeout: float, force: bool) -> None:
+    """End the move under way without waiting for every old owner (one is gone for good):
+    reads of the keys it held go to their new owners at once, which may not have every copy
+    yet (read repair and anti-entropy then bring them)."""
+    from .cluster.config_client import group_status
+
+    with _errors_as_messages():
+        st = group_status(_addrs(seeds), timeout)
+    mv = (st or {}).get("moving")
+    if not mv:
+        click.echo("error: no move is under way", err=True)
+        sys.exit(2)
+    _change(seeds, {"op": "streamed", "force": True, "move": mv["epoch"]}, timeout)
 
 
 @cluster.command("weight")

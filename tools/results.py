@@ -77,6 +77,8 @@ BENCHES: tuple[Bench, ...] = (
           ("bench/btree_bench.py", "--keys", "100000", "--seconds", "1", "--repeat", "3")),
     Bench("config_commit", "README 'Configuration in etcd' commit latency",
           ("bench/config_commit.py",)),
+    Bench("cluster_scaling", "README 'Raft configuration service' live scaling figures",
+          ("bench/cluster_scaling.py", "--json", "bench/results/cluster_scaling.json")),
 )  # fmt: skip
 
 

@@ -468,7 +468,7 @@ class Client:
     ) -> Message:
         """Send to the key's coordinator (the next one on a failure that allows it, _failed);
         its OK reply."""
-        refreshed = False
+        refreshes = 0
         net, budget = self._net, self.timeout * 2  # the coordinator's timeout, and one more
         while True:
             ring, targets = self._targets(key)
@@ -487,8 +487,12 @@ class Client:
                 if self._suspects:
                     self._suspects.pop(node, None)
                 return reply
-            if isinstance(last, WrongEpoch) and not refreshed:
-                refreshed = True
+            if isinstance(last, WrongEpoch) and refreshes < MAX_REFRESHES:
+                # the ring fetched may still be the old one (its node had not learnt the change
+                # yet, or a move's report raised the epoch meanwhile): a few more, shortly after
+                if refreshes:
+                    time.sleep(0.05 * refreshes)
+                refreshes += 1
                 self.ring, _ = self._fetch_ring()
                 self._local_stale = self._local_spec is not False  # rebuilt by the next local read
                 continue
@@ -762,6 +766,8 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 #: What an attempt at one node may raise and still let the request go on (Client._failed).
 _RETRY = (WrongEpoch, Unreachable, RequestTimeout, Overloaded)
+#: ring refreshes for one request answered WrongEpoch (a ring change in progress)
+MAX_REFRESHES = 4
 
 def _versions(values: list[bytes | None], ctx: Context) -> Versions:
     distinct = list(dict.fromkeys(values))

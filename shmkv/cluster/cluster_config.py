@@ -13,6 +13,23 @@ Commands are the NORMAL entries of the Raft log, msgpack maps:
     {"op": "remove", "name"}
     {"op": "weight", "name", "weight"}
     {"op": "weight", "name", "weight", "auto": True, "epoch"}   auto-balance's (balance.py)
+    {"op": "streamed", "name", "move"}   NAME finished pushing the copies of move MOVE
+    {"op": "streamed", "force": True, "move"}   the operator ends move MOVE (cluster finish-move)
+
+Moves (pending ranges, Cassandra's word). A bootstrap with ``"moves": True`` (the built-in
+group's) makes every ring change -- add, remove, weight -- start a *move*: the configuration
+keeps the ring before the change (``moving.ring``) and the names of the old owners still in the
+ring (``moving.waiting``) until each has reported with ``streamed`` that it pushed every copy
+whose preference list gained members (rebalance.py); the last report ends the move. While a move
+is on, coordinators read a moving key from R of its old AND R of its new owners and write it
+to W of the old AND W of the new (coordinator.py), so a read never depends on new owners that
+have not caught up; and
+no other ring change is accepted ("a configuration change is in progress"). Each report raises
+the epoch like any command (the ring's members do not change), so nodes that agree on the epoch
+agree on the move too. Why the removed node is not waited for: one removal at a time, with
+W >= 2 every write acknowledged before it is also on a remaining old owner of its key, which
+pushes it (the removed node pushes too, best effort); with W = 1 it is waited for like the rest. Without ``moves`` (a log written before
+this, or etcd's configuration) changes apply at once as before.
 
 An ``auto`` weight change moves the ring weight but keeps the member's *configured* weight
 (``base``: only the members whose ring weight auto-balance moved are listed; for the rest it is
@@ -42,7 +59,8 @@ from .errors import ConfigError, ProtocolError
 from .ring import RING_FORMAT, Member, Ring
 
 # DO NOT CHANGE: stored layout (commands are Raft log entries). Add ops; never change one.
-OPS = ("bootstrap", "add", "remove", "weight")
+OPS = ("bootstrap", "add", "remove", "weight", "streamed")
+RING_OPS = ("add", "remove", "weight")
 
 _RINGS: dict[tuple[Any, ...], Ring] = {}
 
@@ -72,6 +90,24 @@ def ring_from_wire(d: Any) -> Ring:
 
 
 @dataclass(frozen=True)
+class Move:
+    """A ring change whose copies are still being pushed (module docstring, "Moves")."""
+
+    epoch: int  # the epoch at which the ring changed: the move's name
+    ring: Ring  # the ring before the change (the old owners)
+    waiting: frozenset[str]  # old owners that have not reported ``streamed`` yet
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "ring": self.ring.to_wire(), "waiting": sorted(self.waiting)}
+
+    @staticmethod
+    def from_wire(d: Any) -> Move:
+        if not isinstance(d, Mapping) or type(d.get("epoch")) is not int or not isinstance(d.get("waiting"), list):
+            raise ProtocolError(f"a move must be a map with epoch, ring, waiting: {d!r}")
+        return Move(d["epoch"], ring_from_wire(d["ring"]), frozenset(str(x) for x in d["waiting"]))
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     ring: Ring
     n: int
@@ -79,6 +115,9 @@ class ClusterConfig:
     r: int
     #: configured weights of the members auto-balance re-weighted (module docstring)
     base: Mapping[str, float] = field(default_factory=dict)
+    #: ring changes start moves (module docstring); set by the bootstrap, kept forever
+    moves: bool = False
+    moving: Move | None = None
 
     @property
     def epoch(self) -> int:
@@ -88,6 +127,10 @@ class ClusterConfig:
         out: dict[str, Any] = {"ring": self.ring.to_wire(), "n": self.n, "w": self.w, "r": self.r}
         if self.base:  # absent when empty: the form before auto-balance, still read as is
             out["base"] = dict(self.base)
+        if self.moves:
+            out["moves"] = True
+        if self.moving is not None:
+            out["moving"] = self.moving.to_wire()
         return out
 
     def configured_weight(self, name: str) -> float:
@@ -106,7 +149,9 @@ class ClusterConfig:
         ):
             raise ProtocolError(f"configured weights must map names to numbers > 0: {base!r}")
         ring = Ring.from_wire(d["ring"]) if not isinstance(d["ring"], Mapping) else ring_from_wire(d["ring"])
-        return ClusterConfig(ring, d["n"], d["w"], d["r"], {k: float(v) for k, v in base.items()})
+        moving = Move.from_wire(d["moving"]) if d.get("moving") is not None else None
+        return ClusterConfig(ring, d["n"], d["w"], d["r"], {k: float(v) for k, v in base.items()},
+                             bool(d.get("moves")), moving)
 
     def encode(self) -> bytes:
         return bytes(msgpack.packb(self.to_wire(), use_bin_type=True))
@@ -134,8 +179,24 @@ def decode_command(data: bytes) -> dict[str, Any]:
     return cmd
 
 
-def bootstrap_command(ring: Ring, n: int, w: int, r: int) -> dict[str, Any]:
-    return {"op": "bootstrap", "ring": ring.to_wire(), "n": n, "w": w, "r": r}
+def bootstrap_command(ring: Ring, n: int, w: int, r: int, *, moves: bool = False) -> dict[str, Any]:
+    cmd: dict[str, Any] = {"op": "bootstrap", "ring": ring.to_wire(), "n": n, "w": w, "r": r}
+    if moves:
+        cmd["moves"] = True
+    return cmd
+
+
+def _check_streamed(state: ClusterConfig, cmd: Mapping[str, Any]) -> str | None:
+    mv = state.moving
+    if mv is None:
+        return "streamed: no data is moving"
+    if cmd.get("move") != mv.epoch:
+        return f"streamed: move {cmd.get('move')!r} is over (the move now is of epoch {mv.epoch})"
+    if cmd.get("force"):
+        return None
+    if cmd.get("name") not in mv.waiting:
+        return f"streamed: {cmd.get('name')!r} is not among the owners the move waits for"
+    return None
 
 
 def check(state: ClusterConfig | None, cmd: Mapping[str, Any]) -> str | None:
@@ -148,6 +209,18 @@ def check(state: ClusterConfig | None, cmd: Mapping[str, Any]) -> str | None:
     epoch = cmd.get("epoch")
     if epoch is not None and epoch != state.epoch:
         return f"{op}: computed at epoch {epoch!r}, the configuration is at epoch {state.epoch} now"
+    if op == "streamed":
+        return _check_streamed(state, cmd)
+    why = _check_member(state, cmd)
+    if why is None and op in RING_OPS and state.moving is not None:
+        mv = state.moving
+        return (f"a configuration change is in progress: data is moving since epoch {mv.epoch}, waiting "
+                f"for {', '.join(sorted(mv.waiting))} to finish streaming (see `shmkv cluster status`)")
+    return why
+
+
+def _check_member(state: ClusterConfig, cmd: Mapping[str, Any]) -> str | None:
+    op = cmd.get("op")
     members = state.ring.members
     name = cmd.get("name")
     if not isinstance(name, str) or not name:
@@ -192,10 +265,18 @@ def apply(state: ClusterConfig | None, cmd: Mapping[str, Any]) -> tuple[ClusterC
     op = cmd["op"]
     if op == "bootstrap":
         try:
-            return ClusterConfig(ring_from_wire(cmd["ring"]), cmd["n"], cmd["w"], cmd["r"]), None
+            return ClusterConfig(ring_from_wire(cmd["ring"]), cmd["n"], cmd["w"], cmd["r"],
+                                 moves=bool(cmd.get("moves"))), None
         except (ProtocolError, KeyError) as e:
             return state, f"bad bootstrap: {e}"
     assert state is not None
+    if op == "streamed":
+        mv = state.moving
+        assert mv is not None
+        waiting = frozenset() if cmd.get("force") else mv.waiting - {cmd["name"]}
+        ring = _ring(tuple(state.ring.members.values()), state.epoch + 1, state.ring.vnodes_per_weight)
+        moving = Move(mv.epoch, mv.ring, waiting) if waiting else None
+        return ClusterConfig(ring, state.n, state.w, state.r, state.base, state.moves, moving), None
     members = dict(state.ring.members)
     base = dict(state.base)
     name = cmd["name"]
@@ -215,11 +296,17 @@ def apply(state: ClusterConfig | None, cmd: Mapping[str, Any]) -> tuple[ClusterC
         else:
             base.pop(name, None)
     ring = _ring(tuple(members.values()), state.epoch + 1, state.ring.vnodes_per_weight)
-    return ClusterConfig(ring, state.n, state.w, state.r, base), None
+    moving = None
+    if state.moves:  # the old owners still in the ring must report their pushes (docstring)
+        # with W=1 a write may be on the removed node alone: then it must report too
+        waiting = frozenset(m for m in state.ring.members if m in members or state.w < 2)
+        moving = Move(ring.epoch, state.ring, waiting)
+    return ClusterConfig(ring, state.n, state.w, state.r, base, state.moves, moving), None
 
 
 __all__ = [
     "ClusterConfig",
+    "Move",
     "apply",
     "check",
     "bootstrap_command",

@@ -90,11 +90,11 @@ async def _group_status(addrs: Sequence[str], timeout: float) -> dict[str, Any] 
                                       "role": "learner", "rebalance": v.get("rebalance")}
                           for v in etcd},
             }
-        voters = next(iter(views.values())).get("voters") or []
-        # The leader's own view is the authority for term and commit: the highest term's leader.
+        # The leader's own view is the authority for term, commit and voters: the highest term's leader.
         leaders = [v for v in views.values() if v.get("role") == "leader"]
         lead = max(leaders, key=lambda v: v.get("term", 0)) if leaders else None
         base = lead or max(views.values(), key=lambda v: (v.get("term") or 0, v.get("commit") or 0))
+        voters = base.get("voters") or next(iter(views.values())).get("voters") or []
         return {
             "source": "raft",
             "voters": voters,
@@ -107,9 +107,31 @@ async def _group_status(addrs: Sequence[str], timeout: float) -> dict[str, Any] 
                       for v in views.values()},
             # auto-balance as the leader runs it (autobalance.py): state, loads, adjustments
             "balance": (lead or {}).get("balance"),
+            # the move under way (cluster_config.Move) as the most advanced node knows it, or None
+            "moving": max(views.values(), key=lambda v: v.get("config_epoch") or 0).get("moving"),
         }
     finally:
         await t.close()
+
+
+async def _wait_moved(seeds: Sequence[str], epoch: int, timeout: float) -> dict[str, Any] | None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    st: dict[str, Any] | None = None
+    while True:
+        st = await _group_status(seeds, 1.0)
+        mv = (st or {}).get("moving")
+        if st is not None and (mv is None or mv.get("epoch") != epoch) and (st.get("epoch") or 0) >= epoch:
+            return None
+        if loop.time() >= deadline:
+            return mv if isinstance(mv, dict) else {"epoch": epoch, "waiting": ["(unknown: no node answered)"]}
+        await asyncio.sleep(0.5)
+
+
+def wait_moved(seeds: Sequence[str], epoch: int, timeout: float) -> dict[str, Any] | None:
+    """Wait up to ``timeout`` s until the move started at ``epoch`` is over (every old owner
+    has pushed its copies, rebalance.py); None then, else the move still under way."""
+    return run(_wait_moved(seeds, epoch, timeout))
 
 
 def group_status(addrs: Sequence[str], timeout: float = 1.0) -> dict[str, Any] | None:
@@ -120,4 +142,4 @@ def group_status(addrs: Sequence[str], timeout: float = 1.0) -> dict[str, Any] |
     return run(_group_status(addrs, timeout))
 
 
-__all__ = ["propose", "group_status", "node_identity", "NoConfigGroup"]
+__all__ = ["propose", "group_status", "node_identity", "wait_moved", "NoConfigGroup"]

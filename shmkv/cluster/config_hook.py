@@ -45,10 +45,10 @@ from .config_source import ConfigSource
 from .errors import ConfigError
 from .etcd_kv import parse_url
 from .membership import join_static
-from .rebalance import Rebalancer
+from .rebalance import DEFAULT_RATE, Rebalancer
 from .ring import Ring
 from .transport import TcpTransport, Transport, split_addr
-from .wire import Message
+from .wire import Message, Overloaded
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -79,7 +79,8 @@ class ConfigHook:
         self.primary = worker is None or worker.index == 0  # runs the node's group member
         self.rebalancer: Rebalancer | None = None
         if self.primary and on_change is None:
-            self.rebalancer = Rebalancer(node)
+            self.rebalancer = Rebalancer(node, rate=float(getattr(o, "stream_rate", None) or DEFAULT_RATE))
+            self.rebalancer.report = self._report
             self.on_change = self.rebalancer.on_change
         self.service: ConfigSource | None = None
         #: --config etcd://...: the configuration is etcd's, not the built-in group's
@@ -88,6 +89,12 @@ class ConfigHook:
         self.follower: StoreFollower | None = None
         self.balance: AutoBalance | None = None  # LOAD answers; the --auto-balance loop
         self._relay: TcpTransport | None = None
+
+    async def _report(self, cmd: dict[str, Any]) -> Any:
+        """The rebalancer's ``streamed`` report, committed through the group (rebalance.py)."""
+        if self.service is None:
+            raise Overloaded("the configuration service is not up yet")
+        return await self.service.change(cmd)
 
     def _service(self, voters: tuple[str, ...] | None) -> ConfigService:
         return ConfigService(self.node, self.transport, voters, self.o.raft_dir,

@@ -31,8 +31,10 @@ the Store is the one thing all workers of a node already share, atomically.
 Changes are one at a time: the leader refuses a proposal while its previous one is not applied
 ("a configuration change is in progress"), and checks each against the current state first
 (cluster_config.check), so adding a node twice or removing below N is a clear error and nothing
-is proposed. The group's own voter set is fixed at start in this version (removing a voter from
-the ring is refused; see README).
+is proposed. The voter set changes one voter at a time (``{"op": "voter", "action": "add" |
+"remove", "name"}``, ``shmkv cluster voter``): raft/core.py's configuration entries; a member
+being added hosts an empty Raft member when the leader's first message reaches it and learns
+the log (or a snapshot) from the leader. A voter must leave the voters before the ring.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from .raft import codec
 from .raft.core import Config as RaftConfig
 from .raft.core import RaftNode, Role
 from .raft.log import DurableLog
-from .raft.types import EntryKind, NotLeader, ProposalRefused, Snapshot
+from .raft.types import ConfChange, EntryKind, NotLeader, ProposalRefused, Snapshot
 from .raft.types import Message as RaftMessage
 from .replica import META
 from .ring import Ring
@@ -126,6 +128,8 @@ class ConfigService:
         self.state: ClusterConfig | None = None
         self.raft: RaftNode | None = None
         self.log: DurableLog | None = None
+        self.raft_dir = raft_dir
+        self.seed = seed
         if voters is None or self.name in self.voters:
             if raft_dir is None:
                 raise ConfigError(f"{self.name} is a configuration voter and needs --raft-dir")
@@ -239,7 +243,9 @@ class ConfigService:
         cfg = self.node.config
         self._bootstrap_term = raft.term
         # counts: daemon.check_options refuses level names (--w local_quorum) with the group
-        raft.propose(encode_command(bootstrap_command(self.node.ring, cfg.n, cfg.w, cfg.r)))  # type: ignore[arg-type]
+        # moves=True: ring changes keep the old owners serving until the copies are pushed
+        raft.propose(encode_command(bootstrap_command(self.node.ring, cfg.n, cfg.w, cfg.r,  # type: ignore[arg-type]
+                                                      moves=True)))
         log.info("%s leads term %d: proposing the bootstrap configuration (epoch %d)",
                  self.name, raft.term, self.node.ring.epoch)
         self._process()
@@ -248,6 +254,15 @@ class ConfigService:
         waiter = self._waiters.pop(index, None)
         if self._pending is not None and index >= self._pending:
             self._pending = None
+        if kind == EntryKind.CONF and self.raft is not None:
+            self.voters = tuple(sorted(self.raft.voters))
+            log.info("%s: configuration voters now %s", self.name, ", ".join(self.voters))
+            if waiter is not None and not waiter[1].done():
+                if waiter[0] != term or self.state is None:
+                    waiter[1].set_exception(ClusterError("the change was superseded by another leader; retry"))
+                else:
+                    waiter[1].set_result(self.state)
+            return
         if kind != EntryKind.NORMAL or not data:
             if waiter is not None and not waiter[1].done():
                 waiter[1].set_exception(ClusterError("the change was superseded by another leader; retry"))
@@ -331,6 +346,7 @@ class ConfigService:
         old = self.node.ring
         if old is not None and cfg.epoch <= old.epoch:
             return False
+        self.node.moving = cfg.moving  # before the ring: never a new ring without its move
         self.node.ring = cfg.ring
         self.node.config.w, self.node.config.r = cfg.w, cfg.r
         if self.store is not None:
@@ -382,6 +398,9 @@ class ConfigService:
                 raft = reply.fields.get("raft") or {}
                 if isinstance(raft, dict) and isinstance(raft.get("leader"), str):
                     self.leader_hint = raft["leader"]
+                if (self.raft is None and isinstance(raft, dict) and isinstance(raft.get("voters"), list)
+                        and raft.get("voter") and raft["voters"]):
+                    self.voters = tuple(sorted(str(v) for v in raft["voters"]))  # a voter's word
                 if raw is None:
                     continue
                 return self._offer(raw)
@@ -391,7 +410,27 @@ class ConfigService:
 
     # -- handlers ------------------------------------------------------------------------------
 
+    def _host_member(self) -> None:
+        """Become a Raft member with an empty log: the leader is adding this node as a voter
+        (``voter add``) and sends it the log (or a snapshot); it learns the voter set from the
+        configuration entry that adds it (raft/types.ConfChange), not from any seed."""
+        if self.raft_dir is None:
+            raise ConfigError(f"{self.name} cannot become a configuration voter: it runs without --raft-dir")
+        self.log = DurableLog(self.raft_dir)
+        restored = self.log.restore()
+        if restored["entries"] or restored["snapshot"].index or restored["hard_state"].term:
+            self.log.close()
+            self.log = None
+            raise ConfigError(f"{self.raft_dir} holds an old Raft log: {self.name} cannot join the voters "
+                              "with it (start it with a fresh --raft-dir)")
+        cfg = RaftConfig(election_ticks=ELECTION_TICKS, heartbeat_ticks=HEARTBEAT_TICKS, seed=self.seed)
+        self.raft = RaftNode(self.name, cfg, **restored)
+        self._loops.append(asyncio.get_running_loop().create_task(self._ticker()))
+        log.info("%s: hosting a configuration group member (being added as a voter)", self.name)
+
     async def _on_raft(self, msg: Message) -> Message:
+        if self.raft is None and any(codec.decode(raw).dst == self.name for raw in msg.fields["msgs"]):
+            self._host_member()  # the leader added this node as a voter (or is about to)
         if self.raft is None:
             raise ConfigError(f"{self.name} is not a configuration voter")
         for raw in msg.fields["msgs"]:
@@ -422,13 +461,16 @@ class ConfigService:
         lead = raft.lead if raft is not None else self.leader_hint
         out: dict[str, Any] = {
             "name": self.name,
-            "voter": raft is not None,
+            "voter": raft is not None and self.name in raft.voters,
             "voters": list(self.voters),
             "leader": lead,
             "leader_addr": self._addr(lead) if lead else None,
             "epoch": self.node.ring.epoch if self.node.ring is not None else 0,
             "config_epoch": self.state.epoch if self.state is not None else 0,
         }
+        mv = self.state.moving if self.state is not None else None
+        if mv is not None:  # a ring change whose copies are not all pushed yet (cluster_config.Move)
+            out["moving"] = {"epoch": mv.epoch, "from_epoch": mv.ring.epoch, "waiting": sorted(mv.waiting)}
         if self.extra_status is not None:
             out.update(self.extra_status())
         if raft is not None:
@@ -473,18 +515,18 @@ class ConfigService:
             raise ConfigError(
                 f"a configuration change is in progress (log index {self._pending}); retry once it commits"
             )
-        why = check(self.state, cmd)
-        if why is not None:
-            raise ConfigError(why)
-        if cmd.get("op") == "remove" and cmd.get("name") in self.voters:
-            raise ConfigError(
-                f"cannot remove {cmd['name']}: it is a configuration voter (the voter set is fixed "
-                "in this version)"
-            )
-        try:
-            index = raft.propose(encode_command(cmd))
-        except (NotLeader, ProposalRefused) as e:
-            raise Overloaded(f"{self.name}: {e}; retry") from None
+        if cmd.get("op") == "voter":
+            index = self._propose_voter(cmd)
+        else:
+            why = check(self.state, cmd)
+            if why is not None:
+                raise ConfigError(why)
+            if cmd.get("op") == "remove" and cmd.get("name") in raft.voters:
+                raise ConfigError(
+                    f"cannot remove {cmd['name']}: it is a configuration voter; first `shmkv cluster voter "
+                    f"remove {cmd['name']}` (and `voter add` another member to keep 3)"
+                )
+            index = self._propose_ring(cmd)
         fut: asyncio.Future[ClusterConfig] = asyncio.get_running_loop().create_future()
         self._waiters[index] = (raft.term, fut)
         self._pending = index
@@ -496,6 +538,38 @@ class ConfigService:
                 f"the change at log index {index} was not committed within {timeout:g} s; it may "
                 "still commit: check `shmkv cluster status`"
             ) from None
+
+    def _propose_voter(self, cmd: dict[str, Any]) -> int:
+        """``{"op": "voter", "action": "add"|"remove", "name"}``: one voter in or out of the
+        group (raft/core.py's one-at-a-time change). Not a ring change: the epoch stays."""
+        raft = self.raft
+        assert raft is not None
+        action, name = cmd.get("action"), cmd.get("name")
+        if action not in ("add", "remove") or not isinstance(name, str) or not name:
+            raise ConfigError(f"a voter change needs action add or remove and a name, got {cmd!r}")
+        members = self.state.ring.members if self.state is not None else {}
+        if action == "add" and name not in members:
+            raise ConfigError(f"cannot make {name} a voter: it is not a member of the ring "
+                              f"(members: {', '.join(sorted(members))})")
+        if action == "add" and name in raft.voters:
+            raise ConfigError(f"{name} is already a configuration voter (voters: {', '.join(raft.voters)})")
+        if action == "remove" and name not in raft.voters:
+            raise ConfigError(f"{name} is not a configuration voter (voters: {', '.join(raft.voters)})")
+        if action == "remove" and len(raft.voters) <= 2:
+            raise ConfigError(f"cannot remove {name}: {len(raft.voters) - 1} voter would be left; add "
+                              "another voter first (a group of one has no fault tolerance)")
+        try:
+            return raft.propose_conf_change(ConfChange(action, name))
+        except (NotLeader, ProposalRefused) as e:
+            raise Overloaded(f"{self.name}: {e}; retry") from None
+
+    def _propose_ring(self, cmd: dict[str, Any]) -> int:
+        raft = self.raft
+        assert raft is not None
+        try:
+            return raft.propose(encode_command(cmd))
+        except (NotLeader, ProposalRefused) as e:
+            raise Overloaded(f"{self.name}: {e}; retry") from None
 
 
 class StoreFollower:
@@ -537,6 +611,7 @@ class StoreFollower:
             return
         old = self.node.ring
         if cfg is not None and (old is None or cfg.epoch > old.epoch):
+            self.node.moving = cfg.moving
             self.node.ring = cfg.ring
             self.node.config.w, self.node.config.r = cfg.w, cfg.r
 
@@ -553,6 +628,9 @@ def _describe(cmd: dict[str, Any]) -> str:
         return "bootstrap"
     if op == "add":
         return f"add {cmd.get('name')} at {cmd.get('addr')} weight {cmd.get('weight', 1.0):g}"
+    if op == "streamed":
+        return (f"move of epoch {cmd.get('move')} ended by the operator" if cmd.get("force")
+                else f"{cmd.get('name')} streamed its copies of the move of epoch {cmd.get('move')}")
     if op == "weight":
         auto = " (auto-balance)" if cmd.get("auto") else ""
         return f"weight {cmd.get('name')} {cmd.get('weight'):g}{auto}"

@@ -45,6 +45,7 @@ from typing import Any
 
 from ..errors import Error
 from . import wire
+from .cluster_config import Move
 from .crdt import PNCounter
 from .errors import (
     ClusterError,
@@ -124,6 +125,8 @@ class Node:
         self.transport = transport
         self.replica = replica
         self._ring_now: Ring | None = None
+        self._same_since = 0  # the first epoch whose ring places keys as the current one does
+        self._moving: Move | None = None
         self.suspects: set[str] = set()
         self.draining = False
         self.in_flight = 0
@@ -163,7 +166,70 @@ class Node:
     def ring(self, ring: Ring | None) -> None:
         if ring is not None and self.config.n_per_dc is not None:
             ring = ring.with_replication(self.config.n_per_dc)
+        old = self._ring_now
+        if ring is None or old is None or not _same_placement(old, ring) or ring.epoch < old.epoch:
+            self._same_since = ring.epoch if ring is not None else 0
+            if ring is not None and old is not None and self.gossip is not None:
+                self._follow_members(ring)
         self._ring_now = ring
+
+    def _follow_members(self, ring: Ring) -> None:
+        """Gossip with the new ring's members -- and, while a move is on, the old ring's: an old
+        owner removed by the change still serves its copies and must not be judged down for
+        silence (it would be skipped)."""
+        members = {m.name: m.addr for m in ring.members.values()}
+        if self._moving is not None:
+            members = {**{m.name: m.addr for m in self._moving.ring.members.values()}, **members}
+        try:
+            self.gossip.set_members(members)
+        except Exception:  # noqa: BLE001 -- liveness follows best effort; never fail a ring change
+            log.exception("%s: gossip could not follow the ring change", self.config.name)
+
+    def _epoch_near(self, epoch: int, ring: Ring) -> bool:
+        """``epoch`` routes exactly as ``ring`` does, though it is not ``ring``'s: an older epoch
+        since the members last changed, or -- while a move is on -- one of the next epochs, which
+        can only be the awaited owners' ``streamed`` reports (cluster_config.py: no ring change
+        commits before the move ends). Those epochs differ only by the reports, so a request
+        routed by one is served as if routed by this node's (no refusal for a report's bump)."""
+        if type(epoch) is not int:
+            return False
+        mv = self._moving
+        ahead = len(mv.waiting) if mv is not None else 0
+        return self._same_since <= epoch <= ring.epoch + ahead
+
+    @property
+    def moving(self) -> Move | None:
+        """The ring change whose copies are still being pushed (cluster_config.Move), or None:
+        then every key is served by ``ring`` alone (the fast path). While it is set, a key whose
+        preference list differs in ``moving.ring`` (the old ring) is *moving*: it is read from
+        R old and R new owners and written to W of the old and W of the new (module docstring of
+        cluster_config.py, "Moves"), and this node also serves replica requests for the keys the
+        old ring gave it."""
+        return self._moving
+
+    @moving.setter
+    def moving(self, mv: Move | None) -> None:
+        if mv is not None and self.config.n_per_dc is not None:
+            mv = Move(mv.epoch, mv.ring.with_replication(self.config.n_per_dc), mv.waiting)
+        self._moving = mv
+
+    def _addr_of(self, ring: Ring, node: str) -> str:
+        """``node``'s address: in ``ring``, else in the moving ring (an old owner the change
+        removed still serves its copies until the move ends)."""
+        m = ring.members.get(node)
+        if m is None and self._moving is not None:
+            m = self._moving.ring.members.get(node)
+        if m is None:
+            raise Unreachable(f"{node} is not a member at ring epoch {ring.epoch}", sent=False)
+        return m.addr
+
+    def _old_prefs(self, key: bytes, prefs: Sequence[str]) -> list[str] | None:
+        """``key``'s old owners while it moves (None: it does not move, or nothing moves)."""
+        mv = self._moving
+        if mv is None:
+            return None
+        old = mv.ring.preference_list(key, self.config.n)
+        return None if set(old) == set(prefs) else old
 
     # -- the entry point -------------------------------------------------------------------
 
@@ -275,9 +341,14 @@ class Node:
                 )
             return await self._forward(code, f, prefs)
         timeout = self._timeout(f)
+        old = self._old_prefs(key, prefs) if self._moving is not None else None
         if code in (wire.GET, wire.GET_VERSIONS):
             r = f.get("r") or self.config.r
-            vs = (await self.read(key, prefs, r, timeout)).visible(self.replica.now_ms())
+            if old is None:
+                vs = await self.read(key, prefs, r, timeout)
+            else:
+                vs = await self.read_moving(key, prefs, old, r, timeout)
+            vs = vs.visible(self.replica.now_ms())
             seen = vs.context.encode()
             if code == wire.GET_VERSIONS:
                 return Message(wire.OK, 0, {"values": vs.values, "context": seen})
@@ -301,11 +372,17 @@ class Node:
             value = f["value"] if code == wire.PUT else None
             strict = self.config.strict if f.get("strict") is None else bool(f["strict"])
             ttl = _ttl(f.get("ttl_ms")) if code == wire.PUT else None  # a tombstone never expires
-            vs = await self.write(key, value, ctx, prefs, w, timeout, ttl, strict=strict)
+            if old is None:
+                vs = await self.write(key, value, ctx, prefs, w, timeout, ttl, strict=strict)
+            else:
+                vs = await self.write_moving(key, value, ctx, prefs, old, w, timeout, ttl)
             return Message(wire.OK, 0, {"context": vs.context.encode()})
         if code == wire.INCR:
             w = f.get("w") or self.config.w
-            value = await self.incr(key, f["delta"], prefs, w, timeout)
+            if old is None:
+                value = await self.incr(key, f["delta"], prefs, w, timeout)
+            else:
+                value = await self.incr_moving(key, f["delta"], prefs, old, w, timeout)
             return Message(wire.OK, 0, {"value": value})
         raise BadRequest(f"{wire.NAMES.get(code, code)} is not served here")
 
@@ -414,6 +491,168 @@ class Node:
             raise _err(tally)
         return new
 
+    # -- moving keys (a ring change whose copies are not all pushed yet: Node.moving) -------
+
+    async def read_moving(self, key: bytes, prefs: Sequence[str], old: Sequence[str], r: Level,
+                          timeout: float) -> VersionSet:
+        """Read a moving key from R of its *old* owners ``old`` AND R of its new ones ``prefs``
+        (the union, each quorum counted on its own), answering the merge of every answer. Why
+        both: every write acknowledged before the change is on W old owners and every one during
+        the move on W old and W new (:meth:`write_moving`) -- the old quorum sees those, whatever
+        the new owners hold yet; and a write coordinated by a node that has already learnt the
+        move's end is on W *new* owners only -- the new quorum sees that one, so a node that has
+        not learnt the end yet reads it too."""
+        me = self.config.name
+        targets = list(dict.fromkeys([*prefs, *old]))
+        up = self._up(targets)
+        tallies: list[ReadTally[VersionSet]] = []
+        for owners in (old, prefs):
+            nd = self._need(r, owners, "R")
+            mine = [p for p in up if p in owners]
+            t: ReadTally[VersionSet] = ReadTally(len(owners), nd.total, mine, nd.per_dc, self._dc_of)
+            if t.state == FAILED:
+                raise _unreachable(t, owners, mine, "read", key)
+            tallies.append(t)
+        local = self.replica.get(key)
+        for t in tallies:
+            if me in t.targets:
+                t.answer(me, local)
+        others = [p for p in up if p != me]
+
+        def on_reply(node: str, reply: Message) -> None:
+            vs = VersionSet.from_wire(reply.fields["versions"])
+            for t in tallies:
+                if node in t.targets:
+                    t.answer(node, vs)
+
+        def on_fail(node: str, reason: str, *, maybe_reached: bool = False) -> None:
+            for t in tallies:
+                if node in t.targets:
+                    t.fail(node, reason, maybe_reached=maybe_reached)
+
+        def decided() -> bool:
+            return all(t.state != PENDING for t in tallies)
+
+        def after() -> None:  # every answer is in: repair the stale copies of each quorum
+            for t in tallies:
+                if t.state == OK and t.stale():
+                    self._spawn(self._repair(key, t, timeout))
+
+        if others:
+            msg = Message(wire.REPLICA_GET, 0, {"key": key, "epoch": self._ring().epoch})
+            fan = _FanOut(self, on_reply, on_fail, decided, after)
+            fan.start(others, lambda _node: msg, timeout)
+            if not decided():
+                await fan.waiter
+        result: VersionSet | None = None
+        for t in tallies:
+            if t.state != OK:
+                raise _err(t)
+            got = t.result()
+            assert got is not None
+            result = got if result is None else result.merge(got)
+        assert result is not None
+        return result
+
+    def _dual(self, key: bytes, prefs: Sequence[str], old: Sequence[str], w: Level,
+              what: str) -> tuple[WriteTally, WriteTally, list[str]]:
+        """The two tallies of a moving key's write -- W of the new owners AND W of the old --
+        and every up target but this node. :raises QuorumError: either cannot be reached."""
+        targets = list(dict.fromkeys([*prefs, *old]))
+        up = self._up(targets)
+        tallies = []
+        for owners in (prefs, old):
+            nd = self._need(w, owners, "W")
+            t = WriteTally(len(owners), nd.total, [p for p in up if p in owners], nd.per_dc, self._dc_of)
+            if t.state == FAILED:
+                raise _unreachable(t, owners, [p for p in up if p in owners], what, key)
+            tallies.append(t)
+        return tallies[0], tallies[1], [p for p in up if p != self.config.name]
+
+    async def _fan_dual(self, t_new: WriteTally, t_old: WriteTally, others: Sequence[str], msg: Message,
+                        timeout: float, on_reply: Callable[[str, Message], None] | None = None) -> None:
+        me = self.config.name
+        for t in (t_new, t_old):
+            if me in t.targets:
+                t.ack(me)
+
+        def reply(node: str, r: Message) -> None:
+            if on_reply is not None:
+                on_reply(node, r)
+            for t in (t_new, t_old):
+                if node in t.targets:
+                    t.ack(node)
+
+        def fail(node: str, reason: str, *, maybe_reached: bool = False) -> None:
+            for t in (t_new, t_old):
+                if node in t.targets:
+                    t.fail(node, reason, maybe_reached=maybe_reached)
+
+        def decided() -> bool:
+            return t_new.state != PENDING and t_old.state != PENDING
+
+        if others:
+            fan = _FanOut(self, reply, fail, decided)
+            fan.start(others, lambda _node: msg, timeout)
+            if not decided():
+                await fan.waiter
+        for t in (t_new, t_old):
+            if t.state != OK:
+                raise _err(t)
+
+    async def write_moving(self, key: bytes, value: bytes | None, context: Context | None,
+                           prefs: Sequence[str], old: Sequence[str], w: Level, timeout: float,
+                           ttl: float | None = None) -> VersionSet:
+        """A moving key's write: minted here (a new owner), acknowledged by W of the new owners
+        ``prefs`` and W of the old ``old`` (strict: no fallbacks; a down owner gets a hint)."""
+        t_new, t_old, others = self._dual(key, prefs, old, w, "write")
+        expires = None if ttl is None else self.replica.now_ms() + max(1, int(ttl * 1000))
+        new = self.replica.coordinate(key, value, context, expires)
+        down = [p for p in dict.fromkeys([*prefs, *old]) if p != self.config.name and p not in others]
+        if down:
+            self._keep_hints(down, key, new)
+        msg = Message(wire.REPLICA_PUT, 0, {"key": key, "versions": new.to_wire(), "epoch": self._ring().epoch})
+        await self._fan_dual(t_new, t_old, others, msg, timeout)
+        return new
+
+    async def incr_moving(self, key: bytes, delta: int, prefs: Sequence[str], old: Sequence[str],
+                          w: Level, timeout: float) -> int:
+        """INCR of a moving key: as :meth:`incr`, acknowledged by W new and W old owners."""
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise BadRequest("delta must be an int")
+        t_new, t_old, others = self._dual(key, prefs, old, w, "increment")
+        merged = self.replica.increment(key, delta)
+        msg = Message(wire.REPLICA_COUNTER, 0, {"key": key, "counter": merged.to_wire(), "epoch": self._ring().epoch})
+
+        def on_reply(_node: str, reply: Message) -> None:
+            nonlocal merged
+            merged = merged.merge(PNCounter.from_wire(reply.fields["counter"]))
+
+        await self._fan_dual(t_new, t_old, others, msg, timeout, on_reply)
+        self.replica.merge_counter(key, merged)
+        return merged.value
+
+    async def _batch_moving(self, code: int, keys: Sequence[bytes], values: Sequence[bytes | None],
+                            prefs_of: Sequence[Sequence[str]], need: Level, timeout: float) -> Message:
+        """GET_MANY / PUT_MANY with a moving key among them: key by key (rare: only while a
+        move is on, and never on the fast path)."""
+        async def one(i: int) -> Any:
+            key, prefs = keys[i], prefs_of[i]
+            old = self._old_prefs(key, prefs)
+            if code == wire.GET_MANY:
+                vs = await (self.read(key, prefs, need, timeout) if old is None
+                            else self.read_moving(key, prefs, old, need, timeout))
+                vs = vs.visible(self.replica.now_ms())
+                return [vs.values, vs.context.encode()]
+            if old is None:
+                await self.write(key, values[i], None, prefs, need, timeout)
+            else:
+                await self.write_moving(key, values[i], None, prefs, old, need, timeout)
+            return None
+
+        results = await asyncio.gather(*(one(i) for i in range(len(keys))))
+        return Message(wire.OK, 0, {"results": list(results)} if code == wire.GET_MANY else {})
+
     async def _replicate_late(self, nodes: list[str], msg: Message, timeout: float) -> None:
         """The ``ack-before-w`` test bug's write-behind: the replica requests, late."""
         await asyncio.sleep(TEST_BUG_DELAY)
@@ -496,6 +735,10 @@ class Node:
                     got=epoch,
                 )
             return await self._forward_batch(code, f, keys, values)
+        if self._moving is not None and any(
+            self._old_prefs(k, p) is not None for k, p in zip(keys, prefs_of, strict=True)
+        ):
+            return await self._batch_moving(code, keys, values, prefs_of, need, timeout)
         if code == wire.GET_MANY:
             now = self.replica.now_ms()
             vss = [vs.visible(now) for vs in await self.read_many(keys, prefs_of, need, timeout)]
@@ -732,7 +975,7 @@ class Node:
         """One replica request; never raises (the outcome carries the error)."""
         ring = self._ring()
         try:
-            reply = await self.transport.request(ring.members[node].addr, msg, timeout)
+            reply = await self.transport.request(self._addr_of(ring, node), msg, timeout)
         except (Unreachable, RequestTimeout) as e:
             self._suspect(node)
             return node, None, e
@@ -807,7 +1050,15 @@ class Node:
         return self.ring
 
     def _epoch_ok(self, epoch: Any) -> bool:
-        return epoch is None or epoch == self._ring().epoch
+        ring = self._ring()
+        if epoch is None or epoch == ring.epoch:
+            return True
+        return self._epoch_near(epoch, ring) and self._learn(epoch, ring)
+
+    def _learn(self, epoch: int, ring: Ring) -> bool:
+        if epoch > ring.epoch and self.on_newer_epoch is not None:
+            self.on_newer_epoch(epoch)  # a report this node has not seen yet: fetch it
+        return True
 
     def _check_replica(self, epoch: int, keys: Sequence[bytes]) -> None:
         """A replica request must come with this node's epoch and only for keys whose preference
@@ -818,7 +1069,9 @@ class Node:
         for key in keys:
             if not isinstance(key, bytes) or not key:
                 raise BadRequest("key must be non-empty bytes")
-            if self.config.name not in ring.preference_list(key, self.config.n):
+            if self.config.name not in ring.preference_list(key, self.config.n) and not (
+                self._moving is not None and self.config.name in self._moving.ring.preference_list(key, self.config.n)
+            ):  # (while a move is on, an old owner of the key still holds and serves its copy)
                 raise WrongEpoch(
                     f"{self.config.name} holds no copy of {key[:64]!r} at ring epoch {ring.epoch}; "
                     "the sender routes by another ring",
@@ -828,7 +1081,7 @@ class Node:
 
     def _check_epoch(self, epoch: int) -> None:
         ring = self._ring()
-        if epoch != ring.epoch:
+        if epoch != ring.epoch and not (self._epoch_near(epoch, ring) and self._learn(epoch, ring)):
             raise WrongEpoch(
                 f"{self.config.name} is at ring epoch {ring.epoch}, the request at {epoch}",
                 expected=ring.epoch,
@@ -895,6 +1148,11 @@ class Node:
                 t.cancel()
             return False
         return True
+
+
+def _same_placement(a: Ring, b: Ring) -> bool:
+    """Whether ``a`` and ``b`` place every key alike (the same members and vnodes)."""
+    return a.vnodes_per_weight == b.vnodes_per_weight and dict(a.members) == dict(b.members)
 
 
 def _pid() -> int:
@@ -1025,12 +1283,14 @@ class _FanOut:
     def start(self, nodes: Sequence[str], make: Callable[[str], Message], timeout: float) -> None:
         """Send ``make(node)`` to each of ``nodes`` (in order)."""
         owner = self.node
-        members = owner._ring().members
+        ring = owner._ring()
+        members = ring.members
         send = owner.transport.send
         self.left = len(nodes)
         owner._fanouts.add(self)
         for node in nodes:
-            fut = send(members[node].addr, make(node), timeout)
+            m = members.get(node)
+            fut = send(m.addr if m is not None else owner._addr_of(ring, node), make(node), timeout)
             fut.add_done_callback(functools.partial(self._outcome, node))
 
     def ended(self) -> asyncio.Future[None]:

@@ -109,6 +109,8 @@ class Options:
     ae_rate: float = 10_000.0
     #: bytes per second of those copies (antientropy._cost; 0: no limit)
     ae_bytes_rate: float = 8_000_000.0
+    #: bytes per second a node pushes to new owners after a ring change (rebalance.py)
+    stream_rate: float = 20_000_000.0
 
 
 def _loopback_source(listen: str) -> str | None:
@@ -180,6 +182,8 @@ def check_options(o: Options) -> None:
                     ("--ae-rebuild", o.ae_rebuild)):
         if not v >= 0:
             raise ConfigError(f"{flag} must be >= 0 seconds, got {v}")
+    if not (isinstance(o.stream_rate, (int, float)) and 0 < o.stream_rate < float("inf")):
+        raise ConfigError(f"--stream-rate must be bytes per second > 0, got {o.stream_rate!r}")
     if not 0 <= o.ae_rate < float("inf"):
         raise ConfigError(f"--ae-rate must be >= 0 keys per second (0: no limit), got {o.ae_rate}")
     from .antientropy import MIN_BYTE_RATE

@@ -298,6 +298,17 @@ class Gossip:
                 {n: e for n, e in self.board.view().items() if n in self.members and n != name}
             )
 
+    def set_members(self, members: Mapping[str, str]) -> None:
+        """Follow a ring change: gossip with (and accept gossip from) ``members``, this node
+        included (Node.ring sets it on every ring it adopts)."""
+        new = {**dict(members), self.name: self.members[self.name]}
+        if new == self.members:
+            return
+        self.members = new
+        self._cache = None
+        if self.gossiper is not None:
+            self.gossiper.set_members(self.members, self.clock())
+
     # -- the owner's loop --------------------------------------------------------------------
 
     def start(self) -> None:

@@ -105,6 +105,18 @@ class Gossiper:
     def peers(self) -> list[str]:
         return sorted(m for m in self.members if m != self.name)
 
+    def set_members(self, members: Mapping[str, str], now: float) -> None:
+        """The ring changed (a node added or removed, config_service.py): gossip with ``members``
+        from now on (this node stays one). A new peer is watched from ``now`` with the
+        detector's bootstrap prior; a peer gone is forgotten."""
+        new = {**dict(members), self.name: self.members[self.name]}
+        for gone in set(self.members) - set(new):
+            self.detector.remove(gone)
+            self.view.pop(gone, None)
+        self.members = new
+        for peer in self.peers:
+            self.detector.add(peer, now)
+
     # -- the two inputs ----------------------------------------------------------------------
 
     def round(self, now: float) -> list[str]:
