@@ -126,10 +126,18 @@ class Proxy:
         self._set(ip, hold=True)
 
     def reset(self, ip: str) -> None:
-        """Reset every open connection touching ``ip``; new ones too until :meth:`clear`."""
+        """Reset every open connection touching ``ip`` (done when this returns); new ones too
+        until :meth:`clear`."""
         self._set(ip, reset=True)
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._reset_open, ip)
+            done = threading.Event()
+
+            def go() -> None:
+                self._reset_open(ip)
+                done.set()
+
+            self._loop.call_soon_threadsafe(go)
+            done.wait(5)
 
     def clear(self, ip: str | None = None) -> None:
         """Heal ``ip``'s faults (every node's with None); held bytes flow on."""
