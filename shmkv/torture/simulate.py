@@ -18,6 +18,9 @@ clients' choices, gossip's peer choices, and the nemesis' faults:
   tombstone times. It restarts from its Store (a memory-only node's segment survives SIGKILL,
   as on a real host: local.py) with a new gossip generation. Raft nodes crash between a step
   and its Ready and lose what they had not persisted (raftsim.py);
+- ``crash`` (by name only, not in the default set): a host crash -- as ``kill``, and the Store
+  also loses every write since the node's last periodic sync (:class:`_DurableStore`); the node
+  restarts under a fresh actor, as a node must whose store lost what it minted;
 - ``partition``: halves (one node against the rest), a bridge (the others cannot reach each
   other, all reach the node), one-way (the node's messages out are lost, or those in);
 - ``loss``: 20 % of messages dropped; ``delay``: 50-400 ms per message (timeouts, overtaking).
