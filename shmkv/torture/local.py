@@ -35,7 +35,9 @@ functions the integration tests use), clients from ``shmkv.connect``:
   adds ``DELAY_SECONDS`` plus up to ``DELAY_JITTER`` to every chunk the node sends and to
   every chunk sent to it; ``hold`` forwards nothing to or from the node until the fault ends
   (then the held bytes flow); ``reset`` resets the node's open connections with SO_LINGER 0
-  and every new one until the fault ends. The fault log records a delay's parameters;
+  and every new one until the fault ends. The fault log records a delay's parameters, the
+  history's metadata the proxy's counters (``proxy``: connections accepted, bytes forwarded,
+  resets, failed dials);
 - skew: every node runs under libfaketime (LD_PRELOAD, a timestamp file per node,
   FAKETIME_DONT_FAKE_MONOTONIC=1 so asyncio's timers are untouched); the fault writes
   ``+SKEW_SECONDS`` into that node's file -- its wall clock jumps ahead while it runs -- and
@@ -235,6 +237,8 @@ class LocalCluster:
             if self.proxy is not None:
                 self.net.unredirect()
                 self.proxy.stop()
+                # into the history's metadata (runner.py): proof the peers' traffic went through it
+                self.config["proxy"] = dict(self.proxy.stats)
 
     def remove_leftovers(self) -> list[str]:
         """Remove libfaketime's /dev/shm pair of every daemon pid this cluster started that is

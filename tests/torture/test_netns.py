@@ -152,7 +152,7 @@ def test_delay_hold_reset_reach_real_daemons_and_a_delay_kill_run_keeps_every_pr
             c.stop()
         c2 = LocalCluster(3, dir={str(tmp_path / "c2")!r}, nemesis=["delay", "kill"])
         res = run(c2, RunConfig(time=6, seed=4, nemesis=["delay", "kill"], op_timeout=1.0, cluster="local"))
-        print(json.dumps({{"passed": res.passed, "faults": res.history.faults,
+        print(json.dumps({{"passed": res.passed, "faults": res.history.faults, "meta": res.history.meta,
                           "accepted": c2.proxy.stats["accepted"], "text": res.text}}))
     """, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -166,4 +166,4 @@ def test_delay_hold_reset_reach_real_daemons_and_a_delay_kill_run_keeps_every_pr
     delays = [f for f in torture["faults"] if f["kind"] == "delay"]
     assert delays and {f["kind"] for f in torture["faults"]} == {"delay", "kill"}
     assert all(f["delay_s"] == 0.1 and f["t1"] > f["t0"] for f in delays)
-    assert torture["accepted"] > 0
+    assert torture["accepted"] > 0 and torture["meta"]["proxy"]["accepted"] == torture["accepted"]
