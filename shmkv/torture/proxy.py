@@ -12,7 +12,11 @@ partition/loss rules on the input hook still see the same (source, destination) 
 proxy's outgoing leg. Client traffic (from 127.0.0.1) is not redirected.
 
 Why not a proxy per peer port (netns.py's rejected design): the ring would have to name the
-proxies, and such a proxy cannot tell which peer dialled. The redirect keeps both.
+proxies, and such a proxy cannot tell which peer dialled. The redirect keeps both. Why a thread
+of the harness and not a process of its own: the nemesis changes the rules with a method call,
+no control protocol; the price is the harness' GIL (its client threads), which shows in the
+proxy's cost (+40-70 µs per round trip measured, README) but not in its delays (asyncio
+timers, milliseconds and up).
 
 Faults are per node address (``ip``); for bytes travelling from ``a`` to ``b``:
 
