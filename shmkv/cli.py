@@ -627,9 +627,9 @@ def cluster_weight(seeds: str, timeout: float, name: str, weight: float) -> None
               help="Seconds of workload (virtual seconds with --simulate).  [default: 10; 6 with --simulate]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the nemesis schedule and the workers.")
 @click.option("--nemesis", default=None,
-              help="Faults, comma-separated, or none. Real clusters: kill,pause,partition,loss,skew "
-                   "(partition/loss: --cluster local in a private network namespace; skew: libfaketime). "
-                   "--simulate: kill,partition,loss,delay.  [default: kill,pause; all four with --simulate]")
+              help="Faults, comma-separated, or none. Real clusters: kill,pause,partition,loss,skew,"
+                   "delay,hold,reset (partition/loss/delay/hold/reset: --cluster local in a private "
+                   "network namespace; skew: libfaketime). --simulate: kill,partition,loss,delay (the default: all four), crash.  [default: kill,pause]")
 @click.option("--workload", type=click.Choice(["register", "set", "counter"]), default="register", show_default=True)
 @click.option("--clients", type=int, default=4, show_default=True, help="Concurrent client workers.")
 @click.option("--keys", type=int, default=None, help="Keys (register, counter workloads).  [default: 4; 3 with --simulate]")

@@ -29,6 +29,15 @@ functions the integration tests use), clients from ``shmkv.connect``:
 - partition / loss (netns.py): inside the harness' private network namespace each node
   listens on its own 127.0.0.x and the faults are nftables rules between those addresses;
   outside one the run is refused with the reason (the CLI re-executes itself inside one);
+- delay / hold / reset (proxy.py, why in its docstring): inside the namespace an nftables nat
+  rule sends every node-to-node connection through one asyncio proxy in the harness process
+  (started before the daemons, stopped after them; client connections stay direct). ``delay``
+  adds ``DELAY_SECONDS`` plus up to ``DELAY_JITTER`` to every chunk the node sends and to
+  every chunk sent to it; ``hold`` forwards nothing to or from the node until the fault ends
+  (then the held bytes flow); ``reset`` resets the node's open connections with SO_LINGER 0
+  and every new one until the fault ends. The fault log records a delay's parameters, the
+  history's metadata the proxy's counters (``proxy``: connections accepted, bytes forwarded,
+  resets, failed dials);
 - skew: every node runs under libfaketime (LD_PRELOAD, a timestamp file per node,
   FAKETIME_DONT_FAKE_MONOTONIC=1 so asyncio's timers are untouched); the fault writes
   ``+SKEW_SECONDS`` into that node's file -- its wall clock jumps ahead while it runs -- and
@@ -53,6 +62,11 @@ from ..errors import InvalidArgument
 VERSIONS_PREFIX = b"v"  # cluster/replica.py: the store key of a key's VersionSet
 COUNTER_PREFIX = b"c"  # ... and of a counter's PN-state
 SKEW_SECONDS = 120
+#: a delay fault's added latency per direction: a peer request's round trip gains 0.2-0.3 s,
+#: under the daemons' 1 s peer timeout, so most requests are slow, and some, queued behind
+#: others, time out
+DELAY_SECONDS = 0.1
+DELAY_JITTER = 0.05
 #: anti-entropy of the daemons a run starts: a round every 0.5 s; the grace (>= twice the
 #: interval, daemon.check_options) outlives any run, so no tombstone is collected mid-run
 AE_FLAGS = ("--ae-interval", "0.5", "--tombstone-grace", "600")
@@ -83,9 +97,9 @@ def unsupported(kinds: Iterable[str]) -> dict[str, str]:
                 out[k] = why
         elif k == "skew" and libfaketime() is None:
             out[k] = "clock skew needs libfaketime (apt-get install faketime)"
-        elif k == "delay":
-            out[k] = ("message delay needs netem (not in this kernel) or a delaying proxy: "
-                      "use --simulate for delays")
+        elif k == "crash":
+            out[k] = ("a host crash (losing what a node had not synced) is simulated only: "
+                      "use --simulate; kill is the real daemons' crash")
     return out
 
 
@@ -154,11 +168,20 @@ class LocalCluster:
         self._paused: set[str] = set()
         self.net: Any = None
         self.hosts: list[str] | None = None
-        if any(k in ("partition", "loss") for k in self.kinds):
+        self.proxy: Any = None
+        from .netns import NET_KINDS, PROXY_KINDS
+
+        if any(k in NET_KINDS for k in self.kinds):
             from .netns import NetFaults
 
             self.net = NetFaults()
             self.hosts = [f"127.0.0.{i + 2}" for i in range(nodes)]
+        if any(k in PROXY_KINDS for k in self.kinds):
+            from .proxy import MARK, Proxy
+
+            assert self.hosts is not None
+            self.proxy = Proxy(seed=nodes)
+            self._proxy_mark = MARK
         self.envs: list[dict[str, str]] | None = None
         if "skew" in self.kinds:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -182,6 +205,9 @@ class LocalCluster:
     def start(self) -> None:
         c = self.config
         extra = [*AE_FLAGS, "--strict" if self.strict else "--sloppy"]
+        if self.proxy is not None:  # before the daemons: their first connections go through it
+            self.proxy.start()
+            self.net.redirect(self.hosts, self.proxy.port, self._proxy_mark)
         try:
             self.tools.start(len(self.nodes), self.dir, n=c["n"], w=c["w"], r=c["r"], size=self.size,
                              hosts=self.hosts, envs=self.envs, extra=extra)
@@ -202,10 +228,17 @@ class LocalCluster:
                 cl.close()
             except Exception:  # noqa: BLE001 -- closing a client of a dead cluster
                 pass
+        if self.proxy is not None:
+            self.proxy.clear()
         try:
             self.tools.stop(self.dir, grace=5.0)
         finally:
             self.remove_leftovers()
+            if self.proxy is not None:
+                self.net.unredirect()
+                self.proxy.stop()
+                # into the history's metadata (runner.py): proof the peers' traffic went through it
+                self.config["proxy"] = dict(self.proxy.stats)
 
     def remove_leftovers(self) -> list[str]:
         """Remove libfaketime's /dev/shm pair of every daemon pid this cluster started that is
@@ -254,6 +287,19 @@ class LocalCluster:
 
     def heal_network(self) -> None:
         self.net.heal()
+
+    def delay(self, node: str) -> dict[str, float]:
+        self.proxy.delay(self._addr_host(node), DELAY_SECONDS, jitter=DELAY_JITTER)
+        return {"delay_s": DELAY_SECONDS, "jitter_s": DELAY_JITTER}
+
+    def hold(self, node: str) -> None:
+        self.proxy.hold(self._addr_host(node))
+
+    def reset(self, node: str) -> None:
+        self.proxy.reset(self._addr_host(node))
+
+    def heal_proxy(self, node: str) -> None:
+        self.proxy.clear(self._addr_host(node))
 
     def skew(self, node: str) -> None:
         (self.dir / f"{node}.faketime").write_text(f"+{SKEW_SECONDS}\n")

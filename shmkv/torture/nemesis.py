@@ -9,9 +9,11 @@ is healed before the run ends, so the final states are taken from a whole cluste
 Kinds: ``kill`` (SIGKILL, restart when the fault ends), ``pause`` (SIGSTOP, SIGCONT when it
 ends), ``partition`` (halves, a bridge or one-way, around the fault's node; the shape is drawn
 from the fault, so it replays too), ``loss`` (random loss to and from the node), ``skew`` (the
-node's wall clock jumps ahead), ``delay`` (slow messages). Which a cluster can inject is its
-business (local.py: nftables in a private network namespace, libfaketime; simulate.py: the
-simulated network); one it cannot is refused, with the reason, before the run starts -- never
+node's wall clock jumps ahead), ``delay`` (slow messages), ``hold`` (messages to and from the
+node held back until the fault ends, then delivered), ``reset`` (the node's connections
+reset, new ones too while the fault lasts), ``crash`` (a host crash: the node loses what it had
+not synced; simulation only). Which a cluster can inject is its business (local.py: nftables
+and a proxy in a private network namespace, libfaketime; simulate.py: the simulated network); one it cannot is refused, with the reason, before the run starts -- never
 silently skipped.
 """
 
@@ -27,7 +29,7 @@ from typing import Any
 from ..errors import InvalidArgument
 from .cluster import ClusterUnderTest
 
-KINDS = ("kill", "pause", "partition", "loss", "skew", "delay")
+KINDS = ("kill", "pause", "partition", "loss", "skew", "delay", "hold", "reset", "crash")
 SHAPES = ("halves", "bridge", "one-way-out", "one-way-in")
 
 
@@ -108,12 +110,19 @@ class Nemesis(threading.Thread):
             entry["shape"] = shape_of(f)
             c.partition(f.node, entry["shape"])
             return
-        getattr(c, {"kill": "kill", "pause": "pause", "loss": "loss", "skew": "skew"}[f.kind])(f.node)
+        # a dict returned (the fault's parameters, e.g. a delay's) goes into the fault's entry
+        got = getattr(c, {"kill": "kill", "pause": "pause", "loss": "loss", "skew": "skew",
+                          "delay": "delay", "hold": "hold", "reset": "reset"}[f.kind])(f.node)
+        if isinstance(got, dict):
+            entry.update(got)
 
     def _heal(self, f: Fault) -> None:
         c: Any = self.cluster
         if f.kind in ("partition", "loss"):
             c.heal_network()
+            return
+        if f.kind in ("delay", "hold", "reset"):
+            c.heal_proxy(f.node)
             return
         getattr(c, {"kill": "restart", "pause": "resume", "skew": "unskew"}[f.kind])(f.node)
 

@@ -17,8 +17,13 @@ Rejected: a fault-injecting TCP proxy in front of each peer port. The daemons di
 in the ring, so the ring would have to name the proxies (an ``--advertise`` address the daemon
 does not have), and a proxy per destination cannot tell which peer a connection comes from
 without the same source binding; the kernel drops packets in ~6 ms without a hop per message
-(facts in issue 11). What a proxy would give and this does not: added *delay* -- netem is not in
-this kernel -- so ``delay`` is a nemesis of the simulation only (simulate.py).
+(facts in issue 11). What the kernel cannot give -- netem is not in this kernel -- is *delay*,
+*hold* and *reset*: for those (``PROXY_KINDS``) :meth:`NetFaults.redirect` adds a ``nat
+output`` rule sending every node-to-node TCP connection to one proxy on 127.0.0.1 (proxy.py,
+which dials the original destination from the original source, its socket marked so the rule
+skips it). The input-hook rules above still see the real (source, destination) pair on the
+proxy's outgoing leg, so partitions and loss compose with it -- except that a cut connection
+now connects (to the proxy) and is then reset, instead of timing out in connect.
 
 Outside a namespace the CLI re-executes itself inside one (:func:`reexec_in_netns`); the
 namespace, its rules and everything in it vanish when that process exits.
@@ -36,7 +41,8 @@ from typing import Any
 from ..errors import InvalidArgument
 
 IN_NETNS_ENV = "SHMKV_TORTURE_NETNS"  # set in the re-executed run: "1" = inside our namespace
-NET_KINDS = ("partition", "loss")
+PROXY_KINDS = ("delay", "hold", "reset")  # through proxy.py, behind a nat redirect
+NET_KINDS = ("partition", "loss", *PROXY_KINDS)
 SHAPES = ("halves", "bridge", "one-way-out", "one-way-in")
 TABLE = "shmkv_torture"
 LOSS_PERCENT = 20
@@ -124,6 +130,21 @@ class NetFaults:
     def loss(self, node: str, others: Sequence[str]) -> None:
         extra = f"numgen random mod 100 < {LOSS_PERCENT} "
         _nft(self._drop([node], others, extra), self._drop(others, [node], extra))
+
+    def redirect(self, nodes: Sequence[str], port: int, mark: int) -> None:
+        """Send every TCP connection from one of ``nodes`` to another to 127.0.0.1:``port``
+        (the proxy), except the proxy's own (packets marked ``mark``); replaces an earlier
+        redirect (one proxy at a time). :meth:`heal` does not touch it, :meth:`unredirect`
+        removes it."""
+        addrs = ", ".join(nodes)
+        _nft(f"add table ip {TABLE}_nat",
+             f"add chain ip {TABLE}_nat output {{ type nat hook output priority -100; }}",
+             f"flush chain ip {TABLE}_nat output",
+             f"add rule ip {TABLE}_nat output meta mark != {mark:#x} ip saddr {{ {addrs} }} "
+             f"ip daddr {{ {addrs} }} meta l4proto tcp redirect to :{port}")
+
+    def unredirect(self) -> None:
+        _nft(f"add table ip {TABLE}_nat", f"delete table ip {TABLE}_nat")
 
     def heal(self) -> None:
         _nft(f"flush chain inet {TABLE} input")

@@ -69,8 +69,9 @@ def run(
     if unsupported:
         raise InvalidArgument(
             f"nemesis {', '.join(unsupported)} is not implemented by the {cfg.cluster} cluster "
-            f"(it injects {', '.join(supported)}): partition, loss and skew need --cluster local "
-            "(nftables in a private network namespace, libfaketime); delay needs --simulate"
+            f"(it injects {', '.join(supported)}): partition, loss, delay, hold, reset and skew need "
+            "--cluster local (nftables and a proxy in a private network namespace, libfaketime); "
+            "crash needs --simulate"
         )
     faults = schedule(cfg.seed, cfg.time, cfg.nemesis, cluster.nodes)
     rec = Recorder()

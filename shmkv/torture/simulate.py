@@ -18,6 +18,9 @@ clients' choices, gossip's peer choices, and the nemesis' faults:
   tombstone times. It restarts from its Store (a memory-only node's segment survives SIGKILL,
   as on a real host: local.py) with a new gossip generation. Raft nodes crash between a step
   and its Ready and lose what they had not persisted (raftsim.py);
+- ``crash`` (by name only, not in the default set): a host crash -- as ``kill``, and the Store
+  also loses every write since the node's last periodic sync (:class:`_DurableStore`); the node
+  restarts under a fresh actor, as a node must whose store lost what it minted;
 - ``partition``: halves (one node against the rest), a bridge (the others cannot reach each
   other, all reach the node), one-way (the node's messages out are lost, or those in);
 - ``loss``: 20 % of messages dropped; ``delay``: 50-400 ms per message (timeouts, overtaking).
@@ -69,7 +72,7 @@ from ..cluster.failure_detector import PhiAccrual
 from ..cluster.gossip import Gossip
 from ..cluster.handoff import Handoff
 from ..cluster.hints import HintStore
-from ..cluster.replica import ACTOR_KEY, VERSIONS, Replica
+from ..cluster.replica import ACTOR_KEY, COUNTER, VERSIONS, Replica
 from ..cluster.ring import Member, Ring
 from ..cluster.transport import RequestTimeout, Unreachable
 from ..cluster.versions import Context, VersionSet
@@ -88,6 +91,9 @@ if TYPE_CHECKING:
     from ..store import Store
 
 BUGS = (*TEST_BUGS, "raft-no-majority")
+#: nemeses the simulation has beyond the default set (SIM_NEMESES): asked for by name only, so
+#: the default schedules -- and every pinned seed -- stay as they were
+SIM_EXTRA = ("crash",)
 DELAY = (0.0005, 0.005)  # the healthy network's one-way latency, virtual seconds
 SUSPECT_FOR = 1.0  # a client avoids a coordinator that failed it for this long (client.py's)
 _stores = itertools.count()
@@ -247,6 +253,69 @@ class _VirtualStore:
         return key in self._store
 
 
+#: a host-crash node's page cache is written back every SYNC_INTERVAL virtual seconds (each node
+#: at its own seeded phase); a host crash loses every store write since its node's last sync.
+#: Shorter than the nemesis' quiet gap plus the shortest fault (0.1 + 0.2 s): a replica that
+#: acknowledged a write has synced it before the next host can crash.
+SYNC_INTERVAL = 0.1
+
+
+class _DurableStore(_VirtualStore):
+    """A :class:`_VirtualStore` on a host that can crash (the ``crash`` nemesis): it keeps an
+    undo log of its writes since the node's last (virtual, periodic) sync, and
+    :meth:`lose_unsynced` reverts them -- what a host crash does to a store whose pages were
+    not yet written back. Nothing here adds an event to the simulation (the sync times are a
+    function of the virtual clock), so runs without ``crash`` are unchanged.
+
+    Invariant: ``_undo`` holds, oldest first, ``(t, key, value before)`` for every write this
+    store took after ``last_sync(t)``'s predecessor was passed -- entries before the current
+    sync boundary are trimmed at each write, as the sync made them durable."""
+
+    def __init__(self, store: Any, node: str, monitor: Monitor, phase: float) -> None:
+        super().__init__(store, node, monitor)
+        self._phase = phase
+        self._undo: list[tuple[float, bytes, Any]] = []
+
+    def last_sync(self) -> float:
+        now = self._monitor.net.now
+        k = (now - self._phase) // SYNC_INTERVAL
+        return self._phase + k * SYNC_INTERVAL
+
+    def _log(self, key: bytes, before: Any) -> None:
+        synced = self.last_sync()
+        if self._undo and self._undo[0][0] <= synced:
+            self._undo = [e for e in self._undo if e[0] > synced]
+        self._undo.append((self._monitor.net.now, key, before))
+
+    def cas(self, key: bytes, expected: Any, new: Any, ttl: float | None = None) -> bool:
+        done = super().cas(key, expected, new, ttl)
+        if done:
+            self._log(key, expected)
+        return done
+
+    def put(self, key: bytes, value: Any, ttl: float | None = None) -> None:
+        self._log(key, self._store.get(key))
+        self._store.put(key, value, ttl=ttl)
+
+    def delete(self, key: bytes) -> Any:
+        self._log(key, self._store.get(key))
+        return self._store.delete(key)
+
+    def lose_unsynced(self) -> int:
+        """Revert every write since the last sync, newest first; how many keys' replicas
+        (VersionSets and counters -- not the node's metadata) went back (a key written twice
+        counts once)."""
+        synced = self.last_sync()
+        lost = [e for e in self._undo if e[0] > synced]
+        self._undo = []
+        for _, key, before in reversed(lost):
+            if before is None:
+                self._store.delete(key)
+            else:
+                self._store.put(key, before)
+        return len({k for _, k, _ in lost if k[:1] in (VERSIONS, COUNTER)})
+
+
 class _WatchedHints(HintStore):
     """hints.py's store (in memory), telling the :class:`Monitor` of every deletion."""
 
@@ -390,7 +459,7 @@ class SimCluster:
     async def astart(self, x: str) -> None:
         """(Re)start node ``x`` from its store, from inside the simulation."""
         t = self.net.transport(self.addr[x])
-        node = Node(self.cfg[x], t, Replica(cast("Store", _VirtualStore(self.stores[x], x, self.monitor)), x, clock=self.wall))
+        node = Node(self.cfg[x], t, Replica(cast("Store", self._store_view(x)), x, clock=self.wall))
         node.test_bug = self.bug  # the env var's switch, set directly (no process here)
         node.ring = self.ring
         k = next(self.incarnations)
@@ -426,6 +495,43 @@ class SimCluster:
         owner = p.ae.owner
         _cancel([p.probe, p.gossip._loop_task, p.handoff._task, owner._task if owner else None,
                  *p.node._background])
+
+    def _store_view(self, x: str) -> _VirtualStore:
+        """What node ``x``'s Replica writes through: a fresh watcher, or -- once
+        :meth:`enable_host_crashes` ran -- the host's one durable view (its undo log outlives
+        the node's processes, as the page cache outlives a killed process)."""
+        durable = getattr(self, "durable", None)
+        if durable is not None:
+            return cast(_VirtualStore, durable[x])
+        return _VirtualStore(self.stores[x], x, self.monitor)
+
+    def enable_host_crashes(self) -> None:
+        """Give every node a host that syncs every SYNC_INTERVAL (seeded phase) and can crash
+        (:meth:`host_crash`); the running processes' replicas switch to the durable views (no
+        event added: nothing else changes in the run). Called before any client runs."""
+        self.durable = {
+            x: _DurableStore(self.stores[x], x, self.monitor,
+                             random.Random(f"{self.seed}/sync/{x}").uniform(0, SYNC_INTERVAL))
+            for x in self.names
+        }
+        self.host_crashes = itertools.count()
+        for x, p in self.procs.items():
+            p.node.replica.store = cast("Store", self.durable[x])
+
+    def host_crash(self, x: str) -> int:
+        """The host under node ``x`` crashes: the process dies as on :meth:`crash`, and the
+        store loses every write since its last sync. The restarted node must not mint dots or
+        counter entries its lost self may have minted already (replica.py, "The actor": their
+        REQUIRES would claim writes it no longer holds), so it comes back under a fresh actor
+        -- the recovery a node that knows it stopped uncleanly makes -- drawn from the seed.
+        Returns how many store keys reverted."""
+        self.crash(x)
+        lost = self.durable[x].lose_unsynced()
+        kv = self.stores[x]
+        k = next(self.host_crashes)
+        actor = f"{x}@{random.Random(f'{self.seed}/{x}/host/{k}').getrandbits(32):08x}"
+        kv.put(ACTOR_KEY, actor.encode())
+        return lost
 
     def hints_pending(self) -> dict[str, dict[str, int]]:
         return {x: p.handoff.hints.owners() for x, p in sorted(self.procs.items()) if len(p.handoff.hints)}
@@ -596,6 +702,8 @@ class _SimNemesis:
             entry: dict[str, Any] = {"kind": f.kind, "node": f.node, "t0": round(net.now, 6)}
             if f.kind == "kill":
                 sim.crash(f.node)
+            elif f.kind == "crash":  # a host crash: the unsynced writes go too
+                entry["lost_keys"] = sim.host_crash(f.node)
             elif f.kind == "partition":
                 entry["shape"] = self._partition(f.node)
             elif f.kind == "loss":
@@ -619,18 +727,18 @@ class _SimNemesis:
 def _check(cfg: SimConfig) -> None:
     if cfg.bug is not None and cfg.bug not in BUGS:
         raise InvalidArgument(f"unknown bug {cfg.bug!r}: expected one of {', '.join(BUGS)}")
-    bad = [k for k in cfg.nemesis if k not in SIM_NEMESES]
+    bad = [k for k in cfg.nemesis if k not in (*SIM_NEMESES, *SIM_EXTRA)]
     if bad:
-        raise InvalidArgument(
-            f"the simulation has no nemesis {', '.join(bad)}: expected some of {', '.join(SIM_NEMESES)}"
-        )
+        raise InvalidArgument(f"the simulation has no nemesis {', '.join(bad)}: expected some of "
+                              f"{', '.join((*SIM_NEMESES, *SIM_EXTRA))}")
     if cfg.workload not in ("register", "counter"):
         raise InvalidArgument(f"the simulation runs --workload register or counter, not {cfg.workload!r}")
     if cfg.converge not in ("ae", "hints"):
         raise InvalidArgument(f"--converge is ae or hints, not {cfg.converge!r}")
-    if cfg.converge == "hints" and "kill" in cfg.nemesis:
-        raise InvalidArgument("--converge hints cannot run the kill nemesis: a coordinator killed "
-                              "mid-write leaves a copy that no hint covers (anti-entropy's job)")
+    crashing = [k for k in ("kill", "crash") if k in cfg.nemesis]
+    if cfg.converge == "hints" and crashing:
+        raise InvalidArgument(f"--converge hints cannot run the {' and '.join(crashing)} nemesis: a coordinator "
+                              "killed mid-write leaves a copy that no hint covers (anti-entropy's job)")
     if not cfg.ae_interval > 0:
         raise InvalidArgument(f"--ae-interval must be > 0, got {cfg.ae_interval}")
     if cfg.grace_s < 2 * cfg.ae_interval:  # the daemon's rule (daemon.check_options)
@@ -654,6 +762,8 @@ def run(cfg: SimConfig) -> SimResult:
         short = cfg.time < 3.0
         faults = schedule(cfg.seed, cfg.time, cfg.nemesis, sim.names, gap=(0.1, 0.5) if short else (0.2, 1.0),
                           length=(0.2, 0.8) if short else (0.3, 1.2), quiet_end=0.2 if short else 0.5)
+        if "crash" in cfg.nemesis:
+            sim.enable_host_crashes()
         nemesis = _SimNemesis(sim, faults, cfg.seed)
         clients = [_Client(sim, ops, ids, i, processes, cfg) for i in range(cfg.clients)]
 

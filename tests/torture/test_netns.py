@@ -5,6 +5,7 @@ them. Skipped, with the reason, where the namespace or nft cannot be had."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -108,3 +109,61 @@ def test_network_faults_are_refused_outside_a_namespace_with_the_reason() -> Non
         pytest.skip("running inside the harness' namespace already")
     with pytest.raises(InvalidArgument, match="nemesis partition: .*namespace"):
         LocalCluster(3, nemesis=["partition"])
+
+
+@pytest.mark.skipif(WHY is not None, reason=str(WHY))
+def test_delay_hold_reset_reach_real_daemons_and_a_delay_kill_run_keeps_every_promise(tmp_path: Path) -> None:
+    """The nat redirect puts proxy.py between real daemons: a W=3 put (every replica must
+    answer) gets slower by the delay of one node's links, stalls while that node is held, and
+    completes once released; then a short torture run under delay and kill passes every
+    checker and records the delay windows with their parameters."""
+    r = _in_netns(f"""
+        import json, threading, time
+        import shmkv
+        from shmkv.torture.local import DELAY_SECONDS, LocalCluster
+        from shmkv.torture.runner import RunConfig, run
+        c = LocalCluster(3, dir={str(tmp_path / "c")!r}, nemesis=["delay", "hold", "reset"])
+        c.start()
+        try:
+            cl = shmkv.connect([c.seeds[1]], n=3, w=3, r=1, timeout=5.0)
+            def put(v):
+                t = time.monotonic(); cl.put(b"k", v); return time.monotonic() - t
+            for i in range(3):
+                put(b"warm%d" % i)
+            base = min(put(b"b%d" % i) for i in range(3))
+            c.delay("n1")
+            slow = min(put(b"d%d" % i) for i in range(3))
+            c.heal_proxy("n1")
+            c.hold("n1")
+            threading.Timer(0.5, c.heal_proxy, args=("n1",)).start()
+            held = put(b"h")
+            c.reset("n1")
+            resets = c.proxy.stats["resets"]
+            c.heal_proxy("n1")
+            for _ in range(40):  # after the resets the peers reconnect (through the proxy)
+                try:
+                    after = put(b"r"); break
+                except shmkv.Error:
+                    time.sleep(0.25)
+            print(json.dumps({{"base": base, "slow": slow, "held": held, "resets": resets,
+                              "after": after, "accepted": c.proxy.stats["accepted"]}}))
+            cl.close()
+        finally:
+            c.stop()
+        c2 = LocalCluster(3, dir={str(tmp_path / "c2")!r}, nemesis=["delay", "kill"])
+        res = run(c2, RunConfig(time=6, seed=4, nemesis=["delay", "kill"], op_timeout=1.0, cluster="local"))
+        print(json.dumps({{"passed": res.passed, "faults": res.history.faults, "meta": res.history.meta,
+                          "accepted": c2.proxy.stats["accepted"], "text": res.text}}))
+    """, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    probe, torture = lines
+    assert probe["accepted"] > 0  # node-to-node connections went through the proxy
+    assert probe["slow"] >= 0.2 > probe["base"], probe  # 0.1 s each way on n1's links
+    assert probe["held"] >= 0.4, probe  # nothing reached n1 until the hold ended (0.5 s)
+    assert probe["resets"] >= 1, probe
+    assert torture["passed"], torture["text"]
+    delays = [f for f in torture["faults"] if f["kind"] == "delay"]
+    assert delays and {f["kind"] for f in torture["faults"]} == {"delay", "kill"}
+    assert all(f["delay_s"] == 0.1 and f["t1"] > f["t0"] for f in delays)
+    assert torture["accepted"] > 0 and torture["meta"]["proxy"]["accepted"] == torture["accepted"]

@@ -84,8 +84,8 @@ def test_unknown_or_unimplemented_nemesis_fails_before_the_run() -> None:
         run(InProcessCluster(3), RunConfig(time=1, nemesis=["partition"]))
     r = CliRunner().invoke(main, ["torture", "--nemesis", "skew", "--time", "1"])
     assert r.exit_code == 1 and "skew is not implemented by the inprocess cluster" in r.output
-    r = CliRunner().invoke(main, ["torture", "--nemesis", "delay", "--time", "1", "--cluster", "local"])
-    assert r.exit_code == 1 and "message delay needs netem" in r.output
+    r = CliRunner().invoke(main, ["torture", "--nemesis", "crash", "--time", "1", "--cluster", "local"])
+    assert r.exit_code == 1 and "nemesis crash: a host crash" in r.output and "--simulate" in r.output
 
 
 def test_check_of_a_broken_saved_history_exits_1(tmp_path: Path) -> None:
