@@ -57,7 +57,6 @@
 #define BULK_INNER 32u /* children per inner node of a rebuild */
 #define OPTIMISTIC_TRIES 32
 #define MIN_BATCH 16u /* pairs: the smallest retry of a disturbed scan batch */
-#define PREFETCH_AHEAD 12 /* entries: item cache misses in flight during a scan */
 
 static inline void relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -611,27 +610,25 @@ void shmkv_tree_rebuild_locked(store_t *st) {
 
 /* -- scans --------------------------------------------------------------------------- */
 
-typedef struct {
-    char *buf;
-    size_t used, cap;
-    uint32_t count;
-    int done; /* the walk reached the bound or the last key before `max` pairs */
-} outbuf_t;
-
-static int out_push(outbuf_t *o, const char *k, uint32_t kl, const char *v, uint32_t vl) {
+/* Appends one pair as [klen u32][vlen u32][key][value]. The buffer belongs to the caller (a
+ * scan iterator, ext/_core.pyx) and is reused batch after batch: it grows here and is never
+ * shrunk, so a long scan allocates once. No Python object is made here (no GC can run). */
+static inline int out_push(shmkv_scanbuf_t *o, const char *k, uint32_t kl, const char *v, uint32_t vl) {
     size_t need = 8 + (size_t)kl + vl;
     if (o->used + need > o->cap) {
-        size_t cap = o->cap ? o->cap : 4096;
+        size_t cap = o->cap ? o->cap : 16384;
         while (o->used + need > cap) cap *= 2;
         char *b = PyMem_RawRealloc(o->buf, cap);
         if (!b) return -1;
         o->buf = b;
         o->cap = cap;
     }
-    memcpy(o->buf + o->used, &kl, 4);
-    memcpy(o->buf + o->used + 4, &vl, 4);
-    memcpy(o->buf + o->used + 8, k, kl);
-    memcpy(o->buf + o->used + 8 + kl, v, vl);
+    char *p = o->buf + o->used;
+    o->last = o->used;
+    memcpy(p, &kl, 4);
+    memcpy(p + 4, &vl, 4);
+    memcpy(p + 8, k, kl);
+    memcpy(p + 8 + kl, v, vl);
     o->used += need;
     o->count++;
     return 0;
@@ -639,11 +636,39 @@ static int out_push(outbuf_t *o, const char *k, uint32_t kl, const char *v, uint
 
 static inline int node_ok(header_t *h, uint32_t i) { return i > 0 && i < h->nnodes; }
 
-/* One pass: copies up to `max` live pairs into `o`. Returns 1 when every read was plausible,
- * 0 when the tree was seen in change (retry), -1 out of memory. Without the tree lock the
- * result counts only if the version did not move meanwhile (the caller checks). */
+/* One pass: copies up to `max` live pairs (and about SHMKV_SCAN_BYTES at most) into `o`.
+ * Returns 1 when every read was plausible, 0 when the tree was seen in change (retry), -1
+ * out of memory. Without the tree lock the result counts only if the version did not move
+ * meanwhile (the caller checks).
+ *
+ * The index holds item offsets, so the items of a range are scattered over the slab pages:
+ * a cache (and TLB) miss each, which is where a scan's time goes. So the walk runs in two
+ * phases per chunk of entries: (A) collect the chunk's entries from the leaves (sequential
+ * 1 KiB nodes, the next one prefetched), then (B) copy the items, with the item SCAN_AHEAD2
+ * entries ahead asked for (its header line) and the one SCAN_AHEAD1 ahead, whose header has
+ * arrived by then, asked for whole (an item of a 16 B key and a 100 B value spans 3-4 lines):
+ * the misses overlap instead of queueing, and none is left to the copy. */
+#define SCAN_CHUNK 256u
+#define SCAN_AHEAD 16u
+typedef struct {
+    uint32_t off;
+    uint32_t klen;
+} scan_ent_t;
+
+/* Asks for the lines of the item at `off` whose key is `klen` bytes, guessing its value's
+ * length (`vguess`: the last item's; values of a range are often alike) -- the header is not
+ * read for it, so the whole item's misses start at once. */
+static inline void prefetch_item(store_t *st, uint32_t off, uint32_t klen, uint32_t vguess) {
+    uint64_t b = (uint64_t)off * SHMKV_UNIT;
+    uint64_t len = SHMKV_ITEM_HDR + (uint64_t)klen + vguess;
+    if (len > 1024) len = 1024; /* longer values: the copy streams them */
+    if (b < st->hdr->off_pages || b + len > st->hdr->total_size) return;
+    const char *p = st->base + b;
+    for (uintptr_t l = (uintptr_t)p & ~(uintptr_t)63u; l < (uintptr_t)p + len; l += 64) __builtin_prefetch((const char *)l);
+}
+
 static int range_once(store_t *st, const bkey_t *lo, int lo_incl, const bkey_t *hi, int hi_incl,
-                      int reverse, uint32_t max, uint64_t now, outbuf_t *o) {
+                      int reverse, uint32_t max, uint64_t now, shmkv_scanbuf_t *o) {
     header_t *h = st->hdr;
     int ok = 1, eq = 0;
     o->used = 0;
@@ -670,67 +695,91 @@ static int range_once(store_t *st, const bkey_t *lo, int lo_incl, const bkey_t *
     if (!ok) return 0;
     uint64_t hops = 0;
     uint32_t n = leaf->n;
-    while (o->count < max) {
-        if (pos >= (int64_t)n || pos < 0) {
-            cur = pos < 0 ? leaf->prev : leaf->next;
-            if (!cur) break;
-            if (!node_ok(h, cur) || ++hops > h->nnodes) return 0;
-            leaf = NODE(st, cur);
-            n = leaf->n;
-            if (!leaf->leaf || n > BT_LEAF_CAP) return 0;
-            pos = pos < 0 ? (int64_t)n - 1 : 0;
-            continue;
-        }
-        bt_entry_t e = leaf->u.e[pos];
-        /* the items are scattered over the slab pages (the index holds offsets): start the
-         * cache misses of the next ones now, so they overlap instead of queueing */
-        int64_t ahead = pos + (reverse ? -PREFETCH_AHEAD : PREFETCH_AHEAD);
-        if (ahead >= 0 && ahead < (int64_t)n) {
-            uint64_t pb = (uint64_t)leaf->u.e[ahead].off * SHMKV_UNIT;
-            if (pb >= h->off_pages && pb + 128 <= h->total_size) {
-                __builtin_prefetch(st->base + pb);
-                __builtin_prefetch(st->base + pb + 64);
-            }
-        } else if (ahead == (int64_t)n || ahead == -1) { /* the next leaf, and its first items */
-            uint32_t nx = reverse ? leaf->prev : leaf->next;
-            if (node_ok(h, nx)) prefetch_node(NODE(st, nx));
-        }
-        pos += reverse ? -1 : 1;
-        if (!reverse && hi) {
-            int c = cmp_entry(st, hi, &e, &ok);
-            if (c < 0 || (c == 0 && !hi_incl)) break;
-        } else if (reverse && lo) {
-            int c = cmp_entry(st, lo, &e, &ok);
-            if (c > 0 || (c == 0 && !lo_incl)) break;
-        }
-        if (!ok) return 0;
-        uint64_t byte = (uint64_t)e.off * SHMKV_UNIT;
-        if (byte < h->off_pages || byte + SHMKV_ITEM_HDR > h->total_size) return 0;
-        item_t *it = shmkv_item(st, e.off);
-        uint32_t kl = it->klen, vl = it->vlen;
-        uint64_t exp = it->expire_ms;
-        if (kl != e.klen || vl > h->max_item || byte + SHMKV_ITEM_HDR + kl + vl > h->total_size ||
-            __atomic_load_n(&it->state, __ATOMIC_ACQUIRE) != IT_LINKED)
-            return 0;
-        if (exp && exp <= now) continue; /* expired: a miss, removed by the next get or eviction */
-        if (out_push(o, ITEM_KEY(it), kl, ITEM_KEY(it) + kl, vl) < 0) return -1;
+    const bkey_t *bound = reverse ? lo : hi;
+    int bound_incl = reverse ? lo_incl : hi_incl, step = reverse ? -1 : 1, walked = 0;
+    uint32_t vguess = 64; /* until the first item tells */
+    scan_ent_t ents[SCAN_CHUNK];
+    {
+        uint32_t nx = reverse ? leaf->prev : leaf->next;
+        if (node_ok(h, nx)) prefetch_node(NODE(st, nx));
     }
-    if (o->count >= max) o->done = 0; /* (even if the next key would have been past the bound) */
-    return ok;
+    while (!walked) {
+        /* (A) the next entries, up to what the batch still wants */
+        uint32_t want = max - o->count, m = 0;
+        if (want > SCAN_CHUNK) want = SCAN_CHUNK;
+        while (m < want) {
+            if (pos >= (int64_t)n || pos < 0) {
+                cur = pos < 0 ? leaf->prev : leaf->next;
+                if (!cur) {
+                    walked = 1;
+                    break;
+                }
+                if (!node_ok(h, cur) || ++hops > h->nnodes) return 0;
+                leaf = NODE(st, cur);
+                n = leaf->n;
+                if (!leaf->leaf || n > BT_LEAF_CAP) return 0;
+                pos = pos < 0 ? (int64_t)n - 1 : 0;
+                uint32_t nx = reverse ? leaf->prev : leaf->next; /* one leaf ahead */
+                if (node_ok(h, nx)) prefetch_node(NODE(st, nx));
+                continue;
+            }
+            bt_entry_t *e = &leaf->u.e[pos];
+            pos += step;
+            if (bound) {
+                int c = cmp_entry(st, bound, e, &ok);
+                if (!ok) return 0;
+                if (reverse ? (c > 0 || (c == 0 && !bound_incl)) : (c < 0 || (c == 0 && !bound_incl))) {
+                    walked = 1;
+                    break;
+                }
+            }
+            ents[m].off = e->off;
+            ents[m].klen = e->klen;
+            if (m < SCAN_AHEAD) prefetch_item(st, e->off, e->klen, vguess);
+            m++;
+        }
+        /* (B) the items, their misses in flight ahead of the copy */
+        for (uint32_t i = 0; i < m; i++) {
+            if (i + SCAN_AHEAD < m) prefetch_item(st, ents[i + SCAN_AHEAD].off, ents[i + SCAN_AHEAD].klen, vguess);
+            uint64_t byte = (uint64_t)ents[i].off * SHMKV_UNIT;
+            if (byte < h->off_pages || byte + SHMKV_ITEM_HDR > h->total_size) return 0;
+            item_t *it = shmkv_item(st, ents[i].off);
+            uint32_t kl = it->klen, vl = it->vlen;
+            uint64_t exp = it->expire_ms;
+            if (kl != ents[i].klen || vl > h->max_item || byte + SHMKV_ITEM_HDR + kl + vl > h->total_size ||
+                __atomic_load_n(&it->state, __ATOMIC_ACQUIRE) != IT_LINKED)
+                return 0;
+            vguess = vl;
+            if (exp && exp <= now) continue; /* expired: a miss, removed by the next get or eviction */
+            if (out_push(o, ITEM_KEY(it), kl, ITEM_KEY(it) + kl, vl) < 0) return -1;
+            if (o->used >= SHMKV_SCAN_BYTES && (i + 1 < m || !walked)) {
+                o->done = 0; /* the byte budget: more may follow */
+                return 1;
+            }
+        }
+        if (o->count >= max) {
+            /* more may follow (even if the next key would be past the bound: the next batch
+             * finds that out), unless the walk already met the end */
+            o->done = walked;
+            return 1;
+        }
+    }
+    return 1;
 }
 
-PyObject *shmkv_tree_range(store_t *st, const char *lo, size_t lolen, int lo_incl,
-                           const char *hi, size_t hilen, int hi_incl, int reverse, uint32_t max,
-                           int *done) {
+int shmkv_tree_fill(store_t *st, const char *lo, size_t lolen, int lo_incl, const char *hi, size_t hilen,
+                    int hi_incl, int reverse, uint32_t max, shmkv_scanbuf_t *o) {
     header_t *h = st->hdr;
     bkey_t klo, khi;
     if (lo) klo = mkkey(lo, lolen);
     if (hi) khi = mkkey(hi, hilen);
     const bkey_t *plo = lo ? &klo : NULL, *phi = hi ? &khi : NULL;
-    outbuf_t o = {0};
     uint64_t now = shmkv_now_ms();
     int got = 0, rc = 0;
-    if (max == 0) return PyList_New(0);
+    o->used = 0;
+    o->count = 0;
+    o->done = 1;
+    if (max == 0) return 0;
     /* A batch that a writer disturbed is retried smaller (down to MIN_BATCH): the copy then
      * fits between two writes, so a write-heavy store still serves scans without the lock;
      * the caller resumes after the last key, whatever the batch size was. */
@@ -742,8 +791,8 @@ PyObject *shmkv_tree_range(store_t *st, const char *lo, size_t lolen, int lo_inc
             else sched_yield();
             continue;
         }
-        rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, &o);
-        if (rc < 0) break;
+        rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, o);
+        if (rc < 0) return SHMKV_ENOMEM;
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
         got = rc == 1 && __atomic_load_n(&h->tree_version, __ATOMIC_RELAXED) == v1;
         if (!got) {
@@ -751,49 +800,20 @@ PyObject *shmkv_tree_range(store_t *st, const char *lo, size_t lolen, int lo_inc
             if (max > MIN_BATCH) max = max / 2 > MIN_BATCH ? max / 2 : MIN_BATCH;
         }
     }
-    if (!got && rc >= 0) { /* a writer storm or a rebuild: one batch under the lock */
+    if (!got) { /* a writer storm or a rebuild: one batch under the lock */
         STAT(st, ST_SCAN_LOCKED);
-        if (shmkv_tree_lock(st) < 0) {
-            PyMem_RawFree(o.buf);
-            return PyErr_Format(PyExc_OSError, "tree lock failed: %s", strerror(st->last_errno));
-        }
-        rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, &o);
+        if (shmkv_tree_lock(st) < 0) return SHMKV_ELOCK;
+        rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, o);
         if (rc == 0) { /* under the lock: a broken tree, rebuilt from the chains */
             shmkv_tree_rebuild_locked(st);
             STAT(st, ST_REPAIRS);
-            rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, &o);
+            rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, o);
         }
         shmkv_tree_unlock(st);
-        got = rc == 1;
+        if (rc < 0) return SHMKV_ENOMEM;
+        if (rc == 0) return SHMKV_ECORRUPT;
     }
-    if (rc < 0) {
-        PyMem_RawFree(o.buf);
-        return PyErr_NoMemory();
-    }
-    if (!got) {
-        PyMem_RawFree(o.buf);
-        PyErr_SetString(PyExc_RuntimeError, "the ordered index could not be rebuilt from the hash chains");
-        return NULL;
-    }
-    *done = o.done;
-    /* Python objects only now: building them may run the GC (see shmkv_scan_stripe). */
-    PyObject *list = PyList_New(o.count);
-    size_t pos = 0;
-    for (uint32_t i = 0; list && i < o.count; i++) {
-        uint32_t kl, vl;
-        memcpy(&kl, o.buf + pos, 4);
-        memcpy(&vl, o.buf + pos + 4, 4);
-        PyObject *k = PyBytes_FromStringAndSize(o.buf + pos + 8, kl);
-        PyObject *v = k ? PyBytes_FromStringAndSize(o.buf + pos + 8 + kl, vl) : NULL;
-        PyObject *t = v ? PyTuple_Pack(2, k, v) : NULL;
-        Py_XDECREF(k);
-        Py_XDECREF(v);
-        if (!t) Py_CLEAR(list);
-        else PyList_SET_ITEM(list, i, t);
-        pos += 8 + (size_t)kl + vl;
-    }
-    PyMem_RawFree(o.buf);
-    return list;
+    return 0;
 }
 
 /* -- verify -------------------------------------------------------------------------- */

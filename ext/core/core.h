@@ -31,6 +31,8 @@ enum {
     SHMKV_EPYTHON = -9, /* a Python exception is set */
     SHMKV_EBUSY = -10,  /* internal (eviction): every candidate was busy; never leaves C */
     SHMKV_EIDXFULL = -11, /* engine "btree": the node region is full (a new key; btree.c) */
+    SHMKV_ENOMEM = -12,   /* engine "btree": a scan buffer could not grow */
+    SHMKV_ECORRUPT = -13, /* engine "btree": the index could not be rebuilt from the chains */
 };
 
 /* One process's view of an attached segment. Not shared: lives in process memory. */
@@ -158,12 +160,23 @@ void shmkv_tree_delete_locked(store_t *st, const char *k, size_t klen, uint32_t 
 void shmkv_tree_rebuild_locked(store_t *st);
 void shmkv_tree_invalidate(store_t *st); /* takes the tree lock and rebuilds (after a chain cut) */
 int shmkv_tree_init(char *base, header_t *h); /* at creation */
-/* Up to `max` live (key, value) pairs in key order (reverse: descending) with lo <(=) key <(=)
- * hi (NULL: unbounded); a new list (maybe shorter than `max` though more keys follow: *done
- * says whether the range is exhausted), NULL with an exception set. */
-PyObject *shmkv_tree_range(store_t *st, const char *lo, size_t lolen, int lo_incl,
-                           const char *hi, size_t hilen, int hi_incl, int reverse, uint32_t max,
-                           int *done);
+/* A scan's private copy of one batch: `count` pairs, each [klen u32][vlen u32][key][value],
+ * in `used` bytes of `buf` (PyMem_Raw; the owner frees it), the last one at byte `last`.
+ * `done`: the range is exhausted. */
+typedef struct {
+    char *buf;
+    size_t used, cap, last;
+    uint32_t count;
+    int done;
+} shmkv_scanbuf_t;
+/* a batch stops once it holds this many bytes (big values: memory stays bounded) */
+#define SHMKV_SCAN_BYTES (256u * 1024u)
+/* Copies up to `max` live (key, value) pairs in key order (reverse: descending) with lo <(=)
+ * key <(=) hi (NULL: unbounded) into `o` (maybe fewer though more keys follow: o->done says
+ * whether the range is exhausted), read without a lock (btree.c). 0, SHMKV_ENOMEM,
+ * SHMKV_ELOCK (errno in st->last_errno) or SHMKV_ECORRUPT. Makes no Python object. */
+int shmkv_tree_fill(store_t *st, const char *lo, size_t lolen, int lo_incl, const char *hi, size_t hilen,
+                    int hi_incl, int reverse, uint32_t max, shmkv_scanbuf_t *o);
 int shmkv_tree_verify(store_t *st, PyObject *problems);
 static inline int shmkv_is_btree(store_t *st) { return st->hdr->engine == ENGINE_BTREE; }
 
