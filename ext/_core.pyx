@@ -354,9 +354,11 @@ cdef class Core:
                 "for eviction is busy, or the store is too small for this item size)")
         if rc == SHMKV_EIDXFULL:
             raise _errors.StoreFull(
-                f"store {self.name!r}: the btree engine's ordered index is full ({self.st.hdr.nnodes - 1} "
-                "nodes, a fifth of the segment, reserved at creation): a new key needs room "
-                "there; delete keys or create a larger store (README \"Engines\")")
+                f"store {self.name!r}: the btree engine's node region is full ({self.st.hdr.nnodes - 1} "
+                f"nodes reserved at creation + {self.st.hdr.tree_pages} slab pages taken since) and "
+                "no slab page could be turned into nodes (none unassigned, and the emptiest page "
+                "of the coldest class had a busy item): a new key needs a node; retry, delete "
+                "keys or create a larger store (README \"Engines\")")
         if rc == SHMKV_ENOTNUM or rc == SHMKV_EOVERFLOW:
             return _counter_error(rc)
         if rc == SHMKV_EPYTHON:
@@ -913,8 +915,11 @@ cdef class Core:
             out["btree"] = {
                 # scan batches that saw a writer and retried / that were read under the lock
                 "scan_retries": retries, "scan_locked": locked,
-                "keys": h.tree_keys, "height": h.tree_height, "nodes": h.nnodes - 1,
-                "nodes_free": h.tree_nfree, "node_bytes": 1024, "rebuilds": h.tree_rebuilds,
+                "keys": h.tree_keys, "height": h.tree_height,
+                # the region's nodes + those of slab pages turned into nodes (node_pages)
+                "nodes": h.nnodes - 1 + h.tree_pages * (h.page_size // 1024),
+                "node_pages": h.tree_pages, "nodes_free": h.tree_nfree, "node_bytes": 1024,
+                "rebuilds": h.tree_rebuilds,
             }
         out.update({
             "items": shmkv_count(&self.st),

@@ -226,18 +226,51 @@ def test_eviction_removes_keys_from_the_index(name):
         assert kv.verify() == []
 
 
-def test_a_full_index_refuses_new_keys_but_not_overwrites_or_deletes(name):
+def test_a_full_node_region_takes_slab_pages_instead_of_refusing_puts(name):
+    # 1 MiB, 64 KiB pages: the node region (63 nodes) holds ~1,500 keys; 100,000 small keys
+    # need many times that. Nodes come from unassigned pages first, then from pages emptied
+    # by eviction (a full store evicts, as for items): no put is refused.
     with shmkv.attach(name, size="1MiB", engine="btree", max_item="64KiB") as kv:
-        with pytest.raises(shmkv.StoreFull, match="ordered index is full"):
-            for i in range(100_000):
-                kv[b"f%06d" % i] = b""
-        n = kv.stats()["btree"]["keys"]
-        assert n == len(kv) > 1000
-        kv[b"f%06d" % 0] = b"overwritten"  # no new node needed
-        assert kv[b"f000000"] == b"overwritten"
-        del kv[b"f000001"]
-        assert len(list(kv.scan())) == n - 1
+        region = kv.stats()["btree"]["nodes"]
+        for i in range(100_000):
+            kv[b"f%06d" % i] = b""
+        bt = kv.stats()["btree"]
+        assert bt["node_pages"] >= 2 and bt["nodes"] == region + bt["node_pages"] * 64
+        assert kv.stats()["evictions"] > 0
+        present = [b"f%06d" % i for i in range(100_000) if kv.get(b"f%06d" % i) is not None]
+        assert len(present) > 5 * region
+        assert keys_of(kv.scan()) == present == keys_of(kv.scan(reverse=True))[::-1]
+        assert bt["keys"] == len(kv) == len(present)
+        kv[present[0]] = b"overwritten"  # another class: it may take (evict) a page too
+        del kv[present[1]]
+        assert kv.first() == (present[0], b"overwritten")
+        assert keys_of(kv.scan()) == [k for k in present if k != present[1] and kv.get(k) is not None]
         assert kv.verify() == []
+
+
+def _grow_and_die(name):
+    kv = shmkv.attach(name)
+    kv._set_crash_point("BTREE_GROW")
+    for i in range(100_000):
+        kv[b"g%06d" % i] = b"v"
+    os._exit(3)  # never grew
+
+
+@pytest.mark.multiprocess
+def test_killed_while_turning_a_page_into_nodes(name):
+    kv = shmkv.attach(name, size="2MiB", engine="btree", max_item="64KiB")
+    p = CTX.Process(target=_grow_and_die, args=(name,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    present = [b"g%06d" % i for i in range(100_000) if kv.get(b"g%06d" % i) is not None]
+    assert keys_of(kv.scan()) == present  # the next locker rebuilt: the page's nodes listed
+    assert kv.verify() == []
+    for i in range(len(present), len(present) + 5000):  # and the index keeps growing
+        kv[b"g%06d" % i] = b"v"
+    assert kv.stats()["btree"]["node_pages"] >= 2 and kv.verify() == []
+    assert keys_of(kv.scan()) == [b"g%06d" % i for i in range(100_000) if kv.get(b"g%06d" % i) is not None]
+    kv.close()
 
 
 def test_with_a_path_scans_merge_memory_and_disk(name, tmp_path):
@@ -391,4 +424,4 @@ def test_killed_inside_a_tree_change_leaves_a_tree_equal_to_the_acknowledged_wri
 def test_crash_points_of_the_tree_are_named(bt):
     from shmkv._ext import _core
 
-    assert {"BTREE_SPLIT", "BTREE_MERGE", "BTREE_ROOT_GROW"} <= set(_core.CRASH_POINTS)
+    assert {"BTREE_SPLIT", "BTREE_MERGE", "BTREE_ROOT_GROW", "BTREE_GROW"} <= set(_core.CRASH_POINTS)

@@ -71,6 +71,31 @@ static inline bt_node_t *node_at(char *base, header_t *h, uint32_t i) {
 }
 #define NODE(st, i) node_at((st)->base, (st)->hdr, (i))
 
+/* Node indexes: the region's (1 .. nnodes-1) and those of slab pages turned into nodes
+ * (shmkv_tree_grow): node i is at off_nodes + i KiB wherever it lies, so a page's nodes have
+ * indexes like the region's. node_limit bounds every index a reader follows (a torn read
+ * stays inside the segment); node_real says whether one is a node at all (verify). */
+static inline uint32_t node_limit(header_t *h) { return (uint32_t)((h->total_size - h->off_nodes) / BT_NODE_SIZE); }
+static inline uint32_t nodes_per_page(header_t *h) { return (uint32_t)(h->page_size / BT_NODE_SIZE); }
+static inline uint64_t nodes_total(header_t *h) { /* usable ones (node 0 is none) */
+    return (uint64_t)h->nnodes - 1 + (uint64_t)h->tree_pages * nodes_per_page(h);
+}
+static inline uint32_t page_first_node(header_t *h, uint32_t p) {
+    return (uint32_t)((h->off_pages + (uint64_t)p * h->page_size - h->off_nodes) / BT_NODE_SIZE);
+}
+static inline int can_grow(header_t *h) { /* segments of layout 5 always can */
+    return (h->off_pages - h->off_nodes) % BT_NODE_SIZE == 0 && h->page_size % BT_NODE_SIZE == 0;
+}
+static int node_real(store_t *st, uint32_t i) {
+    header_t *h = st->hdr;
+    if (i == 0) return 0;
+    if (i < h->nnodes) return 1;
+    uint64_t byte = h->off_nodes + (uint64_t)i * BT_NODE_SIZE;
+    if (byte < h->off_pages || byte + BT_NODE_SIZE > h->total_size) return 0;
+    uint64_t p = (byte - h->off_pages) / h->page_size;
+    return p < h->npages && st->pagemeta[p].cls == SHMKV_PAGE_NODES;
+}
+
 /* Key bytes [from, from + 8) as a big-endian integer, zero padded: integer order = byte order. */
 static inline uint64_t key_pfx(const char *k, size_t n, size_t from) {
     uint64_t p = 0;
@@ -203,16 +228,27 @@ static void node_free(store_t *st, uint32_t i) {
     h->tree_nfree++;
 }
 
-/* Every node free; no root. */
+static inline void push_free(char *base, header_t *h, uint32_t i) {
+    bt_node_t *nd = node_at(base, h, i);
+    memset(nd, 0, sizeof *nd);
+    nd->next = h->tree_free;
+    h->tree_free = i;
+    h->tree_nfree++;
+}
+
+/* Every node free (the region's and every node page's); no root. Under the tree lock the set
+ * of node pages is fixed: a page becomes nodes under page + tree lock, and never goes back. */
 static void reset_nodes(char *base, header_t *h) {
+    pagemeta_t *pm = (pagemeta_t *)(base + h->off_pagemeta);
     h->tree_free = 0;
-    for (uint32_t i = h->nnodes; i-- > 1;) {
-        bt_node_t *nd = node_at(base, h, i);
-        memset(nd, 0, sizeof *nd);
-        nd->next = h->tree_free;
-        h->tree_free = i;
+    h->tree_nfree = 0;
+    h->tree_pages = 0;
+    for (uint32_t p = h->npages; p-- > 0;) {
+        if (pm[p].cls != SHMKV_PAGE_NODES) continue;
+        h->tree_pages++;
+        for (uint32_t j = nodes_per_page(h); j-- > 0;) push_free(base, h, page_first_node(h, p) + j);
     }
-    h->tree_nfree = h->nnodes ? h->nnodes - 1 : 0;
+    for (uint32_t i = h->nnodes; i-- > 1;) push_free(base, h, i);
     h->tree_root = 0;
     h->tree_height = 0;
     h->tree_keys = 0;
@@ -246,8 +282,33 @@ int shmkv_tree_lock(store_t *st) {
 
 void shmkv_tree_unlock(store_t *st) { shmkv_unlock(&st->hdr->tree_lock.m); }
 
+/* Room for the splits of one insert (height + 1 nodes), plus an eighth of the nodes in use:
+ * a rebuild packs BULK_LEAF of BT_LEAF_CAP entries per leaf, so it needs up to ~1/8 more
+ * nodes than a tree of full leaves, and must never run out (it cannot take a page). */
 int shmkv_tree_room_locked(store_t *st) {
-    return st->hdr->tree_height < BT_MAX_HEIGHT && st->hdr->tree_nfree >= st->hdr->tree_height + 1u;
+    header_t *h = st->hdr;
+    uint64_t used = nodes_total(h) - h->tree_nfree;
+    return h->tree_height < BT_MAX_HEIGHT && h->tree_nfree >= h->tree_height + 1u + used / 8;
+}
+
+int shmkv_tree_grow(store_t *st, uint32_t held_stripe, uint32_t mine) {
+    header_t *h = st->hdr;
+    if (!can_grow(h)) return -1;
+    int p = shmkv_page_for_nodes(st, held_stripe, mine); /* page lock held from here */
+    if (p < 0) return -1;
+    if (shmkv_tree_lock(st) < 0) {
+        shmkv_unlock(&h->page_lock.m); /* MOVING and zeroed: page repair returns it to the pool */
+        return -1;
+    }
+    /* page -> tree (the lock order): a crash from here leaves the tree lock owner-dead, and
+     * its next locker's rebuild lists every node page's nodes, this one's included */
+    st->pagemeta[p].cls = SHMKV_PAGE_NODES;
+    h->tree_pages++;
+    CRASH_POINT(st, CP_BTREE_GROW);
+    for (uint32_t j = nodes_per_page(h); j-- > 0;) push_free(st->base, h, page_first_node(h, (uint32_t)p) + j);
+    shmkv_tree_unlock(st);
+    shmkv_unlock(&h->page_lock.m);
+    return 0;
 }
 
 void shmkv_tree_invalidate(store_t *st) {
@@ -634,7 +695,7 @@ static inline int out_push(shmkv_scanbuf_t *o, const char *k, uint32_t kl, const
     return 0;
 }
 
-static inline int node_ok(header_t *h, uint32_t i) { return i > 0 && i < h->nnodes; }
+static inline int node_ok(header_t *h, uint32_t i) { return i > 0 && i < node_limit(h); }
 
 /* One pass: copies up to `max` live pairs (and about SHMKV_SCAN_BYTES at most) into `o`.
  * Returns 1 when every read was plausible, 0 when the tree was seen in change (retry), -1
@@ -714,7 +775,7 @@ static int range_once(store_t *st, const bkey_t *lo, int lo_incl, const bkey_t *
                     walked = 1;
                     break;
                 }
-                if (!node_ok(h, cur) || ++hops > h->nnodes) return 0;
+                if (!node_ok(h, cur) || ++hops > node_limit(h)) return 0;
                 leaf = NODE(st, cur);
                 n = leaf->n;
                 if (!leaf->leaf || n > BT_LEAF_CAP) return 0;
@@ -829,7 +890,7 @@ static void report(PyObject *problems, const char *msg) {
 /* Checks the subtree at `ni` (depth d); sets *mn to its smallest entry. 0 when sound. */
 static int check_node(store_t *st, uint32_t ni, uint32_t d, bt_entry_t *mn, uint64_t *nodes) {
     header_t *h = st->hdr;
-    if (!node_ok(h, ni) || ++*nodes > h->nnodes) return -1;
+    if (!node_real(st, ni) || ++*nodes > nodes_total(h)) return -1;
     bt_node_t *nd = NODE(st, ni);
     int is_leaf = d + 1 == h->tree_height;
     if (nd->leaf != is_leaf) return -1;
@@ -875,11 +936,23 @@ static int check_tree_locked(store_t *st, char *msg, size_t msglen) {
         snprintf(msg, msglen, "btree: a node is malformed (depth, count or separator)");
         return -1;
     }
+    uint32_t pages = 0;
+    for (uint32_t p = 0; p < h->npages; p++) pages += st->pagemeta[p].cls == SHMKV_PAGE_NODES;
+    if (pages != h->tree_pages) {
+        snprintf(msg, msglen, "btree: %u node pages, counted %u", pages, h->tree_pages);
+        return -1;
+    }
     uint64_t nfree = 0;
-    for (uint32_t i = h->tree_free; i && nfree <= h->nnodes; i = NODE(st, i)->next) nfree++;
-    if (nfree != h->tree_nfree || nodes + nfree != (uint64_t)h->nnodes - 1) {
-        snprintf(msg, msglen, "btree: %llu nodes in the tree + %llu free != %u", (unsigned long long)nodes,
-                 (unsigned long long)nfree, h->nnodes - 1);
+    for (uint32_t i = h->tree_free; i && nfree <= nodes_total(h); i = NODE(st, i)->next) {
+        if (!node_real(st, i)) {
+            snprintf(msg, msglen, "btree: the free list names no node (%u)", i);
+            return -1;
+        }
+        nfree++;
+    }
+    if (nfree != h->tree_nfree || nodes + nfree != nodes_total(h)) {
+        snprintf(msg, msglen, "btree: %llu nodes in the tree + %llu free != %llu", (unsigned long long)nodes,
+                 (unsigned long long)nfree, (unsigned long long)nodes_total(h));
         return -1;
     }
     /* the leaf chain, left to right: sorted, each entry a chained item */
@@ -889,7 +962,7 @@ static int check_tree_locked(store_t *st, char *msg, size_t msglen) {
     bt_entry_t last = {0};
     for (uint64_t hops = 0; x; x = NODE(st, x)->next) {
         bt_node_t *L = NODE(st, x);
-        if (++hops > nodes || L->prev != prev || !L->leaf) {
+        if (++hops > nodes || !node_real(st, x) || L->prev != prev || !L->leaf) {
             snprintf(msg, msglen, "btree: the leaf chain is broken");
             return -1;
         }

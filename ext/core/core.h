@@ -160,6 +160,11 @@ void shmkv_tree_delete_locked(store_t *st, const char *k, size_t klen, uint32_t 
 void shmkv_tree_rebuild_locked(store_t *st);
 void shmkv_tree_invalidate(store_t *st); /* takes the tree lock and rebuilds (after a chain cut) */
 int shmkv_tree_init(char *base, header_t *h); /* at creation */
+/* REQUIRES: no lock but `held_stripe`. More nodes for the index: a slab page (an unassigned
+ * one, else one emptied by evicting its items, never the page of `mine`: the caller's chunk
+ * IN FLIGHT) becomes nodes. 0, or -1 when none can be had. */
+int shmkv_tree_grow(store_t *st, uint32_t held_stripe, uint32_t mine);
+int shmkv_page_for_nodes(store_t *st, uint32_t held_stripe, uint32_t mine); /* slab.c, for the above */
 /* A scan's private copy of one batch: `count` pairs, each [klen u32][vlen u32][key][value],
  * in `used` bytes of `buf` (PyMem_Raw; the owner frees it), the last one at byte `last`.
  * `done`: the range is exhausted. */
@@ -234,7 +239,8 @@ static inline int shmkv_chunk_class(store_t *st, uint32_t off) {
     X(VERIFY_PAGE_LOCK, 11)  /* verify.c: the page lock and nothing else */                \
     X(BTREE_SPLIT,      12)  /* btree.c: stripe + tree; new right node filled, not linked */    \
     X(BTREE_MERGE,      13)  /* btree.c: stripe + tree; right node copied into left, not cut */ \
-    X(BTREE_ROOT_GROW,  14)  /* btree.c: stripe + tree; new root built, root not switched */
+    X(BTREE_ROOT_GROW,  14)  /* btree.c: stripe + tree; new root built, root not switched */ \
+    X(BTREE_GROW,       15)  /* btree.c: stripe + page + tree; a page marked NODES, not listed */
 
 enum {
 #define SHMKV_CP_ENUM(name, n) CP_##name = n,

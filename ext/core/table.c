@@ -232,7 +232,18 @@ static int put_locked(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls
      * before anything is published */
     int bt = 0;
     if (shmkv_is_btree(st)) {
-        if ((rc = shmkv_tree_lock(st)) < 0 || (!old && !shmkv_tree_room_locked(st))) {
+        /* Out of nodes for a new key: a slab page becomes nodes (taken with the tree lock
+         * released: page -> tree is the order). Its evictions may change this chain (the
+         * stripe is ours, so they unlink without waiting): look the key up again. */
+        rc = shmkv_tree_lock(st);
+        for (int grow = 0; rc == 0 && !old && !shmkv_tree_room_locked(st) && grow < 4; grow++) {
+            shmkv_tree_unlock(st);
+            int got = shmkv_tree_grow(st, s, x);
+            old = find_locked(st, b, k, klen, h32, &link);
+            rc = shmkv_tree_lock(st);
+            if (got < 0) break;
+        }
+        if (rc < 0 || (!old && !shmkv_tree_room_locked(st))) {
             if (rc == 0) shmkv_tree_unlock(st);
             if (shmkv_class_lock(st, (uint32_t)cls) == 0) {
                 if (it->state == IT_INFLIGHT && it->owner == st->slot + 1) shmkv_free_locked(st, (uint32_t)cls, x);

@@ -97,6 +97,7 @@ cdef extern from "core/core.h":
         uint32_t tree_nfree
         uint64_t tree_keys
         uint64_t tree_rebuilds
+        uint32_t tree_pages
 
     ctypedef struct store_t:
         char *base
