@@ -1016,6 +1016,7 @@ cdef class _TreeScan:
     cdef int64_t limit       # pairs still allowed; -1: no limit
     cdef uint32_t batch      # pairs to ask for next
     cdef bint finished       # no batch follows
+    cdef bint filling        # a refill is under way (a lock wait inside releases the GIL)
 
     def __iter__(self):
         return self
@@ -1036,8 +1037,10 @@ cdef class _TreeScan:
         cdef const char *l = NULL
         cdef const char *h = NULL
         cdef Py_ssize_t ln = 0, hn = 0
-        cdef uint32_t n, kl, asked
+        cdef uint32_t n, kl
         cdef int rc
+        if self.filling:  # as a generator says "already executing"
+            raise _errors.Error("a scan iterator was advanced from two threads at once")
         if self.finished:
             self._release()
             return False
@@ -1063,13 +1066,17 @@ cdef class _TreeScan:
         if self.limit >= 0 and self.limit < n:
             n = <uint32_t>self.limit
         core._busy += 1
+        self.filling = True
         rc = shmkv_tree_fill(&core.st, l, ln, self.lo_incl, h, hn, self.hi_incl, self.reverse, n, &self.buf)
+        self.filling = False
         core._busy -= 1
+        if rc != 0:  # a part batch is dropped: a retry resumes after the last key returned
+            self.buf.count = 0
         if rc == SHMKV_ENOMEM:
             raise MemoryError("scan buffer")
         if rc == SHMKV_ELOCK:
             raise OSError(core.st.last_errno, f"store {core.name!r}: the tree lock failed")
-        if rc == SHMKV_ECORRUPT:  # unreachable with the region sized at creation (btree.c)
+        if rc == SHMKV_ECORRUPT:  # unreachable: the rebuild keeps a reserve of nodes (btree.c)
             raise _errors.Corruption(
                 f"store {core.name!r}: the ordered index could not be rebuilt from the hash chains")
         self.pos = 0

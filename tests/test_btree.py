@@ -153,6 +153,47 @@ def test_batches_resume_after_the_last_key(bt):
     assert next(it) == (b"k00000", b"v")  # lazy: nothing else read yet
 
 
+def test_big_values_are_read_in_batches_under_a_byte_budget(name):
+    # 300 values of 20 KB: ~6 MB, far over one batch's 256 KiB (the batch stops early and the
+    # next resumes after its last key), in both directions and with a limit across batches
+    with shmkv.attach(name, size="32MiB", engine="btree", max_item="64KiB") as kv:
+        want = [(b"b%04d" % i, bytes([i % 251]) * 20_000) for i in range(300)]
+        kv.put_many(want)
+        assert list(kv.scan()) == want
+        assert list(kv.scan(reverse=True)) == want[::-1]
+        assert list(kv.scan(b"b0010", limit=250)) == want[10:260]
+
+
+def test_expired_runs_are_skipped_across_batches(bt):
+    for i in range(3000):
+        bt.put(b"x%05d" % i, b"v", ttl=0.001 if 100 <= i < 2900 else None)
+    time.sleep(0.01)
+    live = [b"x%05d" % i for i in range(3000) if not 100 <= i < 2900]
+    assert keys_of(bt.scan()) == live
+    assert keys_of(bt.scan(b"x00050", limit=60)) == live[50:110]
+    assert bt.ceiling(b"x00100") == (b"x02900", b"v") and bt.floor(b"x02899") == (b"x00099", b"v")
+
+
+def test_scans_interleave_and_a_closed_store_stops_them(name):
+    kv = shmkv.attach(name, size="16MiB", engine="btree")
+    for i in range(3000):
+        kv[b"k%05d" % i] = b"%d" % i
+    a, b = kv.scan(), kv.scan(reverse=True)  # two at once: each has its own batch buffer
+    got_a, got_b = [], []
+    for _ in range(2500):
+        got_a.append(next(a)[0])
+        got_b.append(next(b)[0])
+    assert got_a == [b"k%05d" % i for i in range(2500)]
+    assert got_b == [b"k%05d" % i for i in range(2999, 499, -1)]
+    c = kv.scan()
+    next(c)
+    kv.close()
+    with pytest.raises(shmkv.StoreClosed):
+        list(c)  # its batch is copied out, but the next one needs the store
+    with pytest.raises(shmkv.StoreClosed):
+        kv.scan()
+
+
 def test_engine_is_recorded_and_reported(name):
     with shmkv.attach(name, size="16MiB", engine="btree") as kv:
         assert kv.engine == "btree" and kv.stats()["engine"] == "btree"

@@ -3,10 +3,13 @@
  * Design (README "Engines" has the user's view):
  *   - The hash table stays the source of truth: point get/put/delete are the hash engine's
  *     code. The tree is DERIVED data: key -> item offset, one entry per chained item, in key
- *     order, in 1 KiB nodes of a node region reserved at creation (layout.h). Nodes are never
- *     slab chunks, so the LRU, page moves and class repair never meet one; the price is a
- *     fixed fifth of the segment (a full region makes a put of a NEW key fail with StoreFull,
- *     never an eviction of a node).
+ *     order, in 1 KiB nodes: a node region reserved at creation (layout.h: a sixteenth of the
+ *     segment), and when that runs out, whole slab pages turned into nodes (shmkv_tree_grow:
+ *     an unassigned page, else the emptiest page of the coldest class, its items evicted, as
+ *     a page move does). Nodes are never slab CHUNKS, so the LRU, page moves and class repair
+ *     never meet one (a node page is marked SHMKV_PAGE_NODES, which no class matches, and is
+ *     never given back). A put of a NEW key fails with StoreFull only when no page can be
+ *     had (every page's items busy), never by evicting a node.
  *   - Writers: one robust tree mutex, the innermost lock (layout.h: stripe -> registry ->
  *     class -> page -> tree; its holder takes nothing else). In a btree store every
  *     publication of an item into a chain and every unlink from one happens under it
@@ -36,7 +39,10 @@
  * version is as precise as the writers' exclusion already is.
  * Rejected: nodes as slab chunks: eviction, page moves and class repair would each need to
  * know them, and allocating a node under the tree lock would need a class lock (against the
- * lock order).
+ * lock order). Whole pages avoid both: a put short of nodes releases the tree lock, takes a
+ * page (class -> page), then the tree lock again (page -> tree) to list its nodes. Rejected
+ * too: a region sized for the most items the slab could hold (smallest chunks, sparsest
+ * leaves: more than the slab itself).
  *
  * Invariants (checked by shmkv_tree_verify):
  *   - keys strictly increase along the leaf chain; every leaf is at depth height-1;
@@ -608,8 +614,9 @@ void shmkv_tree_rebuild_locked(store_t *st) {
     uint32_t *level = malloc((nleaves + 1) * sizeof(uint32_t));
     bt_entry_t *mins = malloc((nleaves + 1) * sizeof(bt_entry_t));
     if (!level || !mins || nleaves > h->tree_nfree) {
-        /* cannot happen with the region sized at creation (a rebuild packs denser than
-         * inserts); leave an empty tree that scans report as broken, never a partial one */
+        /* cannot happen: inserts keep a reserve of an eighth of the nodes in use for this
+         * (shmkv_tree_room_locked); leave an empty tree that scans report as broken, never
+         * a partial one */
         free(level);
         free(mins);
         free(v);

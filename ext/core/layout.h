@@ -41,13 +41,15 @@
  *   state: FREE<->IN FLIGHT under the class lock; IN FLIGHT->LINKED->UNLINKED under the stripe
  *   active: set by readers under the stripe lock, cleared by the evictor under the class lock;
  *     a lost update only costs one second chance, so it is a racy byte on purpose
- *   pagemeta.cls                                                  -> page lock (+ class locks)
+ *   pagemeta.cls                                                  -> page lock (+ class locks;
+ *     becoming SHMKV_PAGE_NODES: page lock + tree lock, so the tree lock alone fixes that set)
  *
  * Lock order (never block against it; anything else is taken with trylock):
  *   stripe -> registry -> class -> page -> tree
  * The tree lock (engine "btree", btree.c) is innermost: its holder takes no other lock, so
  * any holder of any lock may block on it (a put holds its stripe; eviction holds a class
- * lock and the victim's stripe; a page move the page lock too). Every publication of an
+ * lock and the victim's stripe; a page move the page lock too; a page becoming nodes the
+ * page lock, shmkv_tree_grow, taken after the put let go of the tree lock). Every publication of an
  * item into a chain, and every unlink from one, happens under it in a btree store, so the
  * ordered index always equals the set of chained items and can be rebuilt from the chains
  * under the tree lock alone (btree.c says why this and not a lock-free index).
