@@ -302,8 +302,9 @@ int shmkv_tree_grow(store_t *st, uint32_t held_stripe, uint32_t mine) {
     if (!can_grow(h)) return -1;
     int p = shmkv_page_for_nodes(st, held_stripe, mine); /* page lock held from here */
     if (p < 0) return -1;
-    if (shmkv_tree_lock(st) < 0) {
-        shmkv_unlock(&h->page_lock.m); /* MOVING and zeroed: page repair returns it to the pool */
+    if (shmkv_tree_lock(st) < 0) { /* (a pthread error) the page, zeroed, back to the pool */
+        st->pagemeta[p].cls = SHMKV_PAGE_UNASSIGNED;
+        shmkv_unlock(&h->page_lock.m);
         return -1;
     }
     /* page -> tree (the lock order): a crash from here leaves the tree lock owner-dead, and
