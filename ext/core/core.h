@@ -165,6 +165,7 @@ int shmkv_tree_init(char *base, header_t *h); /* at creation */
  * IN FLIGHT) becomes nodes. 0, or -1 when none can be had. */
 int shmkv_tree_grow(store_t *st, uint32_t held_stripe, uint32_t mine);
 int shmkv_page_for_nodes(store_t *st, uint32_t held_stripe, uint32_t mine); /* slab.c, for the above */
+void shmkv_backoff(int attempt); /* slab.c: yield, then sleep 50 us doubling to 2 ms (GIL released) */
 /* A scan's private copy of one batch: `count` pairs, each [klen u32][vlen u32][key][value],
  * in `used` bytes of `buf` (PyMem_Raw; the owner frees it), the last one at byte `last`.
  * `done`: the range is exhausted. */

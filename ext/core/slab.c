@@ -40,6 +40,8 @@ static void backoff(int attempt) {
     }
 }
 
+void shmkv_backoff(int attempt) { backoff(attempt); }
+
 int shmkv_class_for(store_t *st, uint32_t itemsize) {
     uint32_t lo = 0, hi = st->hdr->nclasses;
     if (itemsize > st->classes[hi - 1].size) return -1;
@@ -251,13 +253,7 @@ int shmkv_page_for_nodes(store_t *st, uint32_t held_stripe, uint32_t mine) {
     }
     if (donor == h->nclasses) return -1;
     class_t *dc = &st->classes[donor];
-    int rc = shmkv_trylock(&dc->lock.m);
-    if (rc == 1) {
-        shmkv_repair_class_locked(st, donor);
-        shmkv_lock_consistent(&dc->lock.m);
-    } else if (rc != 0) {
-        return -1;
-    }
+    if (shmkv_class_lock(st, donor) < 0) return -1; /* (no class lock held: it may block) */
     uint32_t victim = h->npages, least = UINT32_MAX;
     uint32_t avoid = shmkv_page_of(st, mine);
     for (uint32_t p = 0; p < h->npages; p++)
