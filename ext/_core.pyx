@@ -848,7 +848,7 @@ cdef class Core:
         it.lo_incl = lo_incl
         it.hi_incl = hi_incl
         it.reverse = reverse
-        if limit is None:
+        if limit is None or limit >= (1 << 62):  # (no store holds that many keys)
             it.limit = -1
             it.batch = SCAN_FIRST_BATCH
         else:

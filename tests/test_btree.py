@@ -149,6 +149,7 @@ def test_batches_resume_after_the_last_key(bt):
     assert keys_of(bt.scan(b"k00100", b"k04000", reverse=True, limit=1500)) == [
         b"k%05d" % i for i in range(3999, 2499, -1)]
     assert keys_of(bt.scan(prefix=b"k012")) == [b"k%05d" % i for i in range(1200, 1300)]
+    assert keys_of(bt.scan(b"k04990", limit=1 << 70)) == [b"k%05d" % i for i in range(4990, 5000)]
     it = bt.scan()
     assert next(it) == (b"k00000", b"v")  # lazy: nothing else read yet
 
