@@ -416,12 +416,15 @@ void shmkv_tree_upsert_locked(store_t *st, const char *k, size_t klen, uint32_t 
         w_end(st);
         return;
     }
-    /* split: the lower half stays, the upper half goes to a new right sibling */
+    /* split: the lower half stays, the upper half goes to a new right sibling -- except for
+     * a key past the end of the last leaf (keys written in ascending order: timestamps,
+     * sequence numbers), where the left keeps BULK_LEAF entries, as dense as a rebuild packs
+     * them: halves would leave every leaf of an ascending load half empty for good */
     bt_entry_t tmp[BT_LEAF_CAP + 1];
     memcpy(tmp, L->u.e, pos * sizeof(bt_entry_t));
     tmp[pos] = ne;
     memcpy(tmp + pos + 1, L->u.e + pos, (BT_LEAF_CAP - pos) * sizeof(bt_entry_t));
-    uint32_t total = BT_LEAF_CAP + 1, nl = total / 2;
+    uint32_t total = BT_LEAF_CAP + 1, nl = pos == BT_LEAF_CAP && !L->next ? BULK_LEAF : total / 2;
     uint32_t ri = node_alloc(st);
     bt_node_t *R = NODE(st, ri);
     R->leaf = 1;
