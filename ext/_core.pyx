@@ -12,7 +12,9 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.string cimport strerror
+from libc.string cimport memcpy, strerror
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_RawFree
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.types cimport off_t
 
@@ -252,6 +254,9 @@ def read_header(int fd):
         munmap(base, 4096)
 
 
+cdef class _TreeScan
+
+
 cdef class Core:
     """One process's handle on a store: maps the segment and holds a process slot.
 
@@ -262,6 +267,10 @@ cdef class Core:
     cdef char *_base
     cdef uint64_t _mapsize
     cdef int _busy        # operations under way in this process (a wait releases the GIL)
+    # A scan buffer no _TreeScan is using (NULL: none): the next scan takes it, so a scan
+    # neither mallocs nor page-faults a fresh buffer (the GIL guards the hand-over).
+    cdef char *_scan_spare
+    cdef size_t _scan_spare_cap
     cdef readonly object name
     cdef readonly int max_key
     cdef readonly int max_item
@@ -345,9 +354,11 @@ cdef class Core:
                 "for eviction is busy, or the store is too small for this item size)")
         if rc == SHMKV_EIDXFULL:
             raise _errors.StoreFull(
-                f"store {self.name!r}: the btree engine's ordered index is full ({self.st.hdr.nnodes - 1} "
-                "nodes, a fifth of the segment, reserved at creation): a new key needs room "
-                "there; delete keys or create a larger store (README \"Engines\")")
+                f"store {self.name!r}: the btree engine's node region is full ({self.st.hdr.nnodes - 1} "
+                f"nodes reserved at creation + {self.st.hdr.tree_pages} slab pages taken since) and "
+                "no slab page could be turned into nodes (none unassigned, and the emptiest page "
+                "of the coldest class had a busy item): a new key needs a node; retry, delete "
+                "keys or create a larger store (README \"Engines\")")
         if rc == SHMKV_ENOTNUM or rc == SHMKV_EOVERFLOW:
             return _counter_error(rc)
         if rc == SHMKV_EPYTHON:
@@ -821,34 +832,29 @@ cdef class Core:
         self._check()
         return self.st.hdr.engine
 
-    def _range(self, lo, bint lo_incl, hi, bint hi_incl, bint reverse, uint32_t max):
-        """Engine "btree" only: (pairs, done): up to `max` live (key, value) pairs, in key
-        order (reverse: descending), with lo <(=) key <(=) hi (bytes, or None: unbounded) --
-        one batch of a scan, read without a lock (btree.c); fewer than `max` when writers
-        disturbed it, `done` when the range is exhausted. Values are the stored bytes."""
-        cdef const char *l = NULL
-        cdef const char *h = NULL
-        cdef Py_ssize_t ln = 0, hn = 0
-        cdef int done = 0
+    def _tree_scan(self, lo, bint lo_incl, hi, bint hi_incl, bint reverse, limit):
+        """Engine "btree" only: an iterator of the live (key, stored value) pairs, in key
+        order (reverse: descending), with lo <(=) key <(=) hi (bytes, or None: unbounded), at
+        most `limit` (None: all) -- read in batches without a lock (btree.c, _TreeScan)."""
         self._check()
         if self.st.hdr.engine != ENGINE_BTREE:
             raise _errors.InvalidArgument(f"store {self.name!r} has engine 'hash': no ordered index")
         if (lo is not None and not PyBytes_CheckExact(lo)) or (hi is not None and not PyBytes_CheckExact(hi)):
             raise _errors.InvalidType("scan bounds must be bytes or None")
-        if lo is not None:
-            l = PyBytes_AS_STRING(lo)
-            ln = PyBytes_GET_SIZE(lo)
-        if hi is not None:
-            h = PyBytes_AS_STRING(hi)
-            hn = PyBytes_GET_SIZE(hi)
-        self._busy += 1
-        try:
-            pairs = shmkv_tree_range(&self.st, l, ln, lo_incl, h, hn, hi_incl, reverse, max, &done)
-            return pairs, bool(done)
-        except RuntimeError as e:  # unreachable with the region sized at creation (btree.c)
-            raise _errors.Corruption(f"store {self.name!r}: {e}") from None
-        finally:
-            self._busy -= 1
+        cdef _TreeScan it = _TreeScan.__new__(_TreeScan)
+        it.core = self
+        it.lo = lo
+        it.hi = hi
+        it.lo_incl = lo_incl
+        it.hi_incl = hi_incl
+        it.reverse = reverse
+        if limit is None or limit >= (1 << 62):  # (no store holds that many keys)
+            it.limit = -1
+            it.batch = SCAN_FIRST_BATCH
+        else:
+            it.limit = limit
+            it.batch = <uint32_t>min(limit, SCAN_MAX_BATCH)
+        return it
 
     def verify(self):
         """Check every structure, holding one lock at a time (a paused checker stalls only
@@ -909,8 +915,11 @@ cdef class Core:
             out["btree"] = {
                 # scan batches that saw a writer and retried / that were read under the lock
                 "scan_retries": retries, "scan_locked": locked,
-                "keys": h.tree_keys, "height": h.tree_height, "nodes": h.nnodes - 1,
-                "nodes_free": h.tree_nfree, "node_bytes": 1024, "rebuilds": h.tree_rebuilds,
+                "keys": h.tree_keys, "height": h.tree_height,
+                # the region's nodes + those of slab pages turned into nodes (node_pages)
+                "nodes": h.nnodes - 1 + h.tree_pages * (h.page_size // 1024),
+                "node_pages": h.tree_pages, "nodes_free": h.tree_nfree, "node_bytes": 1024,
+                "rebuilds": h.tree_rebuilds,
             }
         out.update({
             "items": shmkv_count(&self.st),
@@ -974,8 +983,129 @@ cdef class Core:
         return self._base == NULL
 
     def __dealloc__(self):
+        PyMem_RawFree(self._scan_spare)
+        self._scan_spare = NULL
         if self._base != NULL:
             shmkv_free_pending(&self.st)
             shmkv_unregister(&self.st)
             munmap(self._base, self._mapsize)
             self._base = NULL
+
+
+# -- ordered scans (engine "btree") ------------------------------------------------------
+
+cdef uint32_t SCAN_FIRST_BATCH = 64   # pairs: a scan without a limit may be short ...
+cdef uint32_t SCAN_MAX_BATCH = 1024   # ... a long one amortises each descent over this many
+cdef size_t SCAN_SPARE_MAX = 1 << 20  # a bigger buffer (huge values) is freed, not kept
+
+
+cdef class _TreeScan:
+    """One ordered scan: a batch of pairs is copied out of the shared index in C, under one
+    seqlock read (shmkv_tree_fill, btree.c), into this iterator's private buffer; __next__
+    then makes the (key, value) objects one at a time from it. Lazily made objects are freed
+    by the consumer before the next ones are made, so Python's allocator hands back the same
+    (cache-hot) memory each time, and no Python frame runs per pair. Each batch resumes
+    strictly after the last key returned: a key live during the whole scan is returned
+    exactly once, in order, whatever other processes write meanwhile."""
+    cdef Core core
+    cdef shmkv_scanbuf_t buf
+    cdef size_t pos          # byte offset of the next pair in buf
+    cdef uint32_t left       # pairs of buf not returned yet
+    cdef object lo, hi       # bytes or None; moved past each batch's last key
+    cdef bint lo_incl, hi_incl, reverse
+    cdef int64_t limit       # pairs still allowed; -1: no limit
+    cdef uint32_t batch      # pairs to ask for next
+    cdef bint finished       # no batch follows
+    cdef bint filling        # a refill is under way (a lock wait inside releases the GIL)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef uint32_t kl, vl
+        cdef const char *p
+        if self.left == 0 and not self._refill():
+            raise StopIteration
+        p = self.buf.buf + self.pos
+        memcpy(&kl, p, 4)
+        memcpy(&vl, p + 4, 4)
+        self.pos += 8 + <size_t>kl + vl
+        self.left -= 1
+        return (PyBytes_FromStringAndSize(p + 8, kl), PyBytes_FromStringAndSize(p + 8 + kl, vl))
+
+    cdef bint _refill(self) except -1:
+        cdef const char *l = NULL
+        cdef const char *h = NULL
+        cdef Py_ssize_t ln = 0, hn = 0
+        cdef uint32_t n, kl
+        cdef int rc
+        if self.filling:  # as a generator says "already executing"
+            raise _errors.Error("a scan iterator was advanced from two threads at once")
+        if self.finished:
+            self._release()
+            return False
+        if self.buf.count:  # resume strictly after the last key returned
+            memcpy(&kl, self.buf.buf + self.buf.last, 4)
+            last = PyBytes_FromStringAndSize(self.buf.buf + self.buf.last + 8, kl)
+            if self.reverse:
+                self.hi, self.hi_incl = last, False
+            else:
+                self.lo, self.lo_incl = last, False
+        core = self.core
+        core._check()
+        if self.buf.buf == NULL and core._scan_spare != NULL:
+            self.buf.buf, self.buf.cap = core._scan_spare, core._scan_spare_cap
+            core._scan_spare, core._scan_spare_cap = NULL, 0
+        if self.lo is not None:
+            l = PyBytes_AS_STRING(self.lo)
+            ln = PyBytes_GET_SIZE(self.lo)
+        if self.hi is not None:
+            h = PyBytes_AS_STRING(self.hi)
+            hn = PyBytes_GET_SIZE(self.hi)
+        n = self.batch
+        if self.limit >= 0 and self.limit < n:
+            n = <uint32_t>self.limit
+        core._busy += 1
+        self.filling = True
+        rc = shmkv_tree_fill(&core.st, l, ln, self.lo_incl, h, hn, self.hi_incl, self.reverse, n, &self.buf)
+        self.filling = False
+        core._busy -= 1
+        if rc != 0:  # a part batch is dropped: a retry resumes after the last key returned
+            self.buf.count = 0
+        if rc == SHMKV_ENOMEM:
+            raise MemoryError("scan buffer")
+        if rc == SHMKV_ELOCK:
+            raise OSError(core.st.last_errno, f"store {core.name!r}: the tree lock failed")
+        if rc == SHMKV_ECORRUPT:  # unreachable: the rebuild keeps a reserve of nodes (btree.c)
+            raise _errors.Corruption(
+                f"store {core.name!r}: the ordered index could not be rebuilt from the hash chains")
+        self.pos = 0
+        self.left = self.buf.count
+        if self.limit >= 0:
+            self.limit -= self.buf.count
+        if self.buf.done or self.limit == 0 or self.buf.count == 0:
+            self.finished = True
+        elif self.buf.count < n:  # writers disturbed it (btree.c retries smaller), or the
+            self.batch = min(2 * self.buf.count, SCAN_MAX_BATCH)  # byte budget: grow back slowly
+        else:
+            self.batch = min(4 * n, SCAN_MAX_BATCH)
+        if self.buf.count == 0:
+            self._release()
+            return False
+        return True
+
+    cdef void _release(self):
+        """Hands the buffer back to the handle (or frees it)."""
+        if self.buf.buf == NULL:
+            return
+        if self.core is not None and self.core._scan_spare == NULL and self.buf.cap <= SCAN_SPARE_MAX:
+            self.core._scan_spare, self.core._scan_spare_cap = self.buf.buf, self.buf.cap
+        else:
+            PyMem_RawFree(self.buf.buf)
+        self.buf.buf = NULL
+        self.buf.cap = 0
+        self.buf.used = 0
+        self.buf.count = 0
+
+    def __dealloc__(self):
+        self._release()

@@ -38,6 +38,7 @@ DEFAULT_LOCK_STRIPES = 1024
 PICKLE_PROTOCOL = 5
 
 _live: weakref.WeakSet[Store] = weakref.WeakSet()
+_BTREE = segment.ENGINE_BTREE
 
 
 def _after_fork_in_child() -> None:
@@ -141,8 +142,9 @@ class Store(_core.Core):
         :raises InvalidArgument: ``start > stop``, ``prefix`` with ``start``/``stop``,
             ``limit <= 0``.
         """
-        lo = _scan_bound(start, "start")
-        hi = _scan_bound(stop, "stop")
+        # (bytes bounds and an int limit are checked inline: a short scan is ~1 us in all)
+        lo = start if start is None or type(start) is bytes else _scan_bound(start, "start")
+        hi = stop if stop is None or type(stop) is bytes else _scan_bound(stop, "stop")
         if prefix is not None:
             if lo is not None or hi is not None:
                 raise InvalidArgument("scan takes either prefix= or start/stop bounds, not both")
@@ -151,10 +153,11 @@ class Store(_core.Core):
             lo, hi = p, _prefix_end(p)
         if lo is not None and hi is not None and lo > hi:
             raise InvalidArgument(f"scan start {lo!r} is greater than stop {hi!r}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
-            raise InvalidType(f"scan limit must be an int or None, not {type(limit).__name__}")
-        if limit is not None and limit <= 0:
-            raise InvalidArgument(f"scan limit must be > 0 (or None for no limit), got {limit}")
+        if limit is not None:
+            if type(limit) is not int and (isinstance(limit, bool) or not isinstance(limit, int)):
+                raise InvalidType(f"scan limit must be an int or None, not {type(limit).__name__}")
+            if limit <= 0:
+                raise InvalidArgument(f"scan limit must be > 0 (or None for no limit), got {limit}")
         return self._ordered(lo, True, hi, False, bool(reverse), limit)
 
     def first(self) -> tuple[bytes, Any] | None:
@@ -179,18 +182,15 @@ class Store(_core.Core):
             raise InvalidType("ceiling() needs a key, not None")
         return next(self._ordered(k, True, None, False, False, 1), None)
 
-    _SCAN_FIRST_BATCH = 64  # a short scan (a limit, a nearest key) copies little ...
-    _SCAN_MAX_BATCH = 1024  # ... a long one amortises each call over this many pairs
-
     def _ordered(self, lo: bytes | None, lo_incl: bool, hi: bytes | None, hi_incl: bool,
                  reverse: bool, limit: int | None) -> Iterator[tuple[bytes, Any]]:
         """Live (key, stored value) pairs between the bounds (each inclusive or not), in key
         order or reversed, at most `limit`: the one ordered read under scan, first, last,
         floor and ceiling."""
+        if self._tier is None and self.engine_id == _BTREE:  # (engine_id raises StoreClosed)
+            # batches copied in C, pairs made one by one in C (ext/_core.pyx: _TreeScan)
+            return self._tree_scan(lo, lo_incl, hi, hi_incl, reverse, limit)
         self._check_open()
-        if self._tier is None and self.engine_id == segment.ENGINE_BTREE:
-            # chain() walks each batch's list in C: no Python frame per pair
-            return itertools.chain.from_iterable(self._tree_batches(lo, lo_incl, hi, hi_incl, reverse, limit))
         # Half-open [lo, hi) for the sorted-run merge: "> k" is ">= k + b'\0'" in bytes order.
         if lo is not None and not lo_incl:
             lo += b"\0"
@@ -204,30 +204,6 @@ class Store(_core.Core):
         if reverse:
             pairs = reversed(list(pairs))
         return pairs if limit is None else itertools.islice(pairs, limit)
-
-    def _tree_batches(self, lo: bytes | None, lo_incl: bool, hi: bytes | None, hi_incl: bool,
-                      reverse: bool, limit: int | None) -> Iterator[list[tuple[bytes, bytes]]]:
-        # a limit is known up front: ask for it in one call (up to the largest batch)
-        batch_size = self._SCAN_FIRST_BATCH if limit is None else min(limit, self._SCAN_MAX_BATCH)
-        while True:
-            n = batch_size if limit is None else min(batch_size, limit)
-            batch, done = self._range(lo, lo_incl, hi, hi_incl, reverse, n)
-            yield batch
-            if done or not batch:
-                return
-            if limit is not None:
-                limit -= len(batch)
-                if limit == 0:
-                    return
-            # resume strictly after the last key returned: exactly once, in order
-            if reverse:
-                hi, hi_incl = batch[-1][0], False
-            else:
-                lo, lo_incl = batch[-1][0], False
-            if len(batch) < n:  # writers disturbed it (btree.c retries smaller): grow back slowly
-                batch_size = min(2 * len(batch), self._SCAN_MAX_BATCH)
-            else:
-                batch_size = min(batch_size * 4, self._SCAN_MAX_BATCH)
 
     def __len__(self) -> int:
         """Items in the store. Memory only: a counter (O(1)). With a path: live keys on disk,

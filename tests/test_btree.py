@@ -145,12 +145,56 @@ def test_large_random_workload_splits_merges_and_shrinks(bt):
 def test_batches_resume_after_the_last_key(bt):
     for i in range(5000):
         bt[b"k%05d" % i] = b"v"
+    st = bt.stats()["btree"]  # ascending keys: the last leaf splits 38/5, not in halves
+    assert (st["nodes"] - st["nodes_free"]) * st["node_bytes"] / st["keys"] < 32
     assert keys_of(bt.scan(b"k00100", b"k04000")) == [b"k%05d" % i for i in range(100, 4000)]
     assert keys_of(bt.scan(b"k00100", b"k04000", reverse=True, limit=1500)) == [
         b"k%05d" % i for i in range(3999, 2499, -1)]
     assert keys_of(bt.scan(prefix=b"k012")) == [b"k%05d" % i for i in range(1200, 1300)]
+    assert keys_of(bt.scan(b"k04990", limit=1 << 70)) == [b"k%05d" % i for i in range(4990, 5000)]
     it = bt.scan()
     assert next(it) == (b"k00000", b"v")  # lazy: nothing else read yet
+
+
+def test_big_values_are_read_in_batches_under_a_byte_budget(name):
+    # 300 values of 20 KB: ~6 MB, far over one batch's 256 KiB (the batch stops early and the
+    # next resumes after its last key), in both directions and with a limit across batches
+    with shmkv.attach(name, size="32MiB", engine="btree", max_item="64KiB") as kv:
+        want = [(b"b%04d" % i, bytes([i % 251]) * 20_000) for i in range(300)]
+        kv.put_many(want)
+        assert list(kv.scan()) == want
+        assert list(kv.scan(reverse=True)) == want[::-1]
+        assert list(kv.scan(b"b0010", limit=250)) == want[10:260]
+
+
+def test_expired_runs_are_skipped_across_batches(bt):
+    for i in range(3000):
+        bt.put(b"x%05d" % i, b"v", ttl=0.001 if 100 <= i < 2900 else None)
+    time.sleep(0.01)
+    live = [b"x%05d" % i for i in range(3000) if not 100 <= i < 2900]
+    assert keys_of(bt.scan()) == live
+    assert keys_of(bt.scan(b"x00050", limit=60)) == live[50:110]
+    assert bt.ceiling(b"x00100") == (b"x02900", b"v") and bt.floor(b"x02899") == (b"x00099", b"v")
+
+
+def test_scans_interleave_and_a_closed_store_stops_them(name):
+    kv = shmkv.attach(name, size="16MiB", engine="btree")
+    for i in range(3000):
+        kv[b"k%05d" % i] = b"%d" % i
+    a, b = kv.scan(), kv.scan(reverse=True)  # two at once: each has its own batch buffer
+    got_a, got_b = [], []
+    for _ in range(2500):
+        got_a.append(next(a)[0])
+        got_b.append(next(b)[0])
+    assert got_a == [b"k%05d" % i for i in range(2500)]
+    assert got_b == [b"k%05d" % i for i in range(2999, 499, -1)]
+    c = kv.scan()
+    next(c)
+    kv.close()
+    with pytest.raises(shmkv.StoreClosed):
+        list(c)  # its batch is copied out, but the next one needs the store
+    with pytest.raises(shmkv.StoreClosed):
+        kv.scan()
 
 
 def test_engine_is_recorded_and_reported(name):
@@ -226,18 +270,51 @@ def test_eviction_removes_keys_from_the_index(name):
         assert kv.verify() == []
 
 
-def test_a_full_index_refuses_new_keys_but_not_overwrites_or_deletes(name):
+def test_a_full_node_region_takes_slab_pages_instead_of_refusing_puts(name):
+    # 1 MiB, 64 KiB pages: the node region (63 nodes) holds ~1,500 keys; 100,000 small keys
+    # need many times that. Nodes come from unassigned pages first, then from pages emptied
+    # by eviction (a full store evicts, as for items): no put is refused.
     with shmkv.attach(name, size="1MiB", engine="btree", max_item="64KiB") as kv:
-        with pytest.raises(shmkv.StoreFull, match="ordered index is full"):
-            for i in range(100_000):
-                kv[b"f%06d" % i] = b""
-        n = kv.stats()["btree"]["keys"]
-        assert n == len(kv) > 1000
-        kv[b"f%06d" % 0] = b"overwritten"  # no new node needed
-        assert kv[b"f000000"] == b"overwritten"
-        del kv[b"f000001"]
-        assert len(list(kv.scan())) == n - 1
+        region = kv.stats()["btree"]["nodes"]
+        for i in range(100_000):
+            kv[b"f%06d" % i] = b""
+        bt = kv.stats()["btree"]
+        assert bt["node_pages"] >= 2 and bt["nodes"] == region + bt["node_pages"] * 64
+        assert kv.stats()["evictions"] > 0
+        present = [b"f%06d" % i for i in range(100_000) if kv.get(b"f%06d" % i) is not None]
+        assert len(present) > 5 * region
+        assert keys_of(kv.scan()) == present == keys_of(kv.scan(reverse=True))[::-1]
+        assert bt["keys"] == len(kv) == len(present)
+        kv[present[0]] = b"overwritten"  # another class: it may take (evict) a page too
+        del kv[present[1]]
+        assert kv.first() == (present[0], b"overwritten")
+        assert keys_of(kv.scan()) == [k for k in present if k != present[1] and kv.get(k) is not None]
         assert kv.verify() == []
+
+
+def _grow_and_die(name):
+    kv = shmkv.attach(name)
+    kv._set_crash_point("BTREE_GROW")
+    for i in range(100_000):
+        kv[b"g%06d" % i] = b"v"
+    os._exit(3)  # never grew
+
+
+@pytest.mark.multiprocess
+def test_killed_while_turning_a_page_into_nodes(name):
+    kv = shmkv.attach(name, size="2MiB", engine="btree", max_item="64KiB")
+    p = CTX.Process(target=_grow_and_die, args=(name,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    present = [b"g%06d" % i for i in range(100_000) if kv.get(b"g%06d" % i) is not None]
+    assert keys_of(kv.scan()) == present  # the next locker rebuilt: the page's nodes listed
+    assert kv.verify() == []
+    for i in range(len(present), len(present) + 5000):  # and the index keeps growing
+        kv[b"g%06d" % i] = b"v"
+    assert kv.stats()["btree"]["node_pages"] >= 2 and kv.verify() == []
+    assert keys_of(kv.scan()) == [b"g%06d" % i for i in range(100_000) if kv.get(b"g%06d" % i) is not None]
+    kv.close()
 
 
 def test_with_a_path_scans_merge_memory_and_disk(name, tmp_path):
@@ -319,6 +396,46 @@ def test_scans_see_every_stable_key_once_in_order_under_concurrent_writers(name)
     kv.close()
 
 
+def _insert_new(name, seed, seconds):
+    kv = shmkv.attach(name)
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end:
+        for _ in range(200):
+            kv[b"w%d-%07d" % (seed, i)] = b"x" * (i % 50)
+            i += 1
+    kv.close()
+    os._exit(0)
+
+
+@pytest.mark.multiprocess
+def test_node_pages_are_taken_while_other_processes_insert_and_scan(name):
+    # two writers of new keys in a small store: the index outgrows its region and takes pages
+    # (unassigned ones, then ones emptied by eviction) while the other writer and a scanner
+    # run -- no deadlock against the lock order, no repeated or misordered key, a sound tree
+    kv = shmkv.attach(name, size="2MiB", engine="btree", max_item="64KiB")
+    writers = [CTX.Process(target=_insert_new, args=(name, s, 1.5)) for s in (1, 2)]
+    for w in writers:
+        w.start()
+    scans = 0
+    deadline = time.monotonic() + 1.5
+    try:
+        while time.monotonic() < deadline:
+            got = keys_of(kv.scan(reverse=scans % 2 == 1))
+            if scans % 2:
+                got.reverse()
+            assert all(a < b for a, b in zip(got, got[1:], strict=False)), "out of order or repeated"
+            scans += 1
+    finally:
+        for w in writers:
+            w.join(30)
+    assert all(w.exitcode == 0 for w in writers)
+    assert kv.stats()["btree"]["node_pages"] >= 1 and kv.stats()["evictions"] > 0
+    assert kv.verify() == []
+    assert keys_of(kv.scan()) == sorted(k for k in kv.keys())
+    kv.close()
+
+
 # -- SIGKILL inside split, merge and root growth ------------------------------------------
 
 
@@ -391,4 +508,4 @@ def test_killed_inside_a_tree_change_leaves_a_tree_equal_to_the_acknowledged_wri
 def test_crash_points_of_the_tree_are_named(bt):
     from shmkv._ext import _core
 
-    assert {"BTREE_SPLIT", "BTREE_MERGE", "BTREE_ROOT_GROW"} <= set(_core.CRASH_POINTS)
+    assert {"BTREE_SPLIT", "BTREE_MERGE", "BTREE_ROOT_GROW", "BTREE_GROW"} <= set(_core.CRASH_POINTS)

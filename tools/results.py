@@ -74,7 +74,7 @@ BENCHES: tuple[Bench, ...] = (
            "--window", "5", "--limit", "bytes", "--limited-window", "20",
            "--json", "bench/results/cluster_antientropy_bytes.json")),
     Bench("btree", "README 'An ordered engine' numbers",
-          ("bench/btree_bench.py", "--keys", "100000", "--seconds", "1", "--repeat", "3")),
+          ("bench/btree_bench.py", "--keys", "100000", "--seconds", "1", "--repeat", "5", "--clock", "cpu")),
     Bench("config_commit", "README 'Configuration in etcd' commit latency",
           ("bench/config_commit.py",)),
     Bench("cluster_scaling", "README 'Raft configuration service' live scaling figures",

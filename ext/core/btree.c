@@ -3,10 +3,13 @@
  * Design (README "Engines" has the user's view):
  *   - The hash table stays the source of truth: point get/put/delete are the hash engine's
  *     code. The tree is DERIVED data: key -> item offset, one entry per chained item, in key
- *     order, in 1 KiB nodes of a node region reserved at creation (layout.h). Nodes are never
- *     slab chunks, so the LRU, page moves and class repair never meet one; the price is a
- *     fixed fifth of the segment (a full region makes a put of a NEW key fail with StoreFull,
- *     never an eviction of a node).
+ *     order, in 1 KiB nodes: a node region reserved at creation (layout.h: a sixteenth of the
+ *     segment), and when that runs out, whole slab pages turned into nodes (shmkv_tree_grow:
+ *     an unassigned page, else the emptiest page of the coldest class, its items evicted, as
+ *     a page move does). Nodes are never slab CHUNKS, so the LRU, page moves and class repair
+ *     never meet one (a node page is marked SHMKV_PAGE_NODES, which no class matches, and is
+ *     never given back). A put of a NEW key fails with StoreFull only when no page can be
+ *     had (every page's items busy), never by evicting a node.
  *   - Writers: one robust tree mutex, the innermost lock (layout.h: stripe -> registry ->
  *     class -> page -> tree; its holder takes nothing else). In a btree store every
  *     publication of an item into a chain and every unlink from one happens under it
@@ -36,7 +39,10 @@
  * version is as precise as the writers' exclusion already is.
  * Rejected: nodes as slab chunks: eviction, page moves and class repair would each need to
  * know them, and allocating a node under the tree lock would need a class lock (against the
- * lock order).
+ * lock order). Whole pages avoid both: a put short of nodes releases the tree lock, takes a
+ * page (class -> page), then the tree lock again (page -> tree) to list its nodes. Rejected
+ * too: a region sized for the most items the slab could hold (smallest chunks, sparsest
+ * leaves: more than the slab itself).
  *
  * Invariants (checked by shmkv_tree_verify):
  *   - keys strictly increase along the leaf chain; every leaf is at depth height-1;
@@ -57,7 +63,6 @@
 #define BULK_INNER 32u /* children per inner node of a rebuild */
 #define OPTIMISTIC_TRIES 32
 #define MIN_BATCH 16u /* pairs: the smallest retry of a disturbed scan batch */
-#define PREFETCH_AHEAD 12 /* entries: item cache misses in flight during a scan */
 
 static inline void relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -71,6 +76,31 @@ static inline bt_node_t *node_at(char *base, header_t *h, uint32_t i) {
     return (bt_node_t *)(base + h->off_nodes + (uint64_t)i * BT_NODE_SIZE);
 }
 #define NODE(st, i) node_at((st)->base, (st)->hdr, (i))
+
+/* Node indexes: the region's (1 .. nnodes-1) and those of slab pages turned into nodes
+ * (shmkv_tree_grow): node i is at off_nodes + i KiB wherever it lies, so a page's nodes have
+ * indexes like the region's. node_limit bounds every index a reader follows (a torn read
+ * stays inside the segment); node_real says whether one is a node at all (verify). */
+static inline uint32_t node_limit(header_t *h) { return (uint32_t)((h->total_size - h->off_nodes) / BT_NODE_SIZE); }
+static inline uint32_t nodes_per_page(header_t *h) { return (uint32_t)(h->page_size / BT_NODE_SIZE); }
+static inline uint64_t nodes_total(header_t *h) { /* usable ones (node 0 is none) */
+    return (uint64_t)h->nnodes - 1 + (uint64_t)h->tree_pages * nodes_per_page(h);
+}
+static inline uint32_t page_first_node(header_t *h, uint32_t p) {
+    return (uint32_t)((h->off_pages + (uint64_t)p * h->page_size - h->off_nodes) / BT_NODE_SIZE);
+}
+static inline int can_grow(header_t *h) { /* segments of layout 5 always can */
+    return (h->off_pages - h->off_nodes) % BT_NODE_SIZE == 0 && h->page_size % BT_NODE_SIZE == 0;
+}
+static int node_real(store_t *st, uint32_t i) {
+    header_t *h = st->hdr;
+    if (i == 0) return 0;
+    if (i < h->nnodes) return 1;
+    uint64_t byte = h->off_nodes + (uint64_t)i * BT_NODE_SIZE;
+    if (byte < h->off_pages || byte + BT_NODE_SIZE > h->total_size) return 0;
+    uint64_t p = (byte - h->off_pages) / h->page_size;
+    return p < h->npages && st->pagemeta[p].cls == SHMKV_PAGE_NODES;
+}
 
 /* Key bytes [from, from + 8) as a big-endian integer, zero padded: integer order = byte order. */
 static inline uint64_t key_pfx(const char *k, size_t n, size_t from) {
@@ -204,16 +234,27 @@ static void node_free(store_t *st, uint32_t i) {
     h->tree_nfree++;
 }
 
-/* Every node free; no root. */
+static inline void push_free(char *base, header_t *h, uint32_t i) {
+    bt_node_t *nd = node_at(base, h, i);
+    memset(nd, 0, sizeof *nd);
+    nd->next = h->tree_free;
+    h->tree_free = i;
+    h->tree_nfree++;
+}
+
+/* Every node free (the region's and every node page's); no root. Under the tree lock the set
+ * of node pages is fixed: a page becomes nodes under page + tree lock, and never goes back. */
 static void reset_nodes(char *base, header_t *h) {
+    pagemeta_t *pm = (pagemeta_t *)(base + h->off_pagemeta);
     h->tree_free = 0;
-    for (uint32_t i = h->nnodes; i-- > 1;) {
-        bt_node_t *nd = node_at(base, h, i);
-        memset(nd, 0, sizeof *nd);
-        nd->next = h->tree_free;
-        h->tree_free = i;
+    h->tree_nfree = 0;
+    h->tree_pages = 0;
+    for (uint32_t p = h->npages; p-- > 0;) {
+        if (pm[p].cls != SHMKV_PAGE_NODES) continue;
+        h->tree_pages++;
+        for (uint32_t j = nodes_per_page(h); j-- > 0;) push_free(base, h, page_first_node(h, p) + j);
     }
-    h->tree_nfree = h->nnodes ? h->nnodes - 1 : 0;
+    for (uint32_t i = h->nnodes; i-- > 1;) push_free(base, h, i);
     h->tree_root = 0;
     h->tree_height = 0;
     h->tree_keys = 0;
@@ -247,8 +288,34 @@ int shmkv_tree_lock(store_t *st) {
 
 void shmkv_tree_unlock(store_t *st) { shmkv_unlock(&st->hdr->tree_lock.m); }
 
+/* Room for the splits of one insert (height + 1 nodes), plus an eighth of the nodes in use:
+ * a rebuild packs BULK_LEAF of BT_LEAF_CAP entries per leaf, so it needs up to ~1/8 more
+ * nodes than a tree of full leaves, and must never run out (it cannot take a page). */
 int shmkv_tree_room_locked(store_t *st) {
-    return st->hdr->tree_height < BT_MAX_HEIGHT && st->hdr->tree_nfree >= st->hdr->tree_height + 1u;
+    header_t *h = st->hdr;
+    uint64_t used = nodes_total(h) - h->tree_nfree;
+    return h->tree_height < BT_MAX_HEIGHT && h->tree_nfree >= h->tree_height + 1u + used / 8;
+}
+
+int shmkv_tree_grow(store_t *st, uint32_t held_stripe, uint32_t mine) {
+    header_t *h = st->hdr;
+    if (!can_grow(h)) return -1;
+    int p = shmkv_page_for_nodes(st, held_stripe, mine); /* page lock held from here */
+    if (p < 0) return -1;
+    if (shmkv_tree_lock(st) < 0) { /* (a pthread error) the page, zeroed, back to the pool */
+        st->pagemeta[p].cls = SHMKV_PAGE_UNASSIGNED;
+        shmkv_unlock(&h->page_lock.m);
+        return -1;
+    }
+    /* page -> tree (the lock order): a crash from here leaves the tree lock owner-dead, and
+     * its next locker's rebuild lists every node page's nodes, this one's included */
+    st->pagemeta[p].cls = SHMKV_PAGE_NODES;
+    h->tree_pages++;
+    CRASH_POINT(st, CP_BTREE_GROW);
+    for (uint32_t j = nodes_per_page(h); j-- > 0;) push_free(st->base, h, page_first_node(h, (uint32_t)p) + j);
+    shmkv_tree_unlock(st);
+    shmkv_unlock(&h->page_lock.m);
+    return 0;
 }
 
 void shmkv_tree_invalidate(store_t *st) {
@@ -349,12 +416,15 @@ void shmkv_tree_upsert_locked(store_t *st, const char *k, size_t klen, uint32_t 
         w_end(st);
         return;
     }
-    /* split: the lower half stays, the upper half goes to a new right sibling */
+    /* split: the lower half stays, the upper half goes to a new right sibling -- except for
+     * a key past the end of the last leaf (keys written in ascending order: timestamps,
+     * sequence numbers), where the left keeps BULK_LEAF entries, as dense as a rebuild packs
+     * them: halves would leave every leaf of an ascending load half empty for good */
     bt_entry_t tmp[BT_LEAF_CAP + 1];
     memcpy(tmp, L->u.e, pos * sizeof(bt_entry_t));
     tmp[pos] = ne;
     memcpy(tmp + pos + 1, L->u.e + pos, (BT_LEAF_CAP - pos) * sizeof(bt_entry_t));
-    uint32_t total = BT_LEAF_CAP + 1, nl = total / 2;
+    uint32_t total = BT_LEAF_CAP + 1, nl = pos == BT_LEAF_CAP && !L->next ? BULK_LEAF : total / 2;
     uint32_t ri = node_alloc(st);
     bt_node_t *R = NODE(st, ri);
     R->leaf = 1;
@@ -548,8 +618,9 @@ void shmkv_tree_rebuild_locked(store_t *st) {
     uint32_t *level = malloc((nleaves + 1) * sizeof(uint32_t));
     bt_entry_t *mins = malloc((nleaves + 1) * sizeof(bt_entry_t));
     if (!level || !mins || nleaves > h->tree_nfree) {
-        /* cannot happen with the region sized at creation (a rebuild packs denser than
-         * inserts); leave an empty tree that scans report as broken, never a partial one */
+        /* cannot happen: inserts keep a reserve of an eighth of the nodes in use for this
+         * (shmkv_tree_room_locked); leave an empty tree that scans report as broken, never
+         * a partial one */
         free(level);
         free(mins);
         free(v);
@@ -611,39 +682,65 @@ void shmkv_tree_rebuild_locked(store_t *st) {
 
 /* -- scans --------------------------------------------------------------------------- */
 
-typedef struct {
-    char *buf;
-    size_t used, cap;
-    uint32_t count;
-    int done; /* the walk reached the bound or the last key before `max` pairs */
-} outbuf_t;
-
-static int out_push(outbuf_t *o, const char *k, uint32_t kl, const char *v, uint32_t vl) {
+/* Appends one pair as [klen u32][vlen u32][key][value]. The buffer belongs to the caller (a
+ * scan iterator, ext/_core.pyx) and is reused batch after batch: it grows here and is never
+ * shrunk, so a long scan allocates once. No Python object is made here (no GC can run). */
+static inline int out_push(shmkv_scanbuf_t *o, const char *k, uint32_t kl, const char *v, uint32_t vl) {
     size_t need = 8 + (size_t)kl + vl;
     if (o->used + need > o->cap) {
-        size_t cap = o->cap ? o->cap : 4096;
+        size_t cap = o->cap ? o->cap : 16384;
         while (o->used + need > cap) cap *= 2;
         char *b = PyMem_RawRealloc(o->buf, cap);
         if (!b) return -1;
         o->buf = b;
         o->cap = cap;
     }
-    memcpy(o->buf + o->used, &kl, 4);
-    memcpy(o->buf + o->used + 4, &vl, 4);
-    memcpy(o->buf + o->used + 8, k, kl);
-    memcpy(o->buf + o->used + 8 + kl, v, vl);
+    char *p = o->buf + o->used;
+    o->last = o->used;
+    memcpy(p, &kl, 4);
+    memcpy(p + 4, &vl, 4);
+    memcpy(p + 8, k, kl);
+    memcpy(p + 8 + kl, v, vl);
     o->used += need;
     o->count++;
     return 0;
 }
 
-static inline int node_ok(header_t *h, uint32_t i) { return i > 0 && i < h->nnodes; }
+static inline int node_ok(header_t *h, uint32_t i) { return i > 0 && i < node_limit(h); }
 
-/* One pass: copies up to `max` live pairs into `o`. Returns 1 when every read was plausible,
- * 0 when the tree was seen in change (retry), -1 out of memory. Without the tree lock the
- * result counts only if the version did not move meanwhile (the caller checks). */
+/* One pass: copies up to `max` live pairs (and about SHMKV_SCAN_BYTES at most) into `o`.
+ * Returns 1 when every read was plausible, 0 when the tree was seen in change (retry), -1
+ * out of memory. Without the tree lock the result counts only if the version did not move
+ * meanwhile (the caller checks).
+ *
+ * The index holds item offsets, so the items of a range are scattered over the slab pages:
+ * a cache (and TLB) miss each, which is where a scan's time goes. So the walk runs in two
+ * phases per chunk of entries: (A) collect the chunk's entries from the leaves (sequential
+ * 1 KiB nodes, the next one prefetched), then (B) copy the items, with the item SCAN_AHEAD2
+ * entries ahead asked for (its header line) and the one SCAN_AHEAD1 ahead, whose header has
+ * arrived by then, asked for whole (an item of a 16 B key and a 100 B value spans 3-4 lines):
+ * the misses overlap instead of queueing, and none is left to the copy. */
+#define SCAN_CHUNK 256u
+#define SCAN_AHEAD 16u
+typedef struct {
+    uint32_t off;
+    uint32_t klen;
+} scan_ent_t;
+
+/* Asks for the lines of the item at `off` whose key is `klen` bytes, guessing its value's
+ * length (`vguess`: the last item's; values of a range are often alike) -- the header is not
+ * read for it, so the whole item's misses start at once. */
+static inline void prefetch_item(store_t *st, uint32_t off, uint32_t klen, uint32_t vguess) {
+    uint64_t b = (uint64_t)off * SHMKV_UNIT;
+    uint64_t len = SHMKV_ITEM_HDR + (uint64_t)klen + vguess;
+    if (len > 1024) len = 1024; /* longer values: the copy streams them */
+    if (b < st->hdr->off_pages || b + len > st->hdr->total_size) return;
+    const char *p = st->base + b;
+    for (uintptr_t l = (uintptr_t)p & ~(uintptr_t)63u; l < (uintptr_t)p + len; l += 64) __builtin_prefetch((const char *)l);
+}
+
 static int range_once(store_t *st, const bkey_t *lo, int lo_incl, const bkey_t *hi, int hi_incl,
-                      int reverse, uint32_t max, uint64_t now, outbuf_t *o) {
+                      int reverse, uint32_t max, uint64_t now, shmkv_scanbuf_t *o) {
     header_t *h = st->hdr;
     int ok = 1, eq = 0;
     o->used = 0;
@@ -670,67 +767,91 @@ static int range_once(store_t *st, const bkey_t *lo, int lo_incl, const bkey_t *
     if (!ok) return 0;
     uint64_t hops = 0;
     uint32_t n = leaf->n;
-    while (o->count < max) {
-        if (pos >= (int64_t)n || pos < 0) {
-            cur = pos < 0 ? leaf->prev : leaf->next;
-            if (!cur) break;
-            if (!node_ok(h, cur) || ++hops > h->nnodes) return 0;
-            leaf = NODE(st, cur);
-            n = leaf->n;
-            if (!leaf->leaf || n > BT_LEAF_CAP) return 0;
-            pos = pos < 0 ? (int64_t)n - 1 : 0;
-            continue;
-        }
-        bt_entry_t e = leaf->u.e[pos];
-        /* the items are scattered over the slab pages (the index holds offsets): start the
-         * cache misses of the next ones now, so they overlap instead of queueing */
-        int64_t ahead = pos + (reverse ? -PREFETCH_AHEAD : PREFETCH_AHEAD);
-        if (ahead >= 0 && ahead < (int64_t)n) {
-            uint64_t pb = (uint64_t)leaf->u.e[ahead].off * SHMKV_UNIT;
-            if (pb >= h->off_pages && pb + 128 <= h->total_size) {
-                __builtin_prefetch(st->base + pb);
-                __builtin_prefetch(st->base + pb + 64);
-            }
-        } else if (ahead == (int64_t)n || ahead == -1) { /* the next leaf, and its first items */
-            uint32_t nx = reverse ? leaf->prev : leaf->next;
-            if (node_ok(h, nx)) prefetch_node(NODE(st, nx));
-        }
-        pos += reverse ? -1 : 1;
-        if (!reverse && hi) {
-            int c = cmp_entry(st, hi, &e, &ok);
-            if (c < 0 || (c == 0 && !hi_incl)) break;
-        } else if (reverse && lo) {
-            int c = cmp_entry(st, lo, &e, &ok);
-            if (c > 0 || (c == 0 && !lo_incl)) break;
-        }
-        if (!ok) return 0;
-        uint64_t byte = (uint64_t)e.off * SHMKV_UNIT;
-        if (byte < h->off_pages || byte + SHMKV_ITEM_HDR > h->total_size) return 0;
-        item_t *it = shmkv_item(st, e.off);
-        uint32_t kl = it->klen, vl = it->vlen;
-        uint64_t exp = it->expire_ms;
-        if (kl != e.klen || vl > h->max_item || byte + SHMKV_ITEM_HDR + kl + vl > h->total_size ||
-            __atomic_load_n(&it->state, __ATOMIC_ACQUIRE) != IT_LINKED)
-            return 0;
-        if (exp && exp <= now) continue; /* expired: a miss, removed by the next get or eviction */
-        if (out_push(o, ITEM_KEY(it), kl, ITEM_KEY(it) + kl, vl) < 0) return -1;
+    const bkey_t *bound = reverse ? lo : hi;
+    int bound_incl = reverse ? lo_incl : hi_incl, step = reverse ? -1 : 1, walked = 0;
+    uint32_t vguess = 64; /* until the first item tells */
+    scan_ent_t ents[SCAN_CHUNK];
+    {
+        uint32_t nx = reverse ? leaf->prev : leaf->next;
+        if (node_ok(h, nx)) prefetch_node(NODE(st, nx));
     }
-    if (o->count >= max) o->done = 0; /* (even if the next key would have been past the bound) */
-    return ok;
+    while (!walked) {
+        /* (A) the next entries, up to what the batch still wants */
+        uint32_t want = max - o->count, m = 0;
+        if (want > SCAN_CHUNK) want = SCAN_CHUNK;
+        while (m < want) {
+            if (pos >= (int64_t)n || pos < 0) {
+                cur = pos < 0 ? leaf->prev : leaf->next;
+                if (!cur) {
+                    walked = 1;
+                    break;
+                }
+                if (!node_ok(h, cur) || ++hops > node_limit(h)) return 0;
+                leaf = NODE(st, cur);
+                n = leaf->n;
+                if (!leaf->leaf || n > BT_LEAF_CAP) return 0;
+                pos = pos < 0 ? (int64_t)n - 1 : 0;
+                uint32_t nx = reverse ? leaf->prev : leaf->next; /* one leaf ahead */
+                if (node_ok(h, nx)) prefetch_node(NODE(st, nx));
+                continue;
+            }
+            bt_entry_t *e = &leaf->u.e[pos];
+            pos += step;
+            if (bound) {
+                int c = cmp_entry(st, bound, e, &ok);
+                if (!ok) return 0;
+                if (reverse ? (c > 0 || (c == 0 && !bound_incl)) : (c < 0 || (c == 0 && !bound_incl))) {
+                    walked = 1;
+                    break;
+                }
+            }
+            ents[m].off = e->off;
+            ents[m].klen = e->klen;
+            if (m < SCAN_AHEAD) prefetch_item(st, e->off, e->klen, vguess);
+            m++;
+        }
+        /* (B) the items, their misses in flight ahead of the copy */
+        for (uint32_t i = 0; i < m; i++) {
+            if (i + SCAN_AHEAD < m) prefetch_item(st, ents[i + SCAN_AHEAD].off, ents[i + SCAN_AHEAD].klen, vguess);
+            uint64_t byte = (uint64_t)ents[i].off * SHMKV_UNIT;
+            if (byte < h->off_pages || byte + SHMKV_ITEM_HDR > h->total_size) return 0;
+            item_t *it = shmkv_item(st, ents[i].off);
+            uint32_t kl = it->klen, vl = it->vlen;
+            uint64_t exp = it->expire_ms;
+            if (kl != ents[i].klen || vl > h->max_item || byte + SHMKV_ITEM_HDR + kl + vl > h->total_size ||
+                __atomic_load_n(&it->state, __ATOMIC_ACQUIRE) != IT_LINKED)
+                return 0;
+            vguess = vl;
+            if (exp && exp <= now) continue; /* expired: a miss, removed by the next get or eviction */
+            if (out_push(o, ITEM_KEY(it), kl, ITEM_KEY(it) + kl, vl) < 0) return -1;
+            if (o->used >= SHMKV_SCAN_BYTES && (i + 1 < m || !walked)) {
+                o->done = 0; /* the byte budget: more may follow */
+                return 1;
+            }
+        }
+        if (o->count >= max) {
+            /* more may follow (even if the next key would be past the bound: the next batch
+             * finds that out), unless the walk already met the end */
+            o->done = walked;
+            return 1;
+        }
+    }
+    return 1;
 }
 
-PyObject *shmkv_tree_range(store_t *st, const char *lo, size_t lolen, int lo_incl,
-                           const char *hi, size_t hilen, int hi_incl, int reverse, uint32_t max,
-                           int *done) {
+int shmkv_tree_fill(store_t *st, const char *lo, size_t lolen, int lo_incl, const char *hi, size_t hilen,
+                    int hi_incl, int reverse, uint32_t max, shmkv_scanbuf_t *o) {
     header_t *h = st->hdr;
     bkey_t klo, khi;
     if (lo) klo = mkkey(lo, lolen);
     if (hi) khi = mkkey(hi, hilen);
     const bkey_t *plo = lo ? &klo : NULL, *phi = hi ? &khi : NULL;
-    outbuf_t o = {0};
     uint64_t now = shmkv_now_ms();
     int got = 0, rc = 0;
-    if (max == 0) return PyList_New(0);
+    o->used = 0;
+    o->count = 0;
+    o->done = 1;
+    if (max == 0) return 0;
     /* A batch that a writer disturbed is retried smaller (down to MIN_BATCH): the copy then
      * fits between two writes, so a write-heavy store still serves scans without the lock;
      * the caller resumes after the last key, whatever the batch size was. */
@@ -742,8 +863,8 @@ PyObject *shmkv_tree_range(store_t *st, const char *lo, size_t lolen, int lo_inc
             else sched_yield();
             continue;
         }
-        rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, &o);
-        if (rc < 0) break;
+        rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, o);
+        if (rc < 0) return SHMKV_ENOMEM;
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
         got = rc == 1 && __atomic_load_n(&h->tree_version, __ATOMIC_RELAXED) == v1;
         if (!got) {
@@ -751,49 +872,20 @@ PyObject *shmkv_tree_range(store_t *st, const char *lo, size_t lolen, int lo_inc
             if (max > MIN_BATCH) max = max / 2 > MIN_BATCH ? max / 2 : MIN_BATCH;
         }
     }
-    if (!got && rc >= 0) { /* a writer storm or a rebuild: one batch under the lock */
+    if (!got) { /* a writer storm or a rebuild: one batch under the lock */
         STAT(st, ST_SCAN_LOCKED);
-        if (shmkv_tree_lock(st) < 0) {
-            PyMem_RawFree(o.buf);
-            return PyErr_Format(PyExc_OSError, "tree lock failed: %s", strerror(st->last_errno));
-        }
-        rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, &o);
+        if (shmkv_tree_lock(st) < 0) return SHMKV_ELOCK;
+        rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, o);
         if (rc == 0) { /* under the lock: a broken tree, rebuilt from the chains */
             shmkv_tree_rebuild_locked(st);
             STAT(st, ST_REPAIRS);
-            rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, &o);
+            rc = range_once(st, plo, lo_incl, phi, hi_incl, reverse, max, now, o);
         }
         shmkv_tree_unlock(st);
-        got = rc == 1;
+        if (rc < 0) return SHMKV_ENOMEM;
+        if (rc == 0) return SHMKV_ECORRUPT;
     }
-    if (rc < 0) {
-        PyMem_RawFree(o.buf);
-        return PyErr_NoMemory();
-    }
-    if (!got) {
-        PyMem_RawFree(o.buf);
-        PyErr_SetString(PyExc_RuntimeError, "the ordered index could not be rebuilt from the hash chains");
-        return NULL;
-    }
-    *done = o.done;
-    /* Python objects only now: building them may run the GC (see shmkv_scan_stripe). */
-    PyObject *list = PyList_New(o.count);
-    size_t pos = 0;
-    for (uint32_t i = 0; list && i < o.count; i++) {
-        uint32_t kl, vl;
-        memcpy(&kl, o.buf + pos, 4);
-        memcpy(&vl, o.buf + pos + 4, 4);
-        PyObject *k = PyBytes_FromStringAndSize(o.buf + pos + 8, kl);
-        PyObject *v = k ? PyBytes_FromStringAndSize(o.buf + pos + 8 + kl, vl) : NULL;
-        PyObject *t = v ? PyTuple_Pack(2, k, v) : NULL;
-        Py_XDECREF(k);
-        Py_XDECREF(v);
-        if (!t) Py_CLEAR(list);
-        else PyList_SET_ITEM(list, i, t);
-        pos += 8 + (size_t)kl + vl;
-    }
-    PyMem_RawFree(o.buf);
-    return list;
+    return 0;
 }
 
 /* -- verify -------------------------------------------------------------------------- */
@@ -809,7 +901,7 @@ static void report(PyObject *problems, const char *msg) {
 /* Checks the subtree at `ni` (depth d); sets *mn to its smallest entry. 0 when sound. */
 static int check_node(store_t *st, uint32_t ni, uint32_t d, bt_entry_t *mn, uint64_t *nodes) {
     header_t *h = st->hdr;
-    if (!node_ok(h, ni) || ++*nodes > h->nnodes) return -1;
+    if (!node_real(st, ni) || ++*nodes > nodes_total(h)) return -1;
     bt_node_t *nd = NODE(st, ni);
     int is_leaf = d + 1 == h->tree_height;
     if (nd->leaf != is_leaf) return -1;
@@ -855,11 +947,23 @@ static int check_tree_locked(store_t *st, char *msg, size_t msglen) {
         snprintf(msg, msglen, "btree: a node is malformed (depth, count or separator)");
         return -1;
     }
+    uint32_t pages = 0;
+    for (uint32_t p = 0; p < h->npages; p++) pages += st->pagemeta[p].cls == SHMKV_PAGE_NODES;
+    if (pages != h->tree_pages) {
+        snprintf(msg, msglen, "btree: %u node pages, counted %u", pages, h->tree_pages);
+        return -1;
+    }
     uint64_t nfree = 0;
-    for (uint32_t i = h->tree_free; i && nfree <= h->nnodes; i = NODE(st, i)->next) nfree++;
-    if (nfree != h->tree_nfree || nodes + nfree != (uint64_t)h->nnodes - 1) {
-        snprintf(msg, msglen, "btree: %llu nodes in the tree + %llu free != %u", (unsigned long long)nodes,
-                 (unsigned long long)nfree, h->nnodes - 1);
+    for (uint32_t i = h->tree_free; i && nfree <= nodes_total(h); i = NODE(st, i)->next) {
+        if (!node_real(st, i)) {
+            snprintf(msg, msglen, "btree: the free list names no node (%u)", i);
+            return -1;
+        }
+        nfree++;
+    }
+    if (nfree != h->tree_nfree || nodes + nfree != nodes_total(h)) {
+        snprintf(msg, msglen, "btree: %llu nodes in the tree + %llu free != %llu", (unsigned long long)nodes,
+                 (unsigned long long)nfree, (unsigned long long)nodes_total(h));
         return -1;
     }
     /* the leaf chain, left to right: sorted, each entry a chained item */
@@ -869,7 +973,7 @@ static int check_tree_locked(store_t *st, char *msg, size_t msglen) {
     bt_entry_t last = {0};
     for (uint64_t hops = 0; x; x = NODE(st, x)->next) {
         bt_node_t *L = NODE(st, x);
-        if (++hops > nodes || L->prev != prev || !L->leaf) {
+        if (++hops > nodes || !node_real(st, x) || L->prev != prev || !L->leaf) {
             snprintf(msg, msglen, "btree: the leaf chain is broken");
             return -1;
         }

@@ -31,6 +31,8 @@ enum {
     SHMKV_EPYTHON = -9, /* a Python exception is set */
     SHMKV_EBUSY = -10,  /* internal (eviction): every candidate was busy; never leaves C */
     SHMKV_EIDXFULL = -11, /* engine "btree": the node region is full (a new key; btree.c) */
+    SHMKV_ENOMEM = -12,   /* engine "btree": a scan buffer could not grow */
+    SHMKV_ECORRUPT = -13, /* engine "btree": the index could not be rebuilt from the chains */
 };
 
 /* One process's view of an attached segment. Not shared: lives in process memory. */
@@ -158,12 +160,29 @@ void shmkv_tree_delete_locked(store_t *st, const char *k, size_t klen, uint32_t 
 void shmkv_tree_rebuild_locked(store_t *st);
 void shmkv_tree_invalidate(store_t *st); /* takes the tree lock and rebuilds (after a chain cut) */
 int shmkv_tree_init(char *base, header_t *h); /* at creation */
-/* Up to `max` live (key, value) pairs in key order (reverse: descending) with lo <(=) key <(=)
- * hi (NULL: unbounded); a new list (maybe shorter than `max` though more keys follow: *done
- * says whether the range is exhausted), NULL with an exception set. */
-PyObject *shmkv_tree_range(store_t *st, const char *lo, size_t lolen, int lo_incl,
-                           const char *hi, size_t hilen, int hi_incl, int reverse, uint32_t max,
-                           int *done);
+/* REQUIRES: no lock but `held_stripe`. More nodes for the index: a slab page (an unassigned
+ * one, else one emptied by evicting its items, never the page of `mine`: the caller's chunk
+ * IN FLIGHT) becomes nodes. 0, or -1 when none can be had. */
+int shmkv_tree_grow(store_t *st, uint32_t held_stripe, uint32_t mine);
+int shmkv_page_for_nodes(store_t *st, uint32_t held_stripe, uint32_t mine); /* slab.c, for the above */
+void shmkv_backoff(int attempt); /* slab.c: yield, then sleep 50 us doubling to 2 ms (GIL released) */
+/* A scan's private copy of one batch: `count` pairs, each [klen u32][vlen u32][key][value],
+ * in `used` bytes of `buf` (PyMem_Raw; the owner frees it), the last one at byte `last`.
+ * `done`: the range is exhausted. */
+typedef struct {
+    char *buf;
+    size_t used, cap, last;
+    uint32_t count;
+    int done;
+} shmkv_scanbuf_t;
+/* a batch stops once it holds this many bytes (big values: memory stays bounded) */
+#define SHMKV_SCAN_BYTES (256u * 1024u)
+/* Copies up to `max` live (key, value) pairs in key order (reverse: descending) with lo <(=)
+ * key <(=) hi (NULL: unbounded) into `o` (maybe fewer though more keys follow: o->done says
+ * whether the range is exhausted), read without a lock (btree.c). 0, SHMKV_ENOMEM,
+ * SHMKV_ELOCK (errno in st->last_errno) or SHMKV_ECORRUPT. Makes no Python object. */
+int shmkv_tree_fill(store_t *st, const char *lo, size_t lolen, int lo_incl, const char *hi, size_t hilen,
+                    int hi_incl, int reverse, uint32_t max, shmkv_scanbuf_t *o);
 int shmkv_tree_verify(store_t *st, PyObject *problems);
 static inline int shmkv_is_btree(store_t *st) { return st->hdr->engine == ENGINE_BTREE; }
 
@@ -221,7 +240,8 @@ static inline int shmkv_chunk_class(store_t *st, uint32_t off) {
     X(VERIFY_PAGE_LOCK, 11)  /* verify.c: the page lock and nothing else */                \
     X(BTREE_SPLIT,      12)  /* btree.c: stripe + tree; new right node filled, not linked */    \
     X(BTREE_MERGE,      13)  /* btree.c: stripe + tree; right node copied into left, not cut */ \
-    X(BTREE_ROOT_GROW,  14)  /* btree.c: stripe + tree; new root built, root not switched */
+    X(BTREE_ROOT_GROW,  14)  /* btree.c: stripe + tree; new root built, root not switched */ \
+    X(BTREE_GROW,       15)  /* btree.c: stripe + page + tree; a page marked NODES, not listed */
 
 enum {
 #define SHMKV_CP_ENUM(name, n) CP_##name = n,

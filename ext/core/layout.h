@@ -19,8 +19,9 @@
  *   | page table         |  npages x pagemeta_t: owning class, used chunks
  *   +--------------------+ off_buckets
  *   | bucket array       |  nbuckets x u32 unit offset of the first item of a hash chain
- *   +--------------------+ off_nodes (engine "btree" only; 0 bytes for "hash")
- *   | B+tree nodes       |  nnodes x 1 KiB bt_node_t (btree.h): the ordered index
+ *   +--------------------+ off_nodes (engine "btree" only; 0 bytes for "hash"; 1 KiB aligned)
+ *   | B+tree nodes       |  nnodes x 1 KiB bt_node_t (btree.h): the ordered index; when they
+ *   |                    |  run out, slab pages become nodes too (SHMKV_PAGE_NODES)
  *   +--------------------+ off_pages (page aligned)
  *   | pages              |  npages x page_size bytes, each cut into one class's chunks
  *   +--------------------+ total_size
@@ -40,13 +41,15 @@
  *   state: FREE<->IN FLIGHT under the class lock; IN FLIGHT->LINKED->UNLINKED under the stripe
  *   active: set by readers under the stripe lock, cleared by the evictor under the class lock;
  *     a lost update only costs one second chance, so it is a racy byte on purpose
- *   pagemeta.cls                                                  -> page lock (+ class locks)
+ *   pagemeta.cls                                                  -> page lock (+ class locks;
+ *     becoming SHMKV_PAGE_NODES: page lock + tree lock, so the tree lock alone fixes that set)
  *
  * Lock order (never block against it; anything else is taken with trylock):
  *   stripe -> registry -> class -> page -> tree
  * The tree lock (engine "btree", btree.c) is innermost: its holder takes no other lock, so
  * any holder of any lock may block on it (a put holds its stripe; eviction holds a class
- * lock and the victim's stripe; a page move the page lock too). Every publication of an
+ * lock and the victim's stripe; a page move the page lock too; a page becoming nodes the
+ * page lock, shmkv_tree_grow, taken after the put let go of the tree lock). Every publication of an
  * item into a chain, and every unlink from one, happens under it in a btree store, so the
  * ordered index always equals the set of chained items and can be rebuilt from the chains
  * under the tree lock alone (btree.c says why this and not a lock-free index).
@@ -59,7 +62,8 @@
 
 /* DO NOT CHANGE: stored layout. Bump SHMKV_LAYOUT_VERSION for any change below. */
 #define SHMKV_MAGIC 0x31764B4D48537F00ULL /* "\0\x7fSHMKv1" */
-#define SHMKV_LAYOUT_VERSION 4u /* 2: the disk tier in the header; 3: 24 stat counters (lock waits); 4: engine + B+tree */
+#define SHMKV_LAYOUT_VERSION 5u /* 2: the disk tier in the header; 3: 24 stat counters (lock waits); 4: engine + B+tree;
+                                  * 5: B+tree node pages taken from the slab (SHMKV_PAGE_NODES, tree_pages) */
 #define SHMKV_UNIT 8u
 #define SHMKV_HEADER_SIZE 4096u
 #define SHMKV_MAX_SLOTS 256u
@@ -67,6 +71,7 @@
 #define SHMKV_MIN_CHUNK 48u
 #define SHMKV_PAGE_UNASSIGNED 0xFFFFu
 #define SHMKV_PAGE_MOVING 0xFFFEu
+#define SHMKV_PAGE_NODES 0xFFFDu /* engine "btree": a page of index nodes (btree.c); never given back */
 #define SHMKV_MAX_SEGMENT (32ULL << 30)
 #define SHMKV_TIER_PATH_MAX 2048u /* bytes of the disk tier's absolute directory path */
 
@@ -216,7 +221,9 @@ typedef struct {
     uint32_t tree_nfree;  /* nodes on it */
     uint64_t tree_keys;   /* entries in the leaves */
     uint64_t tree_rebuilds;
-    char pad4[16];
+    uint32_t tree_pages; /* slab pages turned into nodes (pagemeta.cls SHMKV_PAGE_NODES) */
+    uint32_t pad4a;
+    char pad4[8];
     uint64_t tree_version; /* seqlock: readers copy optimistically, retry on a change */
     char pad5[56];
     shlock_t tree_lock;

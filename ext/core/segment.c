@@ -102,12 +102,14 @@ int shmkv_init_segment(char *base, const create_params_t *p, char *err, size_t e
     off = off_pagemeta + max_pages * sizeof(pagemeta_t);
     uint64_t off_buckets = align_up(off, 64);
     off = off_buckets + (uint64_t)nbuckets * sizeof(uint32_t);
-    /* The B+tree's node region (engine "btree"): a fifth of the segment, reserved here and
-     * never part of the slab pages, so eviction can never take a node (README "Engines"). */
+    /* The B+tree's node region (engine "btree"): a sixteenth of the segment, reserved here;
+     * when it runs out the index takes slab pages as nodes (btree.c: shmkv_tree_grow), so
+     * its size is a starting point, not a limit (README "Engines"). 1 KiB aligned, like the
+     * pages after it: a node of a page then has an index like one of the region. */
     uint64_t off_nodes = 0, nnodes = 0;
     if (p->engine == ENGINE_BTREE) {
-        off_nodes = align_up(off, 64);
-        nnodes = p->size / 5 / BT_NODE_SIZE;
+        off_nodes = align_up(off, BT_NODE_SIZE);
+        nnodes = p->size / 16 / BT_NODE_SIZE;
         if (nnodes < 64) nnodes = 64;
         if (nnodes > UINT32_MAX / 2) nnodes = UINT32_MAX / 2;
         off = off_nodes + nnodes * BT_NODE_SIZE;

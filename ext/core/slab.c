@@ -40,6 +40,8 @@ static void backoff(int attempt) {
     }
 }
 
+void shmkv_backoff(int attempt) { backoff(attempt); }
+
 int shmkv_class_for(store_t *st, uint32_t itemsize) {
     uint32_t lo = 0, hi = st->hdr->nclasses;
     if (itemsize > st->classes[hi - 1].size) return -1;
@@ -219,6 +221,60 @@ static int automove_locked(store_t *st, uint32_t cls, uint32_t held_stripe) {
         STAT(st, ST_AUTOMOVES);
     }
     return moved;
+}
+
+/* REQUIRES: no class lock and no page lock (a stripe may be held: `held_stripe`). A page for
+ * the btree's nodes (btree.c: shmkv_tree_grow): an unassigned one, else the emptiest page of
+ * the class with the fewest recent allocations per page (but not the page of `mine`, the
+ * caller's own chunk IN FLIGHT), emptied as a page move empties it (its items evicted; -1
+ * if one is busy). Returns the page with the page lock HELD, zeroed
+ * and marked MOVING -- a crash there leaves it to page repair, which returns it to the
+ * unassigned pool -- or -1 (no lock held). */
+int shmkv_page_for_nodes(store_t *st, uint32_t held_stripe, uint32_t mine) {
+    header_t *h = st->hdr;
+    if (page_lock(st) < 0) return -1;
+    for (uint32_t i = 0; i < h->npages; i++) {
+        uint32_t p = (uint32_t)((h->next_page_hint + i) % h->npages);
+        if (st->pagemeta[p].cls == SHMKV_PAGE_UNASSIGNED) {
+            st->pagemeta[p].cls = SHMKV_PAGE_MOVING;
+            memset(shmkv_page_addr(st, p), 0, h->page_size);
+            return (int)p;
+        }
+    }
+    shmkv_unlock(&h->page_lock.m);
+    uint32_t donor = h->nclasses;
+    uint64_t best = UINT64_MAX;
+    for (uint32_t i = 0; i < h->nclasses; i++) {
+        class_t *c = &st->classes[i];
+        uint64_t pages = __atomic_load_n(&c->pages, __ATOMIC_RELAXED);
+        if (pages == 0) continue;
+        uint64_t rate = __atomic_load_n(&c->recent_allocs, __ATOMIC_RELAXED) / pages;
+        if (rate < best) { best = rate; donor = i; }
+    }
+    if (donor == h->nclasses) return -1;
+    class_t *dc = &st->classes[donor];
+    if (shmkv_class_lock(st, donor) < 0) return -1; /* (no class lock held: it may block) */
+    uint32_t victim = h->npages, least = UINT32_MAX;
+    uint32_t avoid = shmkv_page_of(st, mine);
+    for (uint32_t p = 0; p < h->npages; p++)
+        if (st->pagemeta[p].cls == donor && st->pagemeta[p].used < least && p != avoid) {
+            least = st->pagemeta[p].used;
+            victim = p;
+        }
+    int got = -1;
+    if (victim < h->npages && page_lock(st) == 0) {
+        if (st->pagemeta[victim].cls == donor && evacuate_page_locked(st, donor, victim, held_stripe) == 0) {
+            st->pagemeta[victim].cls = SHMKV_PAGE_MOVING;
+            dc->pages--;
+            memset(shmkv_page_addr(st, victim), 0, h->page_size);
+            STAT(st, ST_AUTOMOVES);
+            got = (int)victim;
+        } else {
+            shmkv_unlock(&h->page_lock.m);
+        }
+    }
+    shmkv_unlock(&dc->lock.m);
+    return got;
 }
 
 /* REQUIRES: class lock of `cls`, which this RELEASES AND RETAKES while it backs off (the

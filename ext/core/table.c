@@ -24,6 +24,8 @@
 
 #include "core.h"
 
+#define GROW_RETRIES 12 /* failed node-page grabs before a put of a new key gives up (~10 ms) */
+
 static inline uint32_t bucket_of(store_t *st, uint64_t h) { return (uint32_t)h & st->bucket_mask; }
 uint32_t shmkv_stripe_of(store_t *st, uint64_t h) { return bucket_of(st, h) & st->stripe_mask; }
 
@@ -232,7 +234,19 @@ static int put_locked(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls
      * before anything is published */
     int bt = 0;
     if (shmkv_is_btree(st)) {
-        if ((rc = shmkv_tree_lock(st)) < 0 || (!old && !shmkv_tree_room_locked(st))) {
+        /* Out of nodes for a new key: a slab page becomes nodes (taken with the tree lock
+         * released: page -> tree is the order). Its evictions may change this chain (the
+         * stripe is ours, so they unlink without waiting): look the key up again. A page
+         * whose items are all busy is an instant's state, as for an eviction (slab.c:
+         * make_room_locked): back off and retry, GROW_RETRIES times, before StoreFull. */
+        rc = shmkv_tree_lock(st);
+        for (int grow = 0; rc == 0 && !old && !shmkv_tree_room_locked(st) && grow < GROW_RETRIES; grow++) {
+            shmkv_tree_unlock(st);
+            if (shmkv_tree_grow(st, s, x) < 0) shmkv_backoff(grow);
+            old = find_locked(st, b, k, klen, h32, &link);
+            rc = shmkv_tree_lock(st);
+        }
+        if (rc < 0 || (!old && !shmkv_tree_room_locked(st))) {
             if (rc == 0) shmkv_tree_unlock(st);
             if (shmkv_class_lock(st, (uint32_t)cls) == 0) {
                 if (it->state == IT_INFLIGHT && it->owner == st->slot + 1) shmkv_free_locked(st, (uint32_t)cls, x);

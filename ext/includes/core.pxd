@@ -16,6 +16,9 @@ cdef extern from "core/core.h":
         SHMKV_EEXISTS
         SHMKV_EPYTHON
         SHMKV_EIDXFULL
+        SHMKV_ENOMEM
+        SHMKV_ECORRUPT
+        SHMKV_SCAN_BYTES
         SHMKV_LAYOUT_VERSION
         SHMKV_MAX_SLOTS
         SHMKV_ITEM_HDR
@@ -94,6 +97,7 @@ cdef extern from "core/core.h":
         uint32_t tree_nfree
         uint64_t tree_keys
         uint64_t tree_rebuilds
+        uint32_t tree_pages
 
     ctypedef struct store_t:
         char *base
@@ -154,6 +158,12 @@ cdef extern from "core/core.h":
     int shmkv_cas(store_t *st, const char *k, size_t klen, const char *expected, size_t elen,
                   int expect_absent, const char *v, size_t vlen, uint64_t expire_ms)
     int shmkv_verify(store_t *st, object problems)
-    object shmkv_tree_range(store_t *st, const char *lo, size_t lolen, int lo_incl,
-                            const char *hi, size_t hilen, int hi_incl, int reverse, uint32_t max,
-                            int *done)
+    ctypedef struct shmkv_scanbuf_t:
+        char *buf
+        size_t used
+        size_t cap
+        size_t last
+        uint32_t count
+        int done
+    int shmkv_tree_fill(store_t *st, const char *lo, size_t lolen, int lo_incl, const char *hi,
+                        size_t hilen, int hi_incl, int reverse, uint32_t max, shmkv_scanbuf_t *o)
