@@ -24,7 +24,10 @@
 
 #include "core.h"
 
-#define GROW_RETRIES 12 /* failed node-page grabs before a put of a new key gives up (~10 ms) */
+/* failed node-page grabs before a put of a new key gives up: ~70 ms with backoff()'s 2 ms cap
+ * -- longer than an eviction's ~10 ms, since a grab waits on another process's whole class walk,
+ * and a holder descheduled on a loaded host holds it for tens of ms (seen in CI-like runs) */
+#define GROW_RETRIES 40
 
 static inline uint32_t bucket_of(store_t *st, uint64_t h) { return (uint32_t)h & st->bucket_mask; }
 uint32_t shmkv_stripe_of(store_t *st, uint64_t h) { return bucket_of(st, h) & st->stripe_mask; }
