@@ -40,16 +40,18 @@ def _procs(state: dict) -> list[psutil.Process]:
     return out
 
 
-def _cpu(procs: list[psutil.Process]) -> float:
-    total = 0.0
+def _cpu(procs: list[psutil.Process]) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``procs`` so far."""
+    user = system = 0.0
     for p in procs:
         t = p.cpu_times()
-        total += t.user + t.system
-    return total
+        user += t.user
+        system += t.system
+    return user, system
 
 
-def _bench(port: str, test: str, a: argparse.Namespace, procs: list[psutil.Process]) -> tuple[str, float, float]:
-    cpu0, t0 = _cpu(procs), time.perf_counter()
+def _bench(port: str, test: str, a: argparse.Namespace, procs: list[psutil.Process]) -> tuple[str, str, float]:
+    (u0, s0), t0 = _cpu(procs), time.perf_counter()
     p = subprocess.run(
         ["redis-benchmark", "-h", "127.0.0.1", "-p", port, "-t", test, "-n", str(a.requests),
          "-c", str(a.clients), "-r", str(a.keys), "-P", str(a.pipeline), "--csv"],
@@ -57,7 +59,9 @@ def _bench(port: str, test: str, a: argparse.Namespace, procs: list[psutil.Proce
     )
     wall = time.perf_counter() - t0
     rps = [ln for ln in p.stdout.splitlines() if ln.startswith('"' + test.upper())]
-    return (rps[0] if rps else p.stdout[-200:]), (_cpu(procs) - cpu0) / a.requests * 1e6, wall
+    u1, s1 = _cpu(procs)
+    us, ss = (u1 - u0) / a.requests * 1e6, (s1 - s0) / a.requests * 1e6
+    return (rps[0] if rps else p.stdout[-200:]), f"{us + ss:.1f} us/req ({us:.1f} user + {ss:.1f} sys)", wall
 
 
 def _redis(a: argparse.Namespace) -> None:
@@ -70,7 +74,7 @@ def _redis(a: argparse.Namespace) -> None:
         time.sleep(0.5)
         for test in a.tests.split(","):
             row, cpu, wall = _bench(port, test, a, [psutil.Process(proc.pid)])
-            print(f"redis-server P={a.pipeline} {test.upper()}: {row}  CPU {cpu:.1f} us/req "
+            print(f"redis-server P={a.pipeline} {test.upper()}: {row}  CPU {cpu} "
                   f"(wall {wall:.1f} s, load {os.getloadavg()[0]:.1f})", flush=True)
     finally:
         proc.terminate()
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         for test in a.tests.split(","):
             row, cpu, wall = _bench(port, test, a, procs)
             print(f"nodes={a.nodes} workers={a.workers} P={a.pipeline} {test.upper()}: {row}  "
-                  f"daemon CPU {cpu:.1f} us/req (wall {wall:.1f} s, load {os.getloadavg()[0]:.1f})",
+                  f"daemon CPU {cpu} (wall {wall:.1f} s, load {os.getloadavg()[0]:.1f})",
                   flush=True)
     finally:
         tc.stop(d, grace=10)
