@@ -31,12 +31,12 @@ from _run import cluster_tool
 tc = cluster_tool()
 
 
-def _procs(state: dict) -> list[psutil.Process]:
+def _procs(state: dict) -> list[list[psutil.Process]]:
+    """Per node, its processes (the daemon and its workers)."""
     out = []
     for node in state["nodes"]:
         p = psutil.Process(node["pid"])
-        out.append(p)
-        out.extend(p.children(recursive=True))
+        out.append([p, *p.children(recursive=True)])
     return out
 
 
@@ -50,8 +50,8 @@ def _cpu(procs: list[psutil.Process]) -> tuple[float, float]:
     return user, system
 
 
-def _bench(port: str, test: str, a: argparse.Namespace, procs: list[psutil.Process]) -> tuple[str, str, float]:
-    (u0, s0), t0 = _cpu(procs), time.perf_counter()
+def _bench(port: str, test: str, a: argparse.Namespace, nodes: list[list[psutil.Process]]) -> tuple[str, str, float]:
+    before, t0 = [_cpu(ps) for ps in nodes], time.perf_counter()
     p = subprocess.run(
         ["redis-benchmark", "-h", "127.0.0.1", "-p", port, "-t", test, "-n", str(a.requests),
          "-c", str(a.clients), "-r", str(a.keys), "-P", str(a.pipeline), "--csv"],
@@ -59,9 +59,12 @@ def _bench(port: str, test: str, a: argparse.Namespace, procs: list[psutil.Proce
     )
     wall = time.perf_counter() - t0
     rps = [ln for ln in p.stdout.splitlines() if ln.startswith('"' + test.upper())]
-    u1, s1 = _cpu(procs)
-    us, ss = (u1 - u0) / a.requests * 1e6, (s1 - s0) / a.requests * 1e6
-    return (rps[0] if rps else p.stdout[-200:]), f"{us + ss:.1f} us/req ({us:.1f} user + {ss:.1f} sys)", wall
+    per = [(u1 - u0, s1 - s0) for (u0, s0), (u1, s1) in zip(before, [_cpu(ps) for ps in nodes], strict=True)]
+    us, ss = sum(u for u, _ in per) / a.requests * 1e6, sum(s for _, s in per) / a.requests * 1e6
+    text = f"{us + ss:.1f} us/req ({us:.1f} user + {ss:.1f} sys)"
+    if len(per) > 1:  # node 1 takes every request (it coordinates or forwards); the others replicate
+        text += " = " + " + ".join(f"{(u + s) / a.requests * 1e6:.1f}" for u, s in per) + " per node"
+    return (rps[0] if rps else p.stdout[-200:]), text, wall
 
 
 def _redis(a: argparse.Namespace) -> None:
@@ -73,7 +76,7 @@ def _redis(a: argparse.Namespace) -> None:
     try:
         time.sleep(0.5)
         for test in a.tests.split(","):
-            row, cpu, wall = _bench(port, test, a, [psutil.Process(proc.pid)])
+            row, cpu, wall = _bench(port, test, a, [[psutil.Process(proc.pid)]])
             print(f"redis-server P={a.pipeline} {test.upper()}: {row}  CPU {cpu} "
                   f"(wall {wall:.1f} s, load {os.getloadavg()[0]:.1f})", flush=True)
     finally:
