@@ -326,6 +326,10 @@ class Node:
         every stale answer repaired."""
         n = len(prefs)
         nd = self._need(r, prefs, "R")
+        if n == 1 and nd.total == 1 and not nd.per_dc:
+            # N=1: the local copy (this node coordinates: prefs == [it]) is the read -- what the
+            # tally below would answer, with nothing to wait for or repair
+            return self.replica.get(key)
         up = self._up(prefs)
         tally: ReadTally[VersionSet] = ReadTally(n, nd.total, up, nd.per_dc, self._dc_of)
         if tally.state == FAILED:
