@@ -281,7 +281,10 @@ class VersionSet:
     @property
     def is_deleted(self) -> bool:
         """No live value: never written, or every sibling is a tombstone."""
-        return all(s.value is None for s in self._siblings)
+        for s in self._siblings:  # (a loop, not all() over a generator: every write asks)
+            if s.value is not None:
+                return False
+        return True
 
     def visible(self, now_ms: int) -> VersionSet:
         """What a read at wall-clock ``now_ms`` serves: this set without its expired siblings
