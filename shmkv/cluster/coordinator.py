@@ -421,14 +421,16 @@ class Node:
                 return msg
             return Message(wire.HINT_PUT, 0, {**fields, "owner": owner})
 
-        send_to = None
+        send_to: Callable[[str], asyncio.Future[Message]] | None = None
         if self.batch_puts and value is not None and len(value) <= BATCH_VALUE_MAX:
             batches, wire_new, epoch = self._put_batches, fields["versions"], fields["epoch"]
 
-            def send_to(node: str) -> asyncio.Future[Message]:
-                if node in hint_for:
+            def batched(node: str) -> asyncio.Future[Message]:
+                if node in hint_for:  # a hint is its own request (HINT_PUT)
                     return self.transport.send(self._ring().members[node].addr, make(node), timeout)
                 return batches.add(node, key, wire_new, epoch, timeout)
+
+            send_to = batched
 
         def on_fail(node: str, reason: str, *, maybe_reached: bool = False) -> None:
             # before or after the answer: a primary (or fallback) that fails leaves a hint here
