@@ -6,13 +6,15 @@
 Starts an N-node shmkv with ``--resp`` (tools/cluster.py; N=W=R=1 for one node, N=3 W=2 R=2 for
 three), runs ``redis-benchmark -t TEST`` against node 1's RESP port, and reports per test the
 ops/s redis-benchmark saw and the CPU time (user + system) every daemon process of the cluster
-spent per request, in microseconds. On a shared machine the ops/s move with the load; the CPU
+spent per request, in microseconds (user + system, and per node for three: node 1 takes every
+request and coordinates it, the others replicate). On a shared machine the ops/s move with the
+load; the CPU
 per request moves much less, so it is the figure to compare between two versions of the code
 (bench/cluster_bench.py gives the same-run ratios against Redis the targets are about).
 
 ``--profile PREFIX`` runs the daemons under cProfile (daemon.py's ``SHMKV_PROFILE``) and leaves
-``PREFIX.<pid>.prof`` per process (read them with ``python -m pstats``); the CPU figures are
-then the profiled ones.
+``PREFIX.<pid>.prof`` per process, timed by CPU clock (read them with ``python -m pstats``); the
+CPU figures are then the profiled ones. ``--redis`` first measures a redis-server the same way.
 """
 
 from __future__ import annotations
