@@ -6,13 +6,15 @@
 Starts an N-node shmkv with ``--resp`` (tools/cluster.py; N=W=R=1 for one node, N=3 W=2 R=2 for
 three), runs ``redis-benchmark -t TEST`` against node 1's RESP port, and reports per test the
 ops/s redis-benchmark saw and the CPU time (user + system) every daemon process of the cluster
-spent per request, in microseconds. On a shared machine the ops/s move with the load; the CPU
+spent per request, in microseconds (user + system, and per node for three: node 1 takes every
+request and coordinates it, the others replicate). On a shared machine the ops/s move with the
+load; the CPU
 per request moves much less, so it is the figure to compare between two versions of the code
 (bench/cluster_bench.py gives the same-run ratios against Redis the targets are about).
 
 ``--profile PREFIX`` runs the daemons under cProfile (daemon.py's ``SHMKV_PROFILE``) and leaves
-``PREFIX.<pid>.prof`` per process (read them with ``python -m pstats``); the CPU figures are
-then the profiled ones.
+``PREFIX.<pid>.prof`` per process, timed by CPU clock (read them with ``python -m pstats``); the
+CPU figures are then the profiled ones. ``--redis`` first measures a redis-server the same way.
 """
 
 from __future__ import annotations
@@ -31,25 +33,27 @@ from _run import cluster_tool
 tc = cluster_tool()
 
 
-def _procs(state: dict) -> list[psutil.Process]:
+def _procs(state: dict) -> list[list[psutil.Process]]:
+    """Per node, its processes (the daemon and its workers)."""
     out = []
     for node in state["nodes"]:
         p = psutil.Process(node["pid"])
-        out.append(p)
-        out.extend(p.children(recursive=True))
+        out.append([p, *p.children(recursive=True)])
     return out
 
 
-def _cpu(procs: list[psutil.Process]) -> float:
-    total = 0.0
+def _cpu(procs: list[psutil.Process]) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``procs`` so far."""
+    user = system = 0.0
     for p in procs:
         t = p.cpu_times()
-        total += t.user + t.system
-    return total
+        user += t.user
+        system += t.system
+    return user, system
 
 
-def _bench(port: str, test: str, a: argparse.Namespace, procs: list[psutil.Process]) -> tuple[str, float, float]:
-    cpu0, t0 = _cpu(procs), time.perf_counter()
+def _bench(port: str, test: str, a: argparse.Namespace, nodes: list[list[psutil.Process]]) -> tuple[str, str, float]:
+    before, t0 = [_cpu(ps) for ps in nodes], time.perf_counter()
     p = subprocess.run(
         ["redis-benchmark", "-h", "127.0.0.1", "-p", port, "-t", test, "-n", str(a.requests),
          "-c", str(a.clients), "-r", str(a.keys), "-P", str(a.pipeline), "--csv"],
@@ -57,7 +61,12 @@ def _bench(port: str, test: str, a: argparse.Namespace, procs: list[psutil.Proce
     )
     wall = time.perf_counter() - t0
     rps = [ln for ln in p.stdout.splitlines() if ln.startswith('"' + test.upper())]
-    return (rps[0] if rps else p.stdout[-200:]), (_cpu(procs) - cpu0) / a.requests * 1e6, wall
+    per = [(u1 - u0, s1 - s0) for (u0, s0), (u1, s1) in zip(before, [_cpu(ps) for ps in nodes], strict=True)]
+    us, ss = sum(u for u, _ in per) / a.requests * 1e6, sum(s for _, s in per) / a.requests * 1e6
+    text = f"{us + ss:.1f} us/req ({us:.1f} user + {ss:.1f} sys)"
+    if len(per) > 1:  # node 1 takes every request (it coordinates or forwards); the others replicate
+        text += " = " + " + ".join(f"{(u + s) / a.requests * 1e6:.1f}" for u, s in per) + " per node"
+    return (rps[0] if rps else p.stdout[-200:]), text, wall
 
 
 def _redis(a: argparse.Namespace) -> None:
@@ -69,8 +78,8 @@ def _redis(a: argparse.Namespace) -> None:
     try:
         time.sleep(0.5)
         for test in a.tests.split(","):
-            row, cpu, wall = _bench(port, test, a, [psutil.Process(proc.pid)])
-            print(f"redis-server P={a.pipeline} {test.upper()}: {row}  CPU {cpu:.1f} us/req "
+            row, cpu, wall = _bench(port, test, a, [[psutil.Process(proc.pid)]])
+            print(f"redis-server P={a.pipeline} {test.upper()}: {row}  CPU {cpu} "
                   f"(wall {wall:.1f} s, load {os.getloadavg()[0]:.1f})", flush=True)
     finally:
         proc.terminate()
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         for test in a.tests.split(","):
             row, cpu, wall = _bench(port, test, a, procs)
             print(f"nodes={a.nodes} workers={a.workers} P={a.pipeline} {test.upper()}: {row}  "
-                  f"daemon CPU {cpu:.1f} us/req (wall {wall:.1f} s, load {os.getloadavg()[0]:.1f})",
+                  f"daemon CPU {cpu} (wall {wall:.1f} s, load {os.getloadavg()[0]:.1f})",
                   flush=True)
     finally:
         tc.stop(d, grace=10)

@@ -154,6 +154,11 @@ class Node:
         # Called with the epoch of a request routed with a *newer* ring than this node's: the
         # configuration service pulls the committed configuration at once instead of waiting.
         self.on_newer_epoch: Callable[[int], None] | None = None
+        #: the daemon turns it on (the simulator's scenarios keep one REPLICA_PUT per write):
+        #: the replica copies of the writes coordinated within one loop iteration go to each
+        #: replica as one REPLICA_PUT_MANY (_PutBatches)
+        self.batch_puts = False
+        self._put_batches = _PutBatches(self)
 
     @property
     def ring(self) -> Ring | None:
@@ -297,6 +302,8 @@ class Node:
                 vs = self._overwrite(f["key"], vs)
             else:
                 vs = self.replica.merge(f["key"], vs)
+            if f.get("ack"):  # the sender reads only that it is done (a write's fan-out)
+                return Message(wire.OK, 0, {})
             return Message(wire.OK, 0, {"versions": vs.to_wire()})
         if code == wire.REPLICA_GET_MANY:
             keys = _keys(f["keys"])
@@ -376,6 +383,8 @@ class Node:
                 vs = await self.write(key, value, ctx, prefs, w, timeout, ttl, strict=strict)
             else:
                 vs = await self.write_moving(key, value, ctx, prefs, old, w, timeout, ttl)
+            if f.get("ack"):  # the requester does not read the new context (RESP SET)
+                return Message(wire.OK, 0, {})
             return Message(wire.OK, 0, {"context": vs.context.encode()})
         if code == wire.INCR:
             w = f.get("w") or self.config.w
@@ -394,6 +403,10 @@ class Node:
         every stale answer repaired."""
         n = len(prefs)
         nd = self._need(r, prefs, "R")
+        if n == 1 and nd.total == 1 and not nd.per_dc:
+            # N=1: the local copy (this node coordinates: prefs == [it]) is the read -- what the
+            # tally below would answer, with nothing to wait for or repair
+            return self.replica.get(key)
         up = self._up(prefs)
         tally: ReadTally[VersionSet] = ReadTally(n, nd.total, up, nd.per_dc, self._dc_of)
         if tally.state == FAILED:
@@ -442,6 +455,11 @@ class Node:
         count (module docstring)."""
         n = len(prefs)
         nd = self._need(w, prefs, "W")
+        if n == 1 and nd.total == 1 and not nd.per_dc:
+            # N=1: this node (it coordinates, so prefs == [it]) is the one replica and its own
+            # ack is W -- what the tally below would decide, without building one
+            expires = None if ttl is None else self.replica.now_ms() + max(1, int(ttl * 1000))
+            return self.replica.coordinate(key, value, context, expires)
         up = self._up(prefs)
         down = [p for p in prefs if p not in up]
         hint_for: dict[str, str] = {}  # fallback -> the primary it stands in for
@@ -467,7 +485,9 @@ class Node:
                 raise _err(tally)
             return new
         fields: dict[str, Any] = {"key": key, "versions": new.to_wire(), "epoch": self._ring().epoch}
-        msg = Message(wire.REPLICA_PUT, 0, fields)
+        # ack: the replicas answer {} -- the acks are all this fan-out reads (a replica too old
+        # to know the field answers the merged set, which is ignored just the same)
+        msg = Message(wire.REPLICA_PUT, 0, {**fields, "ack": 1})
         if self.test_bug == "ack-before-w":  # DELIBERATE BUG, tests only (TEST_BUG_ENV)
             self._spawn(self._replicate_late([p for p in up if p != self.config.name], msg, timeout))
             return new
@@ -478,13 +498,24 @@ class Node:
                 return msg
             return Message(wire.HINT_PUT, 0, {**fields, "owner": owner})
 
+        send_to: Callable[[str], asyncio.Future[Message]] | None = None
+        if self.batch_puts and value is not None and len(value) <= BATCH_VALUE_MAX:
+            batches, wire_new, epoch = self._put_batches, fields["versions"], fields["epoch"]
+
+            def batched(node: str) -> asyncio.Future[Message]:
+                if node in hint_for:  # a hint is its own request (HINT_PUT)
+                    return self.transport.send(self._ring().members[node].addr, make(node), timeout)
+                return batches.add(node, key, wire_new, epoch, timeout)
+
+            send_to = batched
+
         def on_fail(node: str, reason: str, *, maybe_reached: bool = False) -> None:
             # before or after the answer: a primary (or fallback) that fails leaves a hint here
             tally.fail(node, reason, maybe_reached=maybe_reached)
             self._keep_hints([hint_for.get(node, node)], key, new)
 
         fan = _FanOut(self, lambda node, _reply: tally.ack(node), on_fail, lambda: tally.state != PENDING)
-        fan.start(others, make, timeout)
+        fan.start(others, make, timeout, send_to)
         if tally.state == PENDING:  # W=1: answered now, the rest of the fan-out goes on
             await fan.waiter
         if tally.state != OK:
@@ -1240,6 +1271,91 @@ async def _gather(*aws: Coroutine[Any, Any, Any]) -> None:
     await asyncio.gather(*aws)
 
 
+#: values up to this size are batched (_PutBatches); a larger one goes alone (a batch stays
+#: far below the frame limit: BATCH_ITEMS of them at most)
+BATCH_VALUE_MAX = 4096
+BATCH_ITEMS = 256
+
+
+class _PutBatches:
+    """The replica copies of the writes one coordinator makes within one loop iteration, one
+    REPLICA_PUT_MANY per (replica, epoch, timeout) -- sent at the end of the iteration, or at
+    once when BATCH_ITEMS are waiting. With 50 clients each waiting for its SET, a coordinator
+    takes several SETs per iteration: each replica then decodes, checks and answers one frame
+    for all of them, and the coordinator tracks one request per replica instead of one per
+    write (the per-message work was most of a 3-node coordinator's CPU).
+
+    Semantics are the single requests': every write's future gets the batch's outcome -- its
+    ack, or its failure (unreachable, timed out: "may have been applied", as for one request);
+    REPLICA_PUT_MANY checks every key before merging any, and the keys of one batch were all
+    placed on this replica by the one ring of that epoch, so a refusal is a refusal of all.
+    Merging is a join: the order of the writes of one key inside a batch changes nothing.
+    """
+
+    __slots__ = ("node", "batches", "scheduled")
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        #: (replica, epoch, timeout) -> ([[key, versions wire], ...], their futures)
+        self.batches: dict[tuple[str, int, float], tuple[list[list[Any]], list[asyncio.Future[Message]]]] = {}
+        self.scheduled = False
+
+    def add(self, replica: str, key: bytes, versions: Any, epoch: int, timeout: float) -> asyncio.Future[Message]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Message] = loop.create_future()
+        k = (replica, epoch, timeout)
+        batch = self.batches.get(k)
+        if batch is None:
+            batch = self.batches[k] = ([], [])
+        batch[0].append([key, versions])
+        batch[1].append(fut)
+        if len(batch[0]) >= BATCH_ITEMS:
+            self._send(k, self.batches.pop(k))
+        elif not self.scheduled:
+            self.scheduled = True
+            loop.call_soon(self.flush)
+        return fut
+
+    def flush(self) -> None:
+        self.scheduled = False
+        batches, self.batches = self.batches, {}
+        for k, batch in batches.items():
+            self._send(k, batch)
+
+    def _send(self, k: tuple[str, int, float], batch: tuple[list[list[Any]], list[asyncio.Future[Message]]]) -> None:
+        replica, epoch, timeout = k
+        items, futs = batch
+        member = self.node.ring.members.get(replica) if self.node.ring is not None else None
+        if member is None:  # left the ring meanwhile: nothing was sent
+            err = Unreachable(f"{replica}: no longer a member of the ring", sent=False)
+            for f in futs:
+                f.set_exception(err)
+            return
+        if len(items) == 1:
+            key, versions = items[0]
+            msg = Message(wire.REPLICA_PUT, 0, {"key": key, "versions": versions, "epoch": epoch, "ack": 1})
+        else:
+            msg = Message(wire.REPLICA_PUT_MANY, 0, {"items": items, "epoch": epoch})
+        out = self.node.transport.send(member.addr, msg, timeout)
+        out.add_done_callback(functools.partial(_spread, futs))
+
+
+def _spread(futs: list[asyncio.Future[Message]], out: asyncio.Future[Message]) -> None:
+    """A batch's outcome is each of its writes' outcome."""
+    if out.cancelled():
+        for f in futs:
+            f.cancel()
+        return
+    exc = out.exception()
+    for f in futs:
+        if f.done():
+            continue
+        if exc is not None:
+            f.set_exception(exc)
+        else:
+            f.set_result(out.result())
+
+
 class _FanOut:
     """The replica requests of one client request, and their outcomes fed to its tally.
 
@@ -1280,8 +1396,12 @@ class _FanOut:
         self.left = 0
         self._ended: asyncio.Future[None] | None = None
 
-    def start(self, nodes: Sequence[str], make: Callable[[str], Message], timeout: float) -> None:
-        """Send ``make(node)`` to each of ``nodes`` (in order)."""
+    def start(
+        self, nodes: Sequence[str], make: Callable[[str], Message], timeout: float,
+        send_to: Callable[[str], asyncio.Future[Message]] | None = None,
+    ) -> None:
+        """Send ``make(node)`` to each of ``nodes`` (in order); ``send_to(node)``, when given,
+        sends instead (a batched write: _PutBatches) and returns the outcome's future."""
         owner = self.node
         ring = owner._ring()
         members = ring.members
@@ -1289,8 +1409,11 @@ class _FanOut:
         self.left = len(nodes)
         owner._fanouts.add(self)
         for node in nodes:
-            m = members.get(node)
-            fut = send(m.addr if m is not None else owner._addr_of(ring, node), make(node), timeout)
+            if send_to is None:
+                m = members.get(node)
+                fut = send(m.addr if m is not None else owner._addr_of(ring, node), make(node), timeout)
+            else:
+                fut = send_to(node)
             fut.add_done_callback(functools.partial(self._outcome, node))
 
     def ended(self) -> asyncio.Future[None]:

@@ -100,10 +100,17 @@ def coalesce(spans: Iterable[Span]) -> list[Span]:
     return [(lo, hi) for lo, hi in out]
 
 
+#: an empty BLAKE2b-128 state: copying it is cheaper than building one (keyword parsing and
+#: parameter block), and gives the same hash
+_BLAKE2B_128 = _blake2b(digest_size=16)
+
+
 def digest(key: bytes, value: bytes) -> int:
     """The 128-bit digest of one item: BLAKE2b-128 of (4-byte key length, key, value)."""
-    # one call on the joined bytes: the same hash as three update()s, at half the cost
-    return int.from_bytes(_blake2b(b"".join((len(key).to_bytes(4, "big"), key, value)), digest_size=16).digest(), "big")
+    # one update on the joined bytes: the same hash as three update()s, at half the cost
+    h = _BLAKE2B_128.copy()
+    h.update(b"".join((len(key).to_bytes(4, "big"), key, value)))
+    return int.from_bytes(h.digest(), "big")
 
 
 class MerkleTree:
@@ -117,9 +124,12 @@ class MerkleTree:
         self._levels: list[dict[int, int]] = [{} for _ in range(depth + 1)]
         self._leaves: dict[int, dict[bytes, int]] = {}
         self._count = 0
+        self._shift = 64 - BITS * depth  # token -> leaf index
+        #: (level, its nodes) from the leaves' level up to the root: set_digest's walk
+        self._up = [(level, self._levels[level]) for level in range(depth, -1, -1)]
 
     def leaf_of(self, key: bytes) -> int:
-        return key_token(key) >> (64 - BITS * self.depth)
+        return key_token(key) >> self._shift
 
     def __len__(self) -> int:
         return self._count
@@ -141,8 +151,10 @@ class MerkleTree:
     def set_digest(self, key: bytes, new: int) -> None:
         """:meth:`update` by digest (0: the key is gone) -- how a tree is copied into one of
         another depth without hashing the values again."""
-        leaf = self.leaf_of(key)
-        items = self._leaves.get(leaf)
+        # (runs for every write a node takes: kept flat, the walk over a precomputed list)
+        leaf = key_token(key) >> self._shift
+        leaves = self._leaves
+        items = leaves.get(leaf)
         old = items.get(key, 0) if items is not None else 0
         if new == old:
             return
@@ -151,16 +163,16 @@ class MerkleTree:
             del items[key]
             self._count -= 1
             if not items:
-                del self._leaves[leaf]
+                del leaves[leaf]
         else:
             if old == 0:
                 self._count += 1
-            self._leaves.setdefault(leaf, {})[key] = new
+            if items is None:
+                items = leaves[leaf] = {}
+            items[key] = new
         delta = (new - old) % MOD
         idx = leaf
-        levels = self._levels
-        for level in range(self.depth, -1, -1):
-            nodes = levels[level]
+        for level, nodes in self._up:
             h = nodes.get(idx, 0) + delta
             if h >= MOD:
                 h -= MOD

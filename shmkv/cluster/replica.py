@@ -121,6 +121,7 @@ class Replica:
             store.cas(ACTOR_KEY, raw, f"{name}@{secrets.token_hex(4)}".encode())
         else:
             raise Contended(f"{name}: could not install this node's actor name")
+        _EMPTY.put(None, None, self.actor)  # :raises ConfigError: not a valid node name (checked once)
 
     def now_ms(self) -> int:
         """This node's wall clock in integer ms since the epoch."""
@@ -189,12 +190,29 @@ class Replica:
         The dot is minted inside the cas loop, from the set the cas then replaces: unique across
         the node's workers (module docstring)."""
 
+        skey = VERSIONS + key
+        if context is None and (value is None or type(value) is bytes) and expires is None:
+            # The common put (RESP SET, a put without context=): VersionSet.put_encoded decodes
+            # only the clock it supersedes everything under. The same cas loop as _update.
+            store = self.store
+            actor = self.actor
+            for _ in range(CAS_RETRIES):
+                raw = store.get(skey)
+                new, enc = VersionSet.put_encoded(raw, value, actor)
+                if store.cas(skey, raw, enc):  # no expiry: no Store TTL (_store_ttl is None)
+                    if self.on_change is not None:
+                        self.on_change(skey, enc, new)
+                    return new
+                self.cas_retries += 1
+            raise Contended(f"{skey[1:65]!r}: {CAS_RETRIES} read-merge-writes in a row lost their "
+                            "compare-and-swap to other writers; nothing was written")
+
         def step(raw: bytes | None) -> tuple[bytes | None, VersionSet]:
             old = _EMPTY if raw is None else VersionSet.decode(raw)
             new = old.put(value, context, self.actor, expires)
             return new.encode(), new
 
-        return self._update(VERSIONS + key, step)
+        return self._update(skey, step)
 
     # -- counters ------------------------------------------------------------------------------
 

@@ -199,7 +199,8 @@ class RespParser:
         for a in req:
             if type(a) is not bytes:
                 return self._fail(out, "expected an array of bulk strings")
-        if self._aligned:
+        done = not self._reader.has_data()
+        if self._aligned and not done:  # (done: _buf is cleared below whatever it holds)
             canon = hiredis.pack_command(tuple(req)) if req else b"*0\r\n"
             if buf.startswith(canon):
                 del buf[: len(canon)]
@@ -209,7 +210,7 @@ class RespParser:
         if req:  # "*0\r\n" is ignored, as by Redis
             out.append(parse_command(req))
         self._checked = False
-        if not self._reader.has_data():
+        if done:
             # hiredis consumed every byte it was given, so _buf is at a boundary again
             self._reading = False
             buf.clear()

@@ -215,7 +215,7 @@ class RespServer:
             v = reply.fields["value"]
             return _NIL if v is None else b"$%d\r\n%s\r\n" % (len(v), v)
         if name == "SET":
-            f: dict[str, Any] = {"key": cmd.keys[0], "value": cmd.value}
+            f: dict[str, Any] = {"key": cmd.keys[0], "value": cmd.value, "ack": 1}  # no context wanted
             if cmd.ttl_ms is not None:
                 f["ttl_ms"] = cmd.ttl_ms
             await handle(Message(wire.PUT, 0, f))

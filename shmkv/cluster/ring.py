@@ -58,10 +58,23 @@ MAX_NAME = 255
 RING_FORMAT = 1
 
 
+#: the last bytes key hashed and its token: a write places its key (preference_list), then
+#: anti-entropy finds the same key's range (vnode_index) -- one hash, not two. One tuple,
+#: replaced whole, so a thread reading it never sees one key's token paired with another's.
+_last_token: tuple[bytes | None, int] = (None, 0)
+
+
 def key_token(key: bytes) -> int:
     """The ring position of ``key``: mmh3 x64 128-bit hash, first 64 bits, unsigned."""
+    global _last_token
+    last = _last_token
+    if last[0] == key and type(key) is bytes:
+        return last[1]
     # Keywords, not positions: mmh3 5.x ignores a positional `signed` and returns a signed value.
-    return mmh3.hash64(key, seed=0, x64arch=True, signed=False)[0]
+    token: int = mmh3.hash64(key, seed=0, x64arch=True, signed=False)[0]
+    if type(key) is bytes:
+        _last_token = (key, token)
+    return token
 
 
 @functools.lru_cache(maxsize=64)

@@ -265,6 +265,101 @@ class _Out:
         return self.size + self.writer.transport.get_write_buffer_size()
 
 
+class _ServerConn(asyncio.Protocol):
+    """One accepted connection, served from ``data_received``: the frames of each read are
+    dispatched at once (TcpTransport._dispatch: a handler that never waits is answered
+    without a Task) and the replies known by then go out in one write. Rejected: a reader
+    Task over asyncio streams, as before -- a future and a Task wake-up per read, a good part
+    of the cost of one small request.
+
+    Backpressure: while the socket's write buffer is above the loop's high-water mark
+    (``pause_writing``), the connection is not read, so a peer that sends but never reads is
+    slowed by TCP, not buffered without limit. Invariant: ``out`` holds only frames not yet
+    written; a ProtocolError answers once (rid 0) and closes; nothing is read after that.
+    """
+
+    def __init__(self, owner: TcpTransport, handler: Handler) -> None:
+        self.owner = owner
+        self.handler = handler
+        self.decoder = wire.FrameDecoder(owner._max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.out: _Out | None = None
+        self.closed = False
+        self.peer_host: str | None = None
+        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.peer_host = _peer_host(transport)  # type: ignore[arg-type]  # get_extra_info only
+        self.out = _Out(_TransportWriter(self.transport))  # type: ignore[arg-type]
+        self.owner._server_conns.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        out = self.out
+        if self.closed or out is None:
+            return
+        try:
+            msgs = self.decoder.feed(data)
+        except ProtocolError as e:
+            # The stream cannot be re-synchronised: say why once, then hang up.
+            out.write(wire.encode(wire.error_reply(0, e)))
+            self.close()
+            return
+        dispatch, handler = self.owner._dispatch, self.handler
+        # PEER_HOST: this connection's source IP, for every handler these frames start (a
+        # handler that waits goes on in a Task, which copies the context as it is here)
+        token = PEER_HOST.set(self.peer_host)
+        try:
+            for msg in msgs:
+                dispatch(msg, out, handler)
+        finally:
+            PEER_HOST.reset(token)
+        # The replies known at once (most: replica requests never wait) go out now, in one
+        # write with any that completed meanwhile.
+        out.flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # the peer is done sending: close (replies still in flight are dropped)
+
+    def pause_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.owner._server_conns.discard(self)
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    def close(self) -> None:
+        """Write what is queued, then close."""
+        self.closed = True
+        if self.out is not None:
+            self.out.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self._lost), 1.0)
+
+
+class _TransportWriter:
+    """What _Out needs of a StreamWriter, over a bare transport (the server side's)."""
+
+    __slots__ = ("transport", "write", "is_closing", "close")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.write = transport.write
+        self.is_closing = transport.is_closing
+        self.close = transport.close
+
+
 class _Conn:
     """One client connection: writes requests, a reader task resolves their futures by rid.
 
@@ -367,7 +462,8 @@ class _Pool:
 
 
 class TcpTransport(Transport):
-    """:class:`Transport` over TCP (asyncio streams), framed by wire.py."""
+    """:class:`Transport` over TCP, framed by wire.py: asyncio streams on the client side, a
+    Protocol per accepted connection on the server side (_ServerConn)."""
 
     def __init__(
         self,
@@ -406,8 +502,7 @@ class TcpTransport(Transport):
         self._due: dict[int, list[tuple[asyncio.Future[Message], str, int, float]]] = {}
         self._connecting: set[asyncio.Task[_Conn]] = set()
         self._servers: list[asyncio.AbstractServer] = []
-        self._server_conns: set[asyncio.StreamWriter] = set()
-        self._conn_tasks: set[asyncio.Task[Any]] = set()
+        self._server_conns: set[_ServerConn] = set()
         self._handler_tasks: set[asyncio.Task[None]] = set()
         # requests being handled by serve()'s handlers. Invariant: 0 <= _pending <= _max_pending
         self._pending = 0
@@ -589,55 +684,13 @@ class TcpTransport(Transport):
             raise RuntimeError("transport closed")
         host, port = split_addr(addr)
 
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self._conn_tasks.add(task)
-            try:
-                await self._serve_conn(reader, writer, handler)
-            except asyncio.CancelledError:
-                pass  # close() cancels us; streams would log a cancelled callback as an error
-            finally:
-                self._conn_tasks.discard(task)
-
-        server = await asyncio.start_server(
-            on_connect, host, port, limit=READ_CHUNK, reuse_port=self._reuse_port or None
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _ServerConn(self, handler), host, port, reuse_port=self._reuse_port or None
         )
         self._servers.append(server)
         sock_host, sock_port = server.sockets[0].getsockname()[:2]
         return join_addr(sock_host, sock_port)
-
-    async def _serve_conn(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler
-    ) -> None:
-        self._server_conns.add(writer)
-        decoder = wire.FrameDecoder(self._max_frame)
-        out = _Out(writer)
-        PEER_HOST.set(_peer_host(writer))  # this connection's Task: every handler it starts sees it
-        try:
-            while True:
-                data = await reader.read(READ_CHUNK)
-                if not data:
-                    break
-                try:
-                    msgs = decoder.feed(data)
-                except ProtocolError as e:
-                    # The stream cannot be re-synchronised: say why once, then hang up.
-                    out.write(wire.encode(wire.error_reply(0, e)))
-                    break
-                for msg in msgs:
-                    self._dispatch(msg, out, handler)
-                # The replies known at once (most: replica requests never wait) go out now,
-                # in one write with any that completed meanwhile.
-                out.flush()
-                # Backpressure: no more reading while our replies pile up unread.
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self._server_conns.discard(writer)
-            out.flush()  # the frames written so far, before the close
-            writer.close()
 
     def _dispatch(self, msg: Message, out: _Out, handler: Handler) -> None:
         if msg.code not in wire.REQUESTS:
@@ -696,10 +749,10 @@ class TcpTransport(Transport):
         self._closed = True
         for server in self._servers:
             server.close()
-        writers = list(self._server_conns)
-        for w in writers:
-            w.close()
-        for task in [*self._handler_tasks, *self._conn_tasks]:
+        served = list(self._server_conns)
+        for c in served:
+            c.close()
+        for task in list(self._handler_tasks):
             task.cancel()
         for task in list(self._connecting):
             task.cancel()
@@ -709,10 +762,10 @@ class TcpTransport(Transport):
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
-        if self._handler_tasks or self._conn_tasks:
-            await asyncio.gather(*self._handler_tasks, *self._conn_tasks, return_exceptions=True)
-        for w in writers:
-            await _wait_closed(w)
+        if self._handler_tasks:
+            await asyncio.gather(*self._handler_tasks, return_exceptions=True)
+        for c in served:
+            await c.wait_closed()
         self._pools.clear()
         self._servers.clear()
 

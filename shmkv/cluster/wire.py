@@ -51,11 +51,11 @@ are allowed, so refining it needs no version bump)::
     PING              {}                               RING     {"ring": Ring.to_wire()}
     GET               {"value": bytes|None, "context": bytes}
     GET_VERSIONS      {"values": [bytes|None, ...], "context": bytes}
-    PUT, DELETE       {"context": bytes}               STATUS   {"status": map}
+    PUT, DELETE       {"context": bytes} ({} with "ack": 1)   STATUS   {"status": map}
     GET_MANY          {"values": [bytes|None, ...]}    (in the order of "keys")
     PUT_MANY          {}                               INCR     {"value": int}
     REPLICA_GET       {"versions": VersionSet.to_wire() | None}
-    REPLICA_PUT       {"versions": the merged VersionSet.to_wire()}
+    REPLICA_PUT       {"versions": the merged VersionSet.to_wire()} ({} with "ack": 1)
     REPLICA_GET_MANY  {"versions": [... | None, ...]}  REPLICA_PUT_MANY  {}
     REPLICA_COUNTER   {"counter": the merged PNCounter.to_wire()}
     LOAD              {"ops": int, "bytes": int}       (autobalance.py: store ops so far, bytes)
@@ -91,6 +91,10 @@ WIRE_VERSION = 1
 # DO NOT CHANGE: wire layout
 HEADER = struct.Struct(">IB")  # length (version byte + body), version
 LENGTH = struct.Struct(">I")
+#: One Packer for every frame (``msgpack.packb`` builds one per call, as costly as packing a
+#: small frame). Safe to share: ``pack`` runs in C holding the GIL, calls no Python code for
+#: the types a frame holds, and resets its buffer when it raises.
+_pack = msgpack.Packer(use_bin_type=True).pack
 
 #: Largest ``length`` a decoder accepts by default: a 64 MiB value (the spill tier's big-item
 #: path) plus its key, version set and msgpack overhead. A decoder may be built with a smaller
@@ -256,7 +260,8 @@ SCHEMA: dict[int, tuple[dict[str, Check], dict[str, Check]]] = {
     PUT: (
         {"key": _B, "value": _B},
         # strict (issue 12): 1 = only primaries' acks count toward W (no hinted fallbacks)
-        {"context": _B, "w": _L, "epoch": _I, "timeout_ms": _I, "ttl_ms": _I, "strict": _I},
+        # ack: 1 = answer {} without the new version's context (RESP SET: nothing reads it)
+        {"context": _B, "w": _L, "epoch": _I, "timeout_ms": _I, "ttl_ms": _I, "strict": _I, "ack": _I},
     ),
     DELETE: ({"key": _B}, {"context": _B, "w": _L, "epoch": _I, "timeout_ms": _I, "strict": _I}),
     GET_MANY: ({"keys": _KEYS}, {"r": _L, "epoch": _I, "timeout_ms": _I}),
@@ -268,7 +273,8 @@ SCHEMA: dict[int, tuple[dict[str, Check], dict[str, Check]]] = {
     RING: ({}, {}),
     STATUS: ({}, {}),
     REPLICA_GET: ({"key": _B, "epoch": _I}, {}),
-    REPLICA_PUT: ({"key": _B, "versions": _any, "epoch": _I}, {"ttl_ms": _I}),
+    # ack: 1 = answer {} instead of the merged set (a write's fan-out reads only that it is done)
+    REPLICA_PUT: ({"key": _B, "versions": _any, "epoch": _I}, {"ttl_ms": _I, "ack": _I}),
     REPLICA_GET_MANY: ({"keys": _KEYS, "epoch": _I}, {}),
     REPLICA_PUT_MANY: (
         {"items": _list_of(_pair(_B, _any), "[key, versions] pairs"), "epoch": _I},
@@ -372,7 +378,7 @@ def encode_parts(
     """:func:`encode` without building a :class:`Message` first (the transport's hot path)."""
     _check(code, rid, fields)
     try:
-        body: bytes = msgpack.packb([code, rid, fields], use_bin_type=True)
+        body: bytes = _pack([code, rid, fields])
     except (TypeError, ValueError, OverflowError) as e:
         raise ProtocolError(f"{NAMES[code]}: cannot encode fields: {e}") from None
     if len(body) + 1 > max_frame:

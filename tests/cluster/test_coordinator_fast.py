@@ -5,6 +5,7 @@ repair, hints) still happens -- in callbacks, after the answer."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 import shmkv
 from shmkv.cluster import coordinator, wire
+from shmkv.cluster.wire import Message
 
 from .test_coordinator import Cluster
 
@@ -141,3 +143,58 @@ def test_drain_waits_for_the_rest_of_a_fan_out(cluster: Cluster) -> None:
     assert cluster.net.run(node.drain(2.0)) is True
     assert not node._fanouts
     assert c3 in node.suspects  # its timeout was handled before drain returned
+
+
+# -- batched replica writes (coordinator._PutBatches, on in the daemon) ---------------------------
+
+
+def _burst(c: Cluster, via: str, keys: list[bytes], **fields: Any) -> list[Any]:
+    """PUTs of ``keys`` through ``via``, all arriving at once (one loop iteration): the
+    outcomes, a Message or the exception."""
+
+    async def go() -> list[Any]:
+        return await asyncio.gather(*(
+            c.client.request(c.addr[via], Message(wire.PUT, 0, {"key": k, "value": b"v" + k, "epoch": 1, **fields}), 2.0)
+            for k in keys
+        ), return_exceptions=True)
+
+    return c.net.run(go())
+
+
+def _batched(seed: int) -> tuple[Cluster, str, list[bytes]]:
+    c = Cluster(seed=seed, delay=(0.001, 0.001))  # one latency: a burst arrives together
+    for node in c.nodes.values():
+        node.batch_puts = True
+    via = c.names[0]
+    keys = [k for k in (b"b%d" % i for i in range(400)) if c.coordinators(k)[0] == via][:12]
+    return c, via, keys
+
+
+def test_writes_coordinated_together_reach_each_replica_as_one_batch() -> None:
+    c, via, keys = _batched(seed=6)
+    try:
+        got = _burst(c, via, keys)
+        assert all(isinstance(r, Message) and r.code == wire.OK for r in got), got
+        for name in c.names[1:]:
+            seen = c.nodes[name].stats.requests
+            assert seen.get("REPLICA_PUT_MANY", 0) >= 1
+            assert seen.get("REPLICA_PUT", 0) + seen["REPLICA_PUT_MANY"] < len(keys)  # batched
+        c.net.run_for(0.1)  # W=2: the third copy may still be on its way after the answers
+        for k in keys:
+            for name in c.names:
+                assert c.held(name, k) == [b"v" + k], (name, k)
+    finally:
+        c.close()
+
+
+def test_a_batch_to_an_unreachable_replica_fails_each_write_as_a_single_request_would() -> None:
+    c, via, keys = _batched(seed=7)
+    try:
+        a, b = c.names[1:]
+        c.net.cut([c.addr[via]], [c.addr[a], c.addr[b]])  # both replicas unreachable: W=2 missed
+        got = _burst(c, via, keys)
+        # sent, never answered: every write "may have been applied" (it was, locally)
+        assert all(isinstance(r, shmkv.MaybeApplied) for r in got), got
+        assert all(c.held(via, k) == [b"v" + k] for k in keys)
+    finally:
+        c.close()

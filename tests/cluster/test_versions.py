@@ -199,6 +199,22 @@ def test_a_write_with_a_context_supersedes_exactly_what_it_saw(
     assert descends(after.clock, join(replica.clock, saw))
 
 
+@QUICK
+@given(st.one_of(st.none(), version_sets()), st.sampled_from([*NODES, "z-new"]), st.sampled_from([None, b"", b"v"]))
+def test_the_encoded_put_without_context_is_the_put(held: VersionSet | None, node: str, value: bytes | None) -> None:
+    # put_encoded (the daemon's SET fast path) must give exactly put()'s set and its bytes
+    got, enc = VersionSet.put_encoded(None if held is None else held.encode(), value, node)
+    want = (EMPTY if held is None else held).put(value, None, node)
+    assert got == want and enc == want.encode() and VersionSet.decode(enc) == want
+
+
+def test_the_encoded_put_refuses_what_decode_refuses() -> None:
+    with pytest.raises(ProtocolError):
+        VersionSet.put_encoded(b"\xc1garbage", b"v", "a")
+    with pytest.raises(ProtocolError):
+        VersionSet.put_encoded(msgpack.packb([1, [["b", 1], ["a", 1]], []]), b"v", "a")  # unsorted clock
+
+
 # -- the model check --------------------------------------------------------------------------
 
 
