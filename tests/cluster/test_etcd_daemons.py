@@ -3,13 +3,15 @@
 Three daemons founded on an empty etcd, a client's keys, a fourth node started with
 ``--config etcd://... --await-add`` and added with ``shmkv cluster add``: every node follows
 etcd to epoch 2, the moved ranges stream, every key is readable afterwards, and ``cluster
-status --json`` names the source. Every process is stopped by PID at the end (tools/cluster.py,
+status --json`` names the source. A node added under a write load moves its ranges as with
+the built-in group (the move kept in etcd), reads checked throughout. Every process is stopped by PID at the end (tools/cluster.py,
 EtcdServer). Times are polled with generous deadlines, never asserted.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from .etcd_server import EtcdServer
 from .local_cluster import cli as _cli
 from .local_cluster import poll as _poll
 from .local_cluster import tc
+from .test_scaling_daemons import VALUE, Load, _check_all, _moving
+
+PRELOAD = 3000
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +73,50 @@ def test_three_daemons_on_etcd_add_a_fourth_and_every_key_stays_readable(etcd: E
         assert all(v["connected"] for v in cfg["nodes"].values())
         text = _cli("cluster", "status", "--seeds", seeds[0])
         assert f"configuration: {url} key /itest/config revision {cfg['revision']} epoch 2" in text.stdout
+    finally:
+        tc.stop(d, grace=5)
+        for n in json.loads((d / "cluster.json").read_text())["nodes"]:
+            assert not tc._alive(n), n
+
+
+def test_a_node_added_under_writes_moves_through_etcd_and_every_acknowledged_key_stays_readable(
+        etcd: EtcdServer, tmp_path: Path) -> None:
+    """As test_scaling_daemons' add, with ``--config etcd://``: the add records a move in etcd,
+    a reader checks acknowledged keys throughout it (some of its reads while the move is on), a
+    ring change meanwhile is refused by name, status shows the move and the transfers, the three
+    old owners' reports end it (epoch 2 + 3), and every acknowledged write reads back after."""
+    url = etcd.url("/scale")
+    d = tmp_path / "c"
+    try:
+        state = tc.start(3, d, join_timeout=20.0, extra=["--config", url, "--stream-rate", "50K"])
+        seeds = state["seeds"]
+        acked = {f"pre{i}".encode(): VALUE + str(i).encode() for i in range(PRELOAD)}
+        with shmkv.connect(seeds, n=3, timeout=2.0) as c:
+            keys = list(acked)
+            for i in range(0, len(keys), 500):
+                c.put_many({k: acked[k] for k in keys[i:i + 500]})
+        with Load(seeds, acked) as load:
+            time.sleep(0.5)
+            node = tc.add_node(d, config=url)  # not in the key's ring: it adds itself
+            everyone = seeds + [node["addr"]]
+            _poll("a move under way", lambda: _moving(everyone) is not None, within=20)
+            load.moving.set()
+            refused = _cli("cluster", "weight", "--seeds", seeds[0], "n1", "2")
+            text = _cli("cluster", "status", "--seeds", seeds[0]).stdout
+            _poll("the move over", lambda: _moving(everyone) is None, within=60)
+            load.moving.clear()
+            time.sleep(0.5)
+        print(f"reads {load.reads}, {load.reads_moving} during the move ({load.retried} retried); "
+              f"{len(acked) - PRELOAD} writes acknowledged, {load.failed_writes} not")
+        assert refused.returncode == 1 and "a configuration change is in progress" in refused.stderr, refused.stderr
+        assert "moving: the change of epoch 2 (from epoch 1)" in text and " transfer " in text, text
+        assert load.reads_moving > 0  # reads were checked while the move was on
+        assert not load.wrong, load.wrong[:3]
+        assert not load.unreadable, load.unreadable[:3]
+        _check_all(seeds, acked)
+        st = group_status(everyone, 1.0)
+        assert st is not None and st["source"] == "etcd" and st["moving"] is None
+        assert st["epoch"] == 5  # the add, then one committed report per old owner
     finally:
         tc.stop(d, grace=5)
         for n in json.loads((d / "cluster.json").read_text())["nodes"]:
