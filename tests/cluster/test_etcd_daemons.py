@@ -2,7 +2,7 @@
 
 Three daemons founded on an empty etcd, a client's keys, a fourth node started with
 ``--config etcd://... --await-add`` and added with ``shmkv cluster add``: every node follows
-etcd to epoch 2, the moved ranges stream, every key is readable afterwards, and ``cluster
+etcd to epoch 2, the moved ranges stream and the old owners' reports end the move (epoch 5), every key is readable afterwards, and ``cluster
 status --json`` names the source. A node added under a write load moves its ranges as with
 the built-in group (the move kept in etcd), reads checked throughout. Every process is stopped by PID at the end (tools/cluster.py,
 EtcdServer). Times are polled with generous deadlines, never asserted.
@@ -56,12 +56,13 @@ def test_three_daemons_on_etcd_add_a_fourth_and_every_key_stays_readable(etcd: E
         assert "ring epoch 2" in out.stdout
         tc.wait_ready(d, [node["name"]], timeout=30)
         everyone = seeds + [node["addr"]]
-        _poll("every node at epoch 2, streaming done", lambda: (s := group_status(everyone, 0.5))
-              and len(s["nodes"]) == 4 and all(v["epoch"] == 2 for v in s["nodes"].values())
+        # epoch 2: the add; 3..5: each old owner's report that it streamed its copies (the move over)
+        _poll("every node at epoch 5, streaming done", lambda: (s := group_status(everyone, 0.5))
+              and len(s["nodes"]) == 4 and all(v["epoch"] == 5 for v in s["nodes"].values()) and not s["moving"]
               and all((v.get("rebalance") or {}).get("state", "idle") == "idle" for v in s["nodes"].values()),
               within=60)
         with shmkv.connect(seeds, n=3, timeout=2.0) as c:
-            assert c.ring is not None and c.ring.epoch == 2 and len(c.ring.members) == 4
+            assert c.ring is not None and c.ring.epoch == 5 and len(c.ring.members) == 4
             got = c.get_many(list(keys))
         missing = [k for k, v in keys.items() if got.get(k) != v]
         assert not missing, f"{len(missing)} keys not readable after the add, e.g. {missing[:3]}"
@@ -69,10 +70,10 @@ def test_three_daemons_on_etcd_add_a_fourth_and_every_key_stays_readable(etcd: E
         assert st.returncode == 0, st.stderr
         cfg = json.loads(st.stdout)["config"]
         assert cfg["source"] == "etcd" and cfg["endpoint"] == url and cfg["key"] == "/itest/config"
-        assert cfg["epoch"] == 2 and cfg["revision"] > 0
+        assert cfg["epoch"] == 5 and cfg["revision"] > 0 and cfg["moving"] is None
         assert all(v["connected"] for v in cfg["nodes"].values())
         text = _cli("cluster", "status", "--seeds", seeds[0])
-        assert f"configuration: {url} key /itest/config revision {cfg['revision']} epoch 2" in text.stdout
+        assert f"configuration: {url} key /itest/config revision {cfg['revision']} epoch 5" in text.stdout
     finally:
         tc.stop(d, grace=5)
         for n in json.loads((d / "cluster.json").read_text())["nodes"]:
