@@ -436,6 +436,26 @@ def test_a_move_is_kept_in_etcd_refuses_ring_changes_and_ends_with_the_last_repo
     run(go())
 
 
+def test_a_node_starting_during_a_move_adds_itself_once_the_move_is_over(url: str) -> None:
+    async def go() -> None:
+        async with cluster(url) as c:
+            await c.found()
+            cfg = await c.services["n1"].change(weight("n2", 2.0))
+            assert cfg.moving is not None
+            n4 = c.add("n4", f"127.0.0.1:{free_ports(1)[0]}")
+            await c.serve("n4")
+            joining = asyncio.ensure_future(n4.learn([], False, None, asyncio.get_running_loop().time() + 15))
+            await asyncio.sleep(1.0)  # its add is refused while the move is on: it waits, not fails
+            assert not joining.done()
+            now = ClusterConfig.decode((await c.services["n1"].kv.get()).value or b"")
+            assert now is not None and "n4" not in now.ring.members and now.epoch == 2
+            await c.services["n1"].change({"op": "streamed", "force": True, "move": 2})
+            ring = await asyncio.wait_for(joining, 15)
+            assert ring.epoch == 4 and "n4" in ring.members
+
+    run(go())
+
+
 def test_a_key_written_before_moves_gets_them_at_its_next_change(url: str) -> None:
     async def go() -> None:
         async with cluster(url) as c:
