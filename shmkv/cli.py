@@ -491,6 +491,7 @@ def cluster_status(seeds: str, timeout: float, as_json: bool) -> None:
         click.echo(f"configuration group: voters {', '.join(cs['voters'])}; leader "
                    f"{lead.get('name') or 'none'} {lead.get('addr') or ''} term {cs.get('term')} "
                    f"commit {cs.get('commit')} epoch {cs.get('epoch')}")
+    if cs is not None:  # the move and the transfers: the same with Raft and with etcd
         bal = cs.get("balance") or {}
         if bal.get("enabled"):
             last = bal.get("last")

@@ -29,7 +29,9 @@ the epoch like any command (the ring's members do not change), so nodes that agr
 agree on the move too. Why the removed node is not waited for: one removal at a time, with
 W >= 2 every write acknowledged before it is also on a remaining old owner of its key, which
 pushes it (the removed node pushes too, best effort); with W = 1 it is waited for like the rest. Without ``moves`` (a log written before
-this, or etcd's configuration) changes apply at once as before.
+this) changes apply at once as before. etcd_config.py keeps the same configuration, moves and
+all, in an etcd key: it runs this module's :func:`apply` and commits the result by
+compare-and-swap.
 
 An ``auto`` weight change moves the ring weight but keeps the member's *configured* weight
 (``base``: only the members whose ring weight auto-balance moved are listed; for the rest it is
@@ -99,6 +101,10 @@ class Move:
 
     def to_wire(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "ring": self.ring.to_wire(), "waiting": sorted(self.waiting)}
+
+    def view(self) -> dict[str, Any]:
+        """What ``cluster status`` shows of it (``config.moving``), with either service."""
+        return {"epoch": self.epoch, "from_epoch": self.ring.epoch, "waiting": sorted(self.waiting)}
 
     @staticmethod
     def from_wire(d: Any) -> Move:

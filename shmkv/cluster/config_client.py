@@ -89,6 +89,8 @@ async def _group_status(addrs: Sequence[str], timeout: float) -> dict[str, Any] 
                                       "connected": v.get("connected"), "last_error": v.get("last_error"),
                                       "role": "learner", "rebalance": v.get("rebalance")}
                           for v in etcd},
+                # the move under way (cluster_config.Move), as the most advanced node knows it
+                "moving": max(etcd, key=lambda v: v.get("config_epoch") or 0).get("moving"),
             }
         # The leader's own view is the authority for term, commit and voters: the highest term's leader.
         leaders = [v for v in views.values() if v.get("role") == "leader"]

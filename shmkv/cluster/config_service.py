@@ -470,7 +470,7 @@ class ConfigService:
         }
         mv = self.state.moving if self.state is not None else None
         if mv is not None:  # a ring change whose copies are not all pushed yet (cluster_config.Move)
-            out["moving"] = {"epoch": mv.epoch, "from_epoch": mv.ring.epoch, "waiting": sorted(mv.waiting)}
+            out["moving"] = mv.view()
         if self.extra_status is not None:
             out.update(self.extra_status())
         if raft is not None:

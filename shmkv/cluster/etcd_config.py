@@ -29,6 +29,16 @@ loses the race is refused with :class:`ConcurrentChange` ("config changed concur
 retry") and changed nothing: there is no lost update. A transaction whose answer is lost (etcd
 went away after it was sent) is reported as "may have been committed", never as failed.
 
+Moves, as with the built-in group (cluster_config.py, "Moves"): the key's configuration carries
+``moves`` (set when the key is created; a key written before this gets it at its next change)
+and so every ring change records a move -- the old ring and the old owners awaited -- in the
+same value, by the same compare-and-swap, so two changes cannot both start one. An old owner's
+``streamed`` report (rebalance.py) is one more such transaction (epoch + 1, one name fewer
+awaited); the last ends the move; ``cluster finish-move --force`` is one too. Reports of one
+move race each other, so a report whose compare-and-swap loses is re-read, re-checked and tried
+again (up to :data:`STREAMED_TRIES` times); ring changes are not retried here. A ring change
+during a move is refused by cluster_config.check, word for word the built-in's refusal.
+
 Starting. A node whose name is in the key's ring adopts it (a restart needs no seeds). A key
 that is absent is initialised once: a founding node (its ``--listen`` in ``--seeds``) builds the
 epoch-1 ring as the static path does (membership.join_static) and creates the key with a
@@ -41,6 +51,7 @@ with backoff until ``--join-timeout``, then a clear error naming the endpoint.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -48,7 +59,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgpack
 
-from .cluster_config import ClusterConfig, apply, check
+from .cluster_config import ClusterConfig, apply
 from .config_service import CHANGE_TIMEOUT, ConfigService, OnChange
 from .errors import ClusterError, ConcurrentChange, ConfigError, ProtocolError
 from .etcd_kv import EtcdKV, EtcdUnavailable, EtcdURL, Read
@@ -69,6 +80,10 @@ MIN_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
 RESYNC_INTERVAL = 5.0
 JOIN_POLL = 0.3
+#: tries of a ``streamed`` report whose compare-and-swap lost to another commit (change())
+STREAMED_TRIES = 20
+#: what cluster_config.check says of a ring change while a move is on
+BUSY = "a configuration change is in progress"
 
 
 def _decode(value: bytes | None) -> ClusterConfig | None:
@@ -131,7 +146,8 @@ class EtcdConfigService(ConfigService):
         if rd.value is None and cfg.addr in seeds:
             ring = await join_static(cfg, seeds, self.transport, deadline)
             # counts: daemon.check_options refuses level names with a configuration service
-            boot = ClusterConfig(ring, cfg.n, cfg.w, cfg.r)  # type: ignore[arg-type]
+            # moves=True: ring changes keep the old owners serving until the copies are pushed
+            boot = ClusterConfig(ring, cfg.n, cfg.w, cfg.r, moves=True)  # type: ignore[arg-type]
             created, rd = await self._until(deadline, "initialise the configuration",
                                             lambda: self.kv.create(boot.encode()))
             if created:
@@ -168,9 +184,10 @@ class EtcdConfigService(ConfigService):
                     asked = True
                     continue
                 except ConfigError as e:
-                    if not isinstance(e, ConcurrentChange):
+                    if not isinstance(e, ConcurrentChange) and BUSY not in str(e):
                         raise  # refused (an address taken...): named
-                    log.info("%s: adding itself: %s", cfg.name, e)  # re-read and try again
+                    # another change won, or a move is on (it ends by itself): re-read, try again
+                    log.info("%s: adding itself: %s", cfg.name, e)
                 except ClusterError as e:  # etcd away, or the outcome unknown: the re-read tells
                     log.info("%s: adding itself: %s", cfg.name, e)
             if loop.time() >= deadline:
@@ -283,6 +300,21 @@ class EtcdConfigService(ConfigService):
         configuration. :raises ConfigError: refused (named). :raises ConcurrentChange: another
         change committed first (nothing changed; retry). :raises Overloaded: etcd unreachable
         (nothing changed; retry). :raises ClusterError: the outcome is unknown."""
+        # A ``streamed`` report is re-checked against the newer configuration and tried again
+        # when another commit (typically another owner's report) won the compare-and-swap: the
+        # reports of one move commute, and each is checked anew, so none is lost and none
+        # applies twice. A ring change is not: the caller decides (ConcurrentChange).
+        tries = STREAMED_TRIES if cmd.get("op") == "streamed" else 1
+        for attempt in range(tries):
+            try:
+                return await self._change_once(cmd, timeout)
+            except ConcurrentChange:
+                if attempt + 1 >= tries:
+                    raise
+                await asyncio.sleep(random.uniform(0.0, 0.02 * (attempt + 1)))
+        raise AssertionError("unreachable")
+
+    async def _change_once(self, cmd: dict[str, Any], timeout: float) -> ClusterConfig:
         try:
             rd = await self.kv.get()
         except EtcdUnavailable as e:
@@ -294,9 +326,10 @@ class EtcdConfigService(ConfigService):
             raise ConfigError(f"{self.url} holds no cluster configuration yet (key {self.url.key.decode()})")
         if self.node.ring is not None:  # serving: what etcd holds is at least as new
             self._take(rd)
-        why = check(state, cmd)
-        if why is not None:
-            raise ConfigError(why)
+        if not state.moves:  # a key written before etcd tracked moves: from this change on
+            state = dataclasses.replace(state, moves=True)
+        # the very check and transition the Raft group applies (cluster_config.apply): the same
+        # refusals (a ring change during a move...), the same move record
         new, why = apply(state, cmd)
         if why is not None or new is None:
             raise ConfigError(why or "refused")
@@ -345,6 +378,9 @@ class EtcdConfigService(ConfigService):
             "epoch": self.node.ring.epoch if self.node.ring is not None else 0,
             "config_epoch": self.state.epoch if self.state is not None else 0,
         }
+        mv = self.state.moving if self.state is not None else None
+        if mv is not None:  # a ring change whose copies are not all pushed yet (cluster_config.Move)
+            out["moving"] = mv.view()
         if self.extra_status is not None:
             out.update(self.extra_status())
         return out

@@ -47,7 +47,7 @@ import msgpack
 from ..errors import Error
 from . import wire
 from .cluster_config import Move
-from .errors import ConfigError
+from .errors import ConcurrentChange, ConfigError
 from .replica import COUNTER, META, VERSIONS
 from .ring import Ring
 from .wire import Message
@@ -182,7 +182,9 @@ class Rebalancer:
                 self.progress["report"] = "committed"
                 return
             except ConfigError as e:
-                if "in progress" not in str(e):  # over, or not waited for: nothing to report
+                # ConcurrentChange: etcd's compare-and-swap lost to another commit: try again
+                if "in progress" not in str(e) and not isinstance(e, ConcurrentChange):
+                    # over, or not waited for: nothing to report
                     self.progress["report"] = f"not needed: {e}"
                     return
             except (Error, OSError) as e:

@@ -10,14 +10,20 @@ Specs: founders racing on an empty etcd initialise the key once and all serve th
 ring; a change checked against a stale epoch fails "config changed concurrently" and changes
 nothing, and concurrent changes never lose one; every node's watch applies every change in
 order; etcd restarting is survived (serving on, changes refused fast, then followed again);
-a node not in the ring adds itself; bad flags are refused at start naming the problem.
+a node not in the ring adds itself; bad flags are refused at start naming the problem. Moves
+as with the built-in group: a ring change records one in the key, a ring change meanwhile is
+refused in the same words, each old owner's report is a transaction (retried when it loses the
+compare-and-swap to another report), the last ends it, ``cluster status`` shows it and
+``cluster finish-move --force`` ends it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
+import json
 import os
 import time
 import uuid
@@ -29,11 +35,11 @@ import pytest
 
 import shmkv
 from shmkv.cluster import wire
-from shmkv.cluster.cluster_config import ClusterConfig
+from shmkv.cluster.cluster_config import ClusterConfig, check
 from shmkv.cluster.coordinator import Config, Node
 from shmkv.cluster.daemon import Options, check_options
 from shmkv.cluster.errors import ConcurrentChange, ConfigError
-from shmkv.cluster.etcd_config import EtcdConfigService
+from shmkv.cluster.etcd_config import BUSY, EtcdConfigService
 from shmkv.cluster.etcd_kv import EtcdKV, EtcdUnavailable, Read, parse_url
 from shmkv.cluster.replica import Replica
 from shmkv.cluster.ring import Ring
@@ -41,6 +47,7 @@ from shmkv.cluster.transport import TcpTransport, run
 from shmkv.cluster.wire import Message, Overloaded
 
 from .etcd_server import EtcdServer, free_ports
+from .local_cluster import cli as _cli
 
 pytestmark = pytest.mark.slow
 
@@ -255,6 +262,7 @@ def test_founders_racing_on_an_empty_etcd_initialise_it_once(url: str) -> None:
             assert rd.version == 1  # one create won; the others adopted it
             cfg = ClusterConfig.decode(rd.value or b"")
             assert cfg is not None and cfg.epoch == 1 and (cfg.n, cfg.w, cfg.r) == (3, 2, 2)
+            assert cfg.moves and cfg.moving is None  # ring changes will record moves
             st = c.services["n2"].status()
             assert st["source"] == "etcd" and st["endpoint"] == url and st["epoch"] == 1
             assert st["revision"] == rd.mod_revision and st["connected"]
@@ -301,9 +309,13 @@ def test_concurrent_changes_never_lose_one(url: str) -> None:
                                              in zip(svcs, wanted.items(), strict=True)), return_exceptions=True)
             ok = [name for name, r in zip(wanted, results, strict=True) if isinstance(r, ClusterConfig)]
             refused = [r for r in results if not isinstance(r, ClusterConfig)]
-            assert all(isinstance(r, ConcurrentChange) for r in refused), refused
+            # lost the compare-and-swap, or read the winner's move: each change starts a move,
+            # so exactly one of them commits (cluster_config.py, "Moves")
+            assert all(isinstance(r, ConcurrentChange) or (isinstance(r, ConfigError) and BUSY in str(r))
+                       for r in refused), refused
             cfg = ClusterConfig.decode((await svcs[0].kv.get()).value or b"")
-            assert cfg is not None and cfg.epoch == 1 + len(ok) and ok
+            assert cfg is not None and cfg.epoch == 2 and len(ok) == 1
+            assert cfg.moving is not None and cfg.moving.epoch == 2
             for name, w in wanted.items():  # every committed change is there; no refused one is
                 assert cfg.ring.members[name].weight == (w if name in ok else 1.0)
 
@@ -314,13 +326,15 @@ def test_every_node_applies_every_change_in_order(url: str) -> None:
     async def go() -> None:
         async with cluster(url) as c:
             await c.found()
-            for i in range(5):
+            for i in range(5):  # each change starts a move; the operator ends it (finish-move --force)
                 cfg = await c.services["n1"].change(weight("n2", 2.0 + i))
-                assert cfg.epoch == 2 + i
-            await until("every node at epoch 6", lambda: all(
-                n.ring is not None and n.ring.epoch == 6 for n in c.nodes.values()))
+                assert cfg.epoch == 2 + 2 * i and cfg.moving is not None
+                cfg = await c.services["n1"].change({"op": "streamed", "force": True, "move": cfg.epoch})
+                assert cfg.moving is None
+            await until("every node at epoch 11", lambda: all(
+                n.ring is not None and n.ring.epoch == 11 for n in c.nodes.values()))
             for name in ("n2", "n3"):  # the watchers: each configuration, in order
-                assert c.changes[name] == sorted(set(c.changes[name])) and c.changes[name][-1] == 6
+                assert c.changes[name] == sorted(set(c.changes[name])) and c.changes[name][-1] == 11
             assert c.nodes["n3"].ring is not None and c.nodes["n3"].ring.members["n2"].weight == 6.0
             assert c.nodes["n3"].config.w == 2
 
@@ -343,6 +357,116 @@ def test_a_node_not_in_the_ring_adds_itself_and_an_empty_etcd_without_seeds_is_a
             svc = c2.add("x1", f"127.0.0.1:{free_ports(1)[0]}")
             with pytest.raises(ConfigError, match="holds no cluster configuration.*not in --seeds"):
                 await svc.learn([], False, None, asyncio.get_running_loop().time() + 0.5)
+
+    run(go())
+
+
+# -- moves (cluster_config.py "Moves", kept in the etcd key) ---------------------------------------
+
+
+def streamed(name: str, move: int) -> dict[str, Any]:
+    return {"op": "streamed", "name": name, "move": move}
+
+
+def test_a_move_is_kept_in_etcd_refuses_ring_changes_and_ends_with_the_last_report(url: str) -> None:
+    """An add records the move in the key (old ring, old owners awaited); every node serves by
+    it; a ring change meanwhile is refused in the built-in's words and writes nothing; each old
+    owner's report is one transaction, a report that loses the compare-and-swap to another is
+    re-checked and retried; the last ends the move; `cluster status` shows one and `cluster
+    finish-move --force` ends one."""
+    async def go() -> None:
+        async with cluster(url) as c:
+            await c.found()
+            n4 = c.add("n4", f"127.0.0.1:{free_ports(1)[0]}")
+            await c.serve("n4")
+            await n4.learn([], False, None, asyncio.get_running_loop().time() + 10)
+            n4.start()
+            kv = c.services["n1"].kv
+            rd = await kv.get()
+            cfg = ClusterConfig.decode(rd.value or b"")
+            assert cfg is not None and cfg.epoch == 2 and "n4" in cfg.ring.members
+            mv = cfg.moving
+            assert mv is not None and mv.epoch == 2 and mv.ring.epoch == 1
+            assert sorted(mv.ring.members) == ["n1", "n2", "n3"] and mv.waiting == {"n1", "n2", "n3"}
+            await until("every node serves by the move", lambda: all(
+                n.moving is not None and n.moving.epoch == 2 for n in c.nodes.values()))
+            # a ring change during the move: cluster_config.check's refusal, nothing written
+            want = check(cfg, weight("n1", 2.0))
+            assert want is not None and want.startswith(BUSY)
+            with pytest.raises(ConfigError) as refused:
+                await c.services["n2"].change(weight("n1", 2.0))
+            assert str(refused.value) == want and not isinstance(refused.value, ConcurrentChange)
+            assert (await kv.get()).mod_revision == rd.mod_revision
+            assert c.services["n3"].status()["moving"] == {"epoch": 2, "from_epoch": 1, "waiting": ["n1", "n2", "n3"]}
+            # the reports: one transaction each, epoch + 1, one name fewer awaited
+            cfg = await c.services["n1"].change(streamed("n1", 2))
+            assert cfg.epoch == 3 and cfg.moving is not None and cfg.moving.waiting == {"n2", "n3"}
+            with pytest.raises(ConfigError, match="'n1' is not among the owners the move waits for"):
+                await c.services["n1"].change(streamed("n1", 2))
+            at3 = await kv.get()
+            assert (await c.services["n2"].change(streamed("n2", 2))).epoch == 4
+            real_get = c.services["n3"].kv.get
+
+            async def stale_once() -> Read:  # n3 read the key just before n2's report committed
+                c.services["n3"].kv.get = real_get  # type: ignore[method-assign]
+                return at3
+
+            c.services["n3"].kv.get = stale_once  # type: ignore[method-assign]
+            cfg = await c.services["n3"].change(streamed("n3", 2))  # lost the CAS once, then committed
+            assert cfg.epoch == 5 and cfg.moving is None and sorted(cfg.ring.members) == ["n1", "n2", "n3", "n4"]
+            stored = ClusterConfig.decode((await kv.get()).value or b"")
+            assert stored is not None and stored.epoch == 5 and stored.moving is None
+            await until("every node off the move", lambda: all(
+                n.moving is None and n.ring is not None and n.ring.epoch == 5 for n in c.nodes.values()))
+            # the next change starts the next move; the operator ends it through the CLI
+            cfg = await c.services["n1"].change(weight("n4", 2.0))
+            assert cfg.epoch == 6 and cfg.moving is not None and cfg.moving.waiting == {"n1", "n2", "n3", "n4"}
+            seed = c.nodes["n2"].config.addr
+            await until("n2 at epoch 6", lambda: c.nodes["n2"].ring is not None and c.nodes["n2"].ring.epoch == 6)
+            st = await asyncio.to_thread(_cli, "cluster", "status", "--seeds", seed, "--json")
+            assert st.returncode == 0, st.stderr
+            assert json.loads(st.stdout)["config"]["moving"] == {
+                "epoch": 6, "from_epoch": 5, "waiting": ["n1", "n2", "n3", "n4"]}
+            out = await asyncio.to_thread(_cli, "cluster", "finish-move", "--seeds", seed, "--force")
+            assert out.returncode == 0 and "committed: ring epoch 7" in out.stdout, out.stdout + out.stderr
+            stored = ClusterConfig.decode((await kv.get()).value or b"")
+            assert stored is not None and stored.epoch == 7 and stored.moving is None
+            assert stored.ring.members["n4"].weight == 2.0
+
+    run(go())
+
+
+def test_a_node_starting_during_a_move_adds_itself_once_the_move_is_over(url: str) -> None:
+    async def go() -> None:
+        async with cluster(url) as c:
+            await c.found()
+            cfg = await c.services["n1"].change(weight("n2", 2.0))
+            assert cfg.moving is not None
+            n4 = c.add("n4", f"127.0.0.1:{free_ports(1)[0]}")
+            await c.serve("n4")
+            joining = asyncio.ensure_future(n4.learn([], False, None, asyncio.get_running_loop().time() + 15))
+            await asyncio.sleep(1.0)  # its add is refused while the move is on: it waits, not fails
+            assert not joining.done()
+            now = ClusterConfig.decode((await c.services["n1"].kv.get()).value or b"")
+            assert now is not None and "n4" not in now.ring.members and now.epoch == 2
+            await c.services["n1"].change({"op": "streamed", "force": True, "move": 2})
+            ring = await asyncio.wait_for(joining, 15)
+            assert ring.epoch == 4 and "n4" in ring.members
+
+    run(go())
+
+
+def test_a_key_written_before_moves_gets_them_at_its_next_change(url: str) -> None:
+    async def go() -> None:
+        async with cluster(url) as c:
+            await c.found()
+            kv = c.services["n1"].kv
+            rd = await kv.get()
+            old = ClusterConfig.decode(rd.value or b"")
+            assert old is not None
+            await kv.cas(dataclasses.replace(old, moves=False).encode(), rd.mod_revision)  # the old form
+            cfg = await c.services["n2"].change(weight("n1", 2.0))
+            assert cfg.moves and cfg.moving is not None and cfg.moving.epoch == 2
 
     run(go())
 
