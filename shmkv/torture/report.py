@@ -24,6 +24,7 @@ from .checkers import (
     merged_final,
 )
 from .history import History
+from .group import check_group
 from .raft import check_raft
 from .simconfig import SimConfig
 from .simconfig import replay_command as sim_replay
@@ -69,6 +70,8 @@ def check_history(
         skipped.append("convergence: the history holds no final states")
     if h.raft is not None:
         verdicts.append(check_raft(h.raft))
+    if h.group is not None:
+        verdicts.append(check_group(h.group.get("observations") or [], h.group.get("final")))
     return verdicts, skipped
 
 
