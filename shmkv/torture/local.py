@@ -69,6 +69,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ..cluster.errors import ClusterError
 from ..cluster.versions import Context, VersionSet
 from ..errors import InvalidArgument
 
@@ -255,7 +256,7 @@ class LocalCluster:
             if st is not None and st.get("leader") and st.get("epoch"):
                 return st
             if time.monotonic() > deadline:
-                raise InvalidArgument(f"the configuration group elected no leader within {within:g} s")
+                raise ClusterError(f"the configuration group elected no leader within {within:g} s")
             time.sleep(0.2)
 
     def _addrs(self) -> list[str]:
@@ -280,14 +281,16 @@ class LocalCluster:
         log's ``node`` becomes the new node's name."""
         t0 = time.monotonic()
         before = self._wait_leader(10.0)["epoch"]
-        host = self.hosts[0] if self.hosts else "127.0.0.1"
+        # in the network namespace each node has its own 127.0.0.x (a fault on one address must
+        # not hit two nodes); n4 gets 127.0.0.5 after n1..n3's .2-.4, and so on
+        host = f"127.0.0.{len(self.tools._load(self.dir)['nodes']) + 2}" if self.hosts else "127.0.0.1"
         try:
             node = self.tools.add_node(self.dir, host=host, extra=self._extra())
         finally:
             self._record_pids()
         left = self._wait_moved(before + 1)
         if left is not None:
-            raise RuntimeError(f"added {node['name']}, but its move was not over after {SCALE_WAIT:g} s: {left}")
+            raise ClusterError(f"added {node['name']}, but its move was not over after {SCALE_WAIT:g} s: {left}")
         return {"node": node["name"], "added_s": round(time.monotonic() - t0, 2)}
 
     def scale_in(self, name: str) -> dict[str, Any]:
@@ -300,7 +303,7 @@ class LocalCluster:
         if cfg.moving is not None:
             left = wait_moved(self._addrs(), cfg.moving.epoch, SCALE_WAIT)
             if left is not None:
-                raise RuntimeError(f"removed {name}, but its move was not over after {SCALE_WAIT:g} s: {left}")
+                raise ClusterError(f"removed {name}, but its move was not over after {SCALE_WAIT:g} s: {left}")
         self.tools.kill(self.dir, name, signal.SIGTERM)
         return {"removed_s": round(time.monotonic() - t0, 2)}
 

@@ -91,6 +91,8 @@ def replay_command(meta: dict[str, Any]) -> str | None:
             parts.append(f"--{k} {meta[k]}")
     if meta.get("nemesis"):
         parts.append(f"--nemesis {','.join(meta['nemesis'])}")
+    if meta.get("raft") and meta.get("cluster") == "local" and "scale" not in (meta.get("nemesis") or []):
+        parts.append("--raft")  # the daemons' configuration group (scale turns it on by itself)
     return " ".join(parts)
 
 

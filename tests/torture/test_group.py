@@ -91,3 +91,11 @@ def test_the_history_keeps_the_observations_and_the_report_checks_them() -> None
     verdicts, _ = check_history(again)
     v = next(v for v in verdicts if v.checker == "raft-group")
     assert v.status == "fail" and "two leaders in term 2" in v.problems[0].message
+
+
+def test_a_failing_reports_replay_command_keeps_the_group_on() -> None:
+    from shmkv.torture.report import replay_command
+
+    assert replay_command({"seed": 2, "cluster": "local", "nemesis": ["kill"], "raft": True}).endswith(
+        "--nemesis kill --raft")
+    assert "--raft" not in replay_command({"seed": 2, "cluster": "local", "nemesis": ["scale"], "raft": True})
