@@ -10,7 +10,8 @@ observation per answer::
     {"t": s since the run began, "node": name, "pid": the daemon's pid (its incarnation),
      "role": "leader"|"follower"|"candidate"|... (None: a learner, no Raft member),
      "term", "leader": who the node follows in that term (None: nobody), "commit", "applied",
-     "config_epoch": the epoch of its committed configuration, "config": a digest of it}
+     "epoch": the ring epoch it serves by, "config_epoch": the epoch of its committed
+     configuration, "config": a digest of it}
 
 An answer is kept only if the node's pid was the same before and after the request (a restart
 in between could pair an old process's name with a new one's state). :func:`check_group` then
@@ -18,8 +19,8 @@ checks what those observations can show of Raft's promises:
 
 - *election safety*: at most one leader per term, across every observation -- a node's own
   ``role == "leader"`` and a follower's ``leader`` at its term both name the term's leader;
-- *monotonic*: within one incarnation a node's commit index, applied index and committed epoch
-  never go down; across a restart (its Raft log in its ``--raft-dir``) its committed epoch and
+- *monotonic*: within one incarnation a node's commit index, applied index, committed epoch and
+  the ring epoch it serves by never go down ("never goes back to an older epoch"); across a restart (its Raft log in its ``--raft-dir``) its committed epoch and
   its commit index never fall below the epoch / the applied index it had reported before (what
   it applied, it had persisted as committed: the durability contract, config_service.py);
 - *one configuration per epoch*: every node reporting committed epoch E reports the same
@@ -60,7 +61,7 @@ def observation(t: float, name: str, pid: int | None, fields: dict[str, Any]) ->
     return {
         "t": round(t, 4), "node": name, "pid": pid, "role": raft.get("role"),
         "term": raft.get("term"), "leader": raft.get("leader"), "commit": raft.get("commit"),
-        "applied": raft.get("applied"), "config_epoch": raft.get("config_epoch"),
+        "applied": raft.get("applied"), "epoch": raft.get("epoch"), "config_epoch": raft.get("config_epoch"),
         "config": digest(fields.get("config")),
     }
 
@@ -153,7 +154,7 @@ def check_group(observations: Iterable[dict[str, Any]], final: Iterable[dict[str
     for o in obs:
         n, prev = o["node"], last.get(o["node"])
         if prev is not None and prev.get("pid") == o.get("pid"):
-            for f in ("commit", "applied", "config_epoch"):
+            for f in ("commit", "applied", "config_epoch", "epoch"):
                 if o.get(f) is not None and prev.get(f) is not None and o[f] < prev[f]:
                     problems.append(_problem(f"{n!r}'s {f} went back from {prev[f]} to {o[f]} "
                                              f"(same process, pid {o.get('pid')})", prev, o))

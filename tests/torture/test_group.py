@@ -62,6 +62,13 @@ def test_an_epoch_or_index_going_back_in_one_process_is_flagged() -> None:
                    "'n2''s applied went back from 6 to 5 (same process, pid 100)"]
 
 
+def test_a_served_ring_epoch_going_back_is_flagged() -> None:
+    obs = clean()
+    obs[-1] = obs[-1] | {"epoch": 3}
+    assert messages(obs + [o("n1", 2, leader="n2", commit=6, epoch=3) | {"epoch": 2}]) == [
+        "'n1''s epoch went back from 3 to 2 (same process, pid 100)"]
+
+
 def test_a_restart_that_forgot_what_it_applied_or_committed_is_flagged() -> None:
     assert messages(clean() + [o("n1", 2, leader="n2", commit=3, applied=3, epoch=3, pid=101)]) == [
         "'n1' restarted with commit index 3, below the 6 entries it had applied before"]
