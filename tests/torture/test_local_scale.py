@@ -67,3 +67,50 @@ def test_final_states_follow_the_rings_members(tmp_path: Path) -> None:
         assert cluster.members() == ["n1", "n2", "n3"] and set(cluster.final_states(keys)) == {"n1", "n2", "n3"}
     finally:
         cluster.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_raft_group_flags_a_voter_restarted_without_its_raft_dir(tmp_path: Path) -> None:
+    """A deliberate operator bug on real daemons (README: a voter whose --raft-dir was lost must
+    not be restarted as if new): the leader is SIGKILLed, its Raft log wiped, and it is
+    restarted. Until a new leader teaches it the log it reports term 0 with nothing committed,
+    which the checker flags (the commit index and the committed epoch it forgot). Killing the
+    leader makes that window an election long (>= 1 s); should the loaded machine still let
+    a poll miss it, the next leader is wiped the same way, at most 3 times. (The same kills
+    without the wipe pass: the scale,kill run above.)"""
+    import shutil
+    import time
+
+    from shmkv.cluster.config_client import group_status
+    from shmkv.torture.group import check_group
+
+    cluster = LocalCluster(3, dir=str(tmp_path / "c"), nemesis=["kill"], raft=True)
+    cluster.start()
+    try:
+        cluster.watch(time.monotonic())
+        for _attempt in range(3):
+            time.sleep(0.6)
+            leader = None
+            for _ in range(50):  # bounded: a leader within 10 s
+                st = group_status(cluster.seeds, 1.0)
+                if st and st.get("leader"):
+                    leader = st["leader"]["name"]
+                    break
+                time.sleep(0.2)
+            assert leader is not None
+            cluster.kill(leader)
+            shutil.rmtree(cluster.dir / f"{leader}.raft")
+            cluster.restart(leader)
+            time.sleep(2.0)
+            v = check_group(list(cluster.watcher.observations))
+            if v.status == "fail":
+                break
+        g = cluster.group_history()
+    finally:
+        cluster.stop()
+    assert g is not None
+    v = check_group(g["observations"], g["final"])
+    got = " / ".join(p.message for p in v.problems)
+    assert v.status == "fail" and f"'{leader}' restarted with commit index 0, below the" in got, got
+    assert f"'{leader}' restarted at committed epoch 0, below the epoch 1" in got, got
