@@ -22,7 +22,9 @@ checks what those observations can show of Raft's promises:
 - *monotonic*: within one incarnation a node's commit index, applied index, committed epoch and
   the ring epoch it serves by never go down ("never goes back to an older epoch"); across a restart (its Raft log in its ``--raft-dir``) its committed epoch and
   its commit index never fall below the epoch / the applied index it had reported before (what
-  it applied, it had persisted as committed: the durability contract, config_service.py);
+  it applied, it had persisted as committed: the durability contract, config_service.py). Only
+  for a voter (an observation with a ``role``): a learner holds no log, so a restarted one
+  reports no configuration (epoch 0) until its first pull -- by design, not checked;
 - *one configuration per epoch*: every node reporting committed epoch E reports the same
   configuration (state machine safety of the configuration log);
 - *no committed configuration lost*: the last poll (``final``, after the run healed) finds a
@@ -166,8 +168,8 @@ def check_group(observations: Iterable[dict[str, Any]], final: Iterable[dict[str
         if o.get("commit") is not None and "applied" in floor and o["commit"] < floor["applied"][0]:
             problems.append(_problem(f"{n!r} restarted with commit index {o['commit']}, below the "
                                      f"{floor['applied'][0]} entries it had applied before", floor["applied"][1], o))
-        if o.get("config_epoch") is not None and "config_epoch" in floor \
-                and o["config_epoch"] < floor["config_epoch"][0]:
+        if o.get("role") is not None and o.get("config_epoch") is not None and "config_epoch" in floor \
+                and o["config_epoch"] < floor["config_epoch"][0]:  # a voter: its log is durable
             problems.append(_problem(f"{n!r} restarted at committed epoch {o['config_epoch']}, below the "
                                      f"epoch {floor['config_epoch'][0]} it had committed before",
                                      floor["config_epoch"][1], o))

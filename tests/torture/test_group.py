@@ -76,6 +76,12 @@ def test_a_restart_that_forgot_what_it_applied_or_committed_is_flagged() -> None
         "'n1' restarted at committed epoch 2, below the epoch 3 it had committed before"]
 
 
+def test_a_restarted_learner_knowing_no_configuration_yet_is_not_a_violation() -> None:
+    learner = o("n4", 0, None, None, 0, epoch=2, pid=300) | {"term": None, "commit": None, "applied": None}
+    fresh = learner | {"pid": 301, "config_epoch": 0, "config": None}  # holds no log: learns it again
+    assert messages(clean() + [fresh]) == []
+
+
 def test_two_configurations_at_one_epoch_are_flagged() -> None:
     assert messages(clean() + [o("n3", 2, leader="n2", commit=6, epoch=3, pid=200, config="other")]) == [
         "epoch 3 committed as two configurations: cfg3 on 'n2', other on 'n3'"]
