@@ -257,13 +257,11 @@ def start(
 def add_node(
     dir: str | os.PathLike[str], *, via: str | None = None, weight: float = 1.0, await_add: bool = False,
     wait: bool = True, config: str | None = None, host: str = "127.0.0.1", extra: list[str] | None = None,
-    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Start one more node that joins the running cluster of DIR through ``via`` (default the
     first seed) with ``--join`` (``await_add``: it waits for ``shmkv cluster add``, and ``wait``
     must then be False); ``config``: an ``etcd://`` URL instead, the node learns the ring there.
-    ``host``: its listen address; ``extra``: more ``shmkv serve`` flags, ``env``: extra environment
-    variables (both kept for restarts). Recorded in cluster.json like the others; returns its entry."""
+    ``host``: its listen address; ``extra``: more ``shmkv serve`` flags (kept for restarts). Recorded in cluster.json like the others; returns its entry."""
     d = Path(dir)
     state = _load(d)
     names = {x["name"] for x in state["nodes"]}
@@ -279,8 +277,6 @@ def add_node(
                   ["--join", via or state["seeds"][0], "--raft-dir", str(d / f"{name}.raft")])
         + (["--await-add"] if await_add else []),
     }
-    if env:
-        node["env"] = dict(env)
     state["nodes"].append(node)
     _save(d, state)
     _spawn(d, node, state)
