@@ -629,8 +629,8 @@ def cluster_weight(seeds: str, timeout: float, name: str, weight: float) -> None
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the nemesis schedule and the workers.")
 @click.option("--nemesis", default=None,
               help="Faults, comma-separated, or none. Real clusters: kill,pause,partition,loss,skew,"
-                   "delay,hold,reset (partition/loss/delay/hold/reset: --cluster local in a private "
-                   "network namespace; skew: libfaketime). --simulate: kill,partition,loss,delay (the default: all four), crash.  [default: kill,pause]")
+                   "delay,hold,reset,scale (partition/loss/delay/hold/reset: --cluster local in a private "
+                   "network namespace; skew: libfaketime; scale: --cluster local, a node added then removed). --simulate: kill,partition,loss,delay (the default: all four), crash.  [default: kill,pause]")
 @click.option("--workload", type=click.Choice(["register", "set", "counter"]), default="register", show_default=True)
 @click.option("--clients", type=int, default=4, show_default=True, help="Concurrent client workers.")
 @click.option("--keys", type=int, default=None, help="Keys (register, counter workloads).  [default: 4; 3 with --simulate]")
@@ -649,6 +649,9 @@ def cluster_weight(seeds: str, timeout: float, name: str, weight: float) -> None
               help="With --simulate: what heals the replicas: anti-entropy, or hinted handoff alone (no kill).")
 @click.option("--grace", type=float, default=None,
               help="With --simulate: tombstone grace, virtual seconds.  [default: --time + 0.5]")
+@click.option("--raft", is_flag=True,
+              help="With --cluster local: run the daemons' configuration group and check it (raft-group); "
+                   "always on with --nemesis scale.")
 @click.option("--op-timeout", type=float, default=0.5, show_default=True, help="Seconds before an op is 'unknown'.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Directory for history.jsonl, report.txt/json, timeline.png.")
 @click.option("--check", "check_file", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -664,7 +667,7 @@ def cluster_weight(seeds: str, timeout: float, name: str, weight: float) -> None
                    "tombstone-early-gc, raft-no-majority with --simulate.")
 def torture(duration: float | None, seed: int, nemesis: str | None, workload: str, clients: int, keys: int | None,
             nodes: int, cluster_kind: str, simulate: bool, runs: int, seed_range: str | None, converge: str,
-            grace: float | None, op_timeout: float, out: str | None,
+            grace: float | None, raft: bool, op_timeout: float, out: str | None,
             check_file: str | None, as_json: bool, check_time: float, bug: str | None) -> None:
     """Run clients against a cluster under faults and check the history (exit 0 only if every checker passes)."""
     from .torture import report
@@ -696,7 +699,7 @@ def torture(duration: float | None, seed: int, nemesis: str | None, workload: st
         cfg = RunConfig(time=10.0 if duration is None else duration, seed=seed,
                         nemesis=parse_kinds("kill,pause" if nemesis is None else nemesis), workload=workload,
                         clients=clients, keys=4 if keys is None else keys, op_timeout=op_timeout,
-                        cluster=cluster_kind, nodes=nodes)
+                        cluster=cluster_kind, nodes=nodes, raft=raft)
         from .torture.netns import needs_netns, reexec_in_netns
 
         if needs_netns(cfg):

@@ -256,12 +256,12 @@ def start(
 
 def add_node(
     dir: str | os.PathLike[str], *, via: str | None = None, weight: float = 1.0, await_add: bool = False,
-    wait: bool = True, config: str | None = None,
+    wait: bool = True, config: str | None = None, host: str = "127.0.0.1", extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """Start one more node that joins the running cluster of DIR through ``via`` (default the
     first seed) with ``--join`` (``await_add``: it waits for ``shmkv cluster add``, and ``wait``
     must then be False); ``config``: an ``etcd://`` URL instead, the node learns the ring there.
-    Recorded in cluster.json like the others; returns its entry."""
+    ``host``: its listen address; ``extra``: more ``shmkv serve`` flags (kept for restarts). Recorded in cluster.json like the others; returns its entry."""
     d = Path(dir)
     state = _load(d)
     names = {x["name"] for x in state["nodes"]}
@@ -272,8 +272,8 @@ def add_node(
     port = free_ports(1)[0]
     tag = state["nodes"][0]["store"].rsplit(".", 1)[0]
     node = {
-        "name": name, "addr": f"127.0.0.1:{port}", "weight": weight, "store": f"{tag}.{name}", "path": None,
-        "extra": (["--config", config] if config else
+        "name": name, "addr": f"{host}:{port}", "weight": weight, "store": f"{tag}.{name}", "path": None,
+        "extra": list(extra or []) + (["--config", config] if config else
                   ["--join", via or state["seeds"][0], "--raft-dir", str(d / f"{name}.raft")])
         + (["--await-add"] if await_add else []),
     }

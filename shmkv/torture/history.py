@@ -30,7 +30,9 @@ On disk (JSON lines, one object per line; DO NOT CHANGE the field names: saved h
 re-checked with ``shmkv torture --check FILE``): the first line is a header
 ``{"shmkv_history": 1, ...run metadata...}``, then one op per line with the short keys below,
 then optionally lines ``{"final": {node: {key: versionset wire form}}}`` (the replicas' final
-states, for the lost-write and convergence checkers), ``{"raft": [observation...]}`` and
+states, for the lost-write and convergence checkers), ``{"raft": [observation...]}``,
+``{"group": {"observations": [...], "final": [...]}}`` (the daemons' configuration group as
+polled, group.py) and
 ``{"fault": {...}}`` (the nemesis log, for the timeline plot).
 """
 
@@ -168,6 +170,7 @@ class History:
     final: dict[str, dict[str, Any]] | None = None
     raft: list[Any] | None = None
     faults: list[dict[str, Any]] = field(default_factory=list)
+    group: dict[str, Any] | None = None  # group.py: {"observations": [...], "final": [...]}
 
     def by_key(self) -> dict[str, list[Op]]:
         """P-compositionality: each key's sub-history, in invocation order."""
@@ -199,6 +202,8 @@ class History:
             fp.write(json.dumps({"final": _jsonable_final(self.final)}) + "\n")
         if self.raft is not None:
             fp.write(json.dumps({"raft": self.raft}) + "\n")
+        if self.group is not None:
+            fp.write(json.dumps({"group": self.group}) + "\n")
 
     def save(self, path: str | Path) -> None:
         tmp = Path(str(path) + ".tmp")
@@ -238,6 +243,8 @@ class History:
                 h.final = d["final"]
             elif "raft" in d:
                 h.raft = d["raft"]
+            elif "group" in d:
+                h.group = d["group"]
             elif "fault" in d:
                 h.faults.append(d["fault"])
             else:

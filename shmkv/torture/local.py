@@ -42,6 +42,19 @@ functions the integration tests use), clients from ``shmkv.connect``:
   FAKETIME_DONT_FAKE_MONOTONIC=1 so asyncio's timers are untouched); the fault writes
   ``+SKEW_SECONDS`` into that node's file -- its wall clock jumps ahead while it runs -- and
   the heal writes ``+0``. Refused with the reason where libfaketime is not installed.
+- scale (live scaling, the configuration group's ``add``/``remove``): the fault starts one more
+  daemon with ``--join`` (it adds itself to the ring; same strictness and anti-entropy flags as
+  the others) and waits, at most ``SCALE_WAIT`` s, until the group reports the add's move over;
+  the heal commits ``remove`` of it, waits the same way for that move (as ``shmkv cluster remove
+  --wait`` does), then stops the node (SIGTERM). The fault log names the added node. Other
+  faults only hit the founding nodes. A run with ``scale`` starts the daemons with the
+  configuration group (``raft=True``: tools/cluster.py ``--raft``, each voter's log in
+  ``DIR/<name>.raft``); settle and the final states read the ring's current members (a
+  fresh client's ring), so a removed node's copies do not count and a member added and still
+  there does;
+- the group watched (group.py): with the configuration group on, a :class:`GroupWatcher`
+  polls every node's CONFIG every 0.2 s during the run, and :meth:`group_history` adds one
+  final poll after settle -- the ``raft-group`` checker's input.
 """
 
 from __future__ import annotations
@@ -56,6 +69,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ..cluster.errors import ClusterError
 from ..cluster.versions import Context, VersionSet
 from ..errors import InvalidArgument
 
@@ -70,6 +84,7 @@ DELAY_JITTER = 0.05
 #: anti-entropy of the daemons a run starts: a round every 0.5 s; the grace (>= twice the
 #: interval, daemon.check_options) outlives any run, so no tombstone is collected mid-run
 AE_FLAGS = ("--ae-interval", "0.5", "--tombstone-grace", "600")
+SCALE_WAIT = 40.0  # seconds a scale fault waits for its move (the add's, the remove's) to end
 SETTLE_LIMIT = 30.0  # seconds settle waits for anti-entropy to converge the stored copies
 FAKETIME_LEFTOVERS = ("/dev/shm/faketime_shm_{pid}", "/dev/shm/sem.faketime_sem_{pid}")
 LIBFAKETIME = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
@@ -150,7 +165,8 @@ class LocalClient:
 class LocalCluster:
     def __init__(self, nodes: int = 3, *, n: int = 3, w: int = 2, r: int = 2,
                  dir: str | None = None, size: str = "32MiB",
-                 nemesis: Iterable[str] = ("kill", "pause"), strict: bool = True) -> None:
+                 nemesis: Iterable[str] = ("kill", "pause"), strict: bool = True,
+                 raft: bool | None = None) -> None:
         self.tools = _tools()
         self.kinds = list(nemesis)
         bad = unsupported(self.kinds)
@@ -158,7 +174,15 @@ class LocalCluster:
             raise InvalidArgument("; ".join(f"nemesis {k}: {why}" for k, why in bad.items()))
         self.nodes = [f"n{i}" for i in range(1, nodes + 1)]
         self.strict = strict
-        self.config: dict[str, Any] = {"n": n, "w": w, "r": r, "sloppy": not strict}
+        #: the configuration group (Raft) on every daemon: needed by scale (add/remove), and
+        #: what the raft-group checker watches; default on exactly when scale is asked for
+        self.raft = ("scale" in self.kinds) if raft is None else raft
+        if "scale" in self.kinds and not self.raft:
+            raise InvalidArgument("nemesis scale needs the configuration group (raft=True): "
+                                  "add and remove are its commands")
+        self.config: dict[str, Any] = {"n": n, "w": w, "r": r, "sloppy": not strict,
+                                       **({"raft": True} if self.raft else {})}
+        self.watcher: Any = None  # group.GroupWatcher while a run watches the group
         self.started_pids: set[int] = set()  # every daemon pid started (restarts included)
         self.settled: dict[str, Any] = {}  # what the last settle saw: converged, seconds
         self._own_dir = dir is None
@@ -210,7 +234,9 @@ class LocalCluster:
             self.net.redirect(self.hosts, self.proxy.port, self._proxy_mark)
         try:
             self.tools.start(len(self.nodes), self.dir, n=c["n"], w=c["w"], r=c["r"], size=self.size,
-                             hosts=self.hosts, envs=self.envs, extra=extra)
+                             hosts=self.hosts, envs=self.envs, extra=extra, raft=self.raft)
+            if self.raft:
+                self._wait_leader()
         finally:
             self._record_pids()
 
@@ -218,7 +244,106 @@ class LocalCluster:
         if (self.dir / "cluster.json").exists():
             self.started_pids.update(x["pid"] for x in self.tools._load(self.dir)["nodes"] if x.get("pid"))
 
+    def _extra(self) -> list[str]:
+        return [*AE_FLAGS, "--strict" if self.strict else "--sloppy"]
+
+    def _wait_leader(self, within: float = 30.0) -> dict[str, Any]:
+        from ..cluster.config_client import group_status
+
+        deadline = time.monotonic() + within
+        while True:
+            st = group_status(self.seeds, 0.5)
+            if st is not None and st.get("leader") and st.get("epoch"):
+                return st
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the configuration group elected no leader within {within:g} s")
+            time.sleep(0.2)
+
+    def _addrs(self) -> list[str]:
+        return [x["addr"] for x in self.tools._load(self.dir)["nodes"]]
+
+    def _wait_moved(self, epoch: int) -> dict[str, Any] | None:
+        """Wait (at most SCALE_WAIT s) until the group's epoch is >= ``epoch`` and no move is on;
+        None then, else the move (or status) still seen."""
+        from ..cluster.config_client import group_status
+
+        deadline = time.monotonic() + SCALE_WAIT
+        while True:
+            st = group_status(self._addrs(), 0.5)
+            if st is not None and (st.get("epoch") or 0) >= epoch and st.get("moving") is None:
+                return None
+            if time.monotonic() > deadline:
+                return (st or {}).get("moving") or {"epoch": (st or {}).get("epoch")}
+            time.sleep(0.2)
+
+    def scale_out(self) -> dict[str, Any]:
+        """Start one more node that joins (adds itself); wait for the add's move. The fault
+        log's ``node`` becomes the new node's name."""
+        t0 = time.monotonic()
+        before = self._wait_leader(10.0)["epoch"]
+        # in the network namespace each node has its own 127.0.0.x (a fault on one address must
+        # not hit two nodes); n4 gets 127.0.0.5 after n1..n3's .2-.4, and so on
+        host = f"127.0.0.{len(self.tools._load(self.dir)['nodes']) + 2}" if self.hosts else "127.0.0.1"
+        try:
+            node = self.tools.add_node(self.dir, host=host, extra=self._extra())
+        finally:
+            self._record_pids()
+        left = self._wait_moved(before + 1)
+        if left is not None:
+            raise ClusterError(f"added {node['name']}, but its move was not over after {SCALE_WAIT:g} s: {left}")
+        return {"node": node["name"], "added_s": round(time.monotonic() - t0, 2)}
+
+    def scale_in(self, name: str) -> dict[str, Any]:
+        """``remove`` ``name`` from the ring, wait for the move (as ``cluster remove --wait``),
+        then stop the node."""
+        from ..cluster.config_client import propose, wait_moved
+
+        t0 = time.monotonic()
+        cfg = propose(self.seeds, {"op": "remove", "name": name}, 15.0)
+        if cfg.moving is not None:
+            left = wait_moved(self._addrs(), cfg.moving.epoch, SCALE_WAIT)
+            if left is not None:
+                raise ClusterError(f"removed {name}, but its move was not over after {SCALE_WAIT:g} s: {left}")
+        self.tools.kill(self.dir, name, signal.SIGTERM)
+        return {"removed_s": round(time.monotonic() - t0, 2)}
+
+    def _targets(self) -> list[tuple[str, str, int | None]]:
+        return [(x["name"], x["addr"], x.get("pid")) for x in self.tools._load(self.dir)["nodes"] if x.get("pid")]
+
+    def watch(self, t0: float) -> None:
+        """Start polling the configuration group (no-op without it)."""
+        if not self.raft:
+            return
+        from .group import GroupWatcher
+
+        self.watcher = GroupWatcher(self._targets, t0)
+        self.watcher.start()
+
+    def group_history(self) -> dict[str, Any] | None:
+        """Stop the watcher, poll once more (after settle): ``{"observations", "final",
+        "errors"}`` for the raft-group checker; None without the group."""
+        w = self.watcher
+        if w is None:
+            return None
+        w.stop()
+        w.join(10)
+        from ..cluster.transport import TcpTransport, run
+
+        async def last() -> list[dict[str, Any]]:
+            t = TcpTransport()
+            try:
+                return await w.poll_once(t)
+            finally:
+                await t.close()
+
+        final = run(last())
+        self.watcher = None
+        return {"observations": list(w.observations), "final": final, "errors": list(w.errors)}
+
     def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher.join(10)
         if self.net is not None:
             self.net.heal()
         for name in list(self._paused):
@@ -307,6 +432,14 @@ class LocalCluster:
     def unskew(self, node: str) -> None:
         (self.dir / f"{node}.faketime").write_text("+0\n")
 
+    def members(self) -> list[str]:
+        """The ring's current members (a fresh client's ring), founders when it has none."""
+        cl = self.client(2.0)
+        ring = cl.c.ring
+        if ring is None:
+            return list(self.nodes)
+        return sorted(ring.members)
+
     def client(self, timeout: float) -> LocalClient:
         c = self.config
         cl = LocalClient(self.seeds, c["n"], c["w"], c["r"], timeout)
@@ -323,9 +456,10 @@ class LocalCluster:
         ring = cl.c.ring
         owners = {k: (ring.preference_list(k, self.config["n"]) if ring is not None else self.nodes)
                   for k in keys}
+        members = sorted(ring.members) if ring is not None else list(self.nodes)
         t0 = time.monotonic()
         while True:
-            stored = self._stored(keys)
+            stored = self._stored(keys, members)
             differ = [k for k in keys
                       if any(stored[o].get(k) != stored[owners[k][0]].get(k) for o in owners[k][1:])]
             took = time.monotonic() - t0
@@ -334,13 +468,13 @@ class LocalCluster:
                 return
             time.sleep(0.25)
 
-    def _stored(self, keys: list[bytes]) -> dict[str, dict[bytes, tuple[Any, Any]]]:
+    def _stored(self, keys: list[bytes], members: list[str]) -> dict[str, dict[bytes, tuple[Any, Any]]]:
         """node -> key -> (VersionSet or None, PN-counter or None): its stored copies."""
         from .. import store as store_mod
         from ..cluster.crdt import PNCounter
 
         out: dict[str, dict[bytes, tuple[Any, Any]]] = {}
-        for name in self.nodes:
+        for name in members:
             held: dict[bytes, tuple[Any, Any]] = {}
             with store_mod.attach(self._node(name)["store"], create=False) as kv:
                 for k in keys:
@@ -355,7 +489,7 @@ class LocalCluster:
 
         keys = list(keys)
         out: dict[str, dict[bytes, VersionSet]] = {}
-        for name in self.nodes:
+        for name in self.members():
             held: dict[bytes, VersionSet] = {}
             with store_mod.attach(self._node(name)["store"], create=False) as kv:
                 for k in keys:

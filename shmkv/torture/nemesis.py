@@ -12,7 +12,10 @@ from the fault, so it replays too), ``loss`` (random loss to and from the node),
 node's wall clock jumps ahead), ``delay`` (slow messages), ``hold`` (messages to and from the
 node held back until the fault ends, then delivered), ``reset`` (the node's connections
 reset, new ones too while the fault lasts), ``crash`` (a host crash: the node loses what it had
-not synced; simulation only). Which a cluster can inject is its business (local.py: nftables
+not synced; simulation only), ``scale`` (one more node joins the ring, and is removed from it when
+the fault ends -- live scaling through the configuration group; real daemons only: the fault's
+``node`` is a founding node the schedule drew, replaced in the log by the added node's name).
+Which a cluster can inject is its business (local.py: nftables
 and a proxy in a private network namespace, libfaketime; simulate.py: the simulated network); one it cannot is refused, with the reason, before the run starts -- never
 silently skipped.
 """
@@ -29,7 +32,7 @@ from typing import Any
 from ..errors import InvalidArgument
 from .cluster import ClusterUnderTest
 
-KINDS = ("kill", "pause", "partition", "loss", "skew", "delay", "hold", "reset", "crash")
+KINDS = ("kill", "pause", "partition", "loss", "skew", "delay", "hold", "reset", "crash", "scale")
 SHAPES = ("halves", "bridge", "one-way-out", "one-way-in")
 
 
@@ -110,14 +113,20 @@ class Nemesis(threading.Thread):
             entry["shape"] = shape_of(f)
             c.partition(f.node, entry["shape"])
             return
+        if f.kind == "scale":  # entry["node"] becomes the added node (the heal removes it)
+            entry.update(c.scale_out())
+            return
         # a dict returned (the fault's parameters, e.g. a delay's) goes into the fault's entry
         got = getattr(c, {"kill": "kill", "pause": "pause", "loss": "loss", "skew": "skew",
                           "delay": "delay", "hold": "hold", "reset": "reset"}[f.kind])(f.node)
         if isinstance(got, dict):
             entry.update(got)
 
-    def _heal(self, f: Fault) -> None:
+    def _heal(self, f: Fault, entry: dict[str, Any]) -> None:
         c: Any = self.cluster
+        if f.kind == "scale":
+            entry.update(c.scale_in(entry["node"]))
+            return
         if f.kind in ("partition", "loss"):
             c.heal_network()
             return
@@ -141,7 +150,7 @@ class Nemesis(threading.Thread):
             # Heal even when stopped early: the run's final states come from a whole cluster.
             self._halt.wait(f.duration)
             try:
-                self._heal(f)
+                self._heal(f, entry)
             except Exception as e:
                 self.errors.append(f"healing {f.kind} {f.node}: {e}")
             entry["t1"] = round(self._now(), 6)

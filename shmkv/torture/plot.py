@@ -60,7 +60,7 @@ def figure(h: History, bucket: float = 0.25) -> Any:
         y = nodes.index(f["node"]) if f.get("node") in nodes else 0
         t1 = f.get("t1") or end
         ax_f.broken_barh([(f["t0"], t1 - f["t0"])], (y - 0.35, 0.7),
-                         color={"kill": "tab:red", "pause": "tab:purple"}.get(f["kind"], "tab:gray"))
+                         color={"kill": "tab:red", "pause": "tab:purple", "scale": "tab:blue"}.get(f["kind"], "tab:gray"))
         ax_f.text(f["t0"], y, f["kind"], fontsize=7, va="center")
     ax_f.set_yticks(range(len(nodes)), nodes)
     ax_f.set_ylabel(PANELS[0])

@@ -24,6 +24,7 @@ from .checkers import (
     merged_final,
 )
 from .history import History
+from .group import check_group
 from .raft import check_raft
 from .simconfig import SimConfig
 from .simconfig import replay_command as sim_replay
@@ -69,6 +70,8 @@ def check_history(
         skipped.append("convergence: the history holds no final states")
     if h.raft is not None:
         verdicts.append(check_raft(h.raft))
+    if h.group is not None:
+        verdicts.append(check_group(h.group.get("observations") or [], h.group.get("final")))
     return verdicts, skipped
 
 
@@ -88,6 +91,8 @@ def replay_command(meta: dict[str, Any]) -> str | None:
             parts.append(f"--{k} {meta[k]}")
     if meta.get("nemesis"):
         parts.append(f"--nemesis {','.join(meta['nemesis'])}")
+    if meta.get("raft") and meta.get("cluster") == "local" and "scale" not in (meta.get("nemesis") or []):
+        parts.append("--raft")  # the daemons' configuration group (scale turns it on by itself)
     return " ".join(parts)
 
 

@@ -8,7 +8,9 @@ Order of a run (each step bounded in time):
 2. the nemesis heals whatever is still broken, the workers stop;
 3. ``cluster.settle(keys)`` (anti-entropy; local.py records what it saw in ``settled``, which
    goes into the history's metadata as ``settle`` and into the report), then one final read of every key by a fresh
-   process (recorded in the history like any other op), then ``cluster.final_states(keys)``;
+   process (recorded in the history like any other op), then ``cluster.final_states(keys)``
+   (local.py: of the ring's current members) and, with the daemons' configuration group, its
+   observations (``cluster.group_history()``: polled during the run, plus a final poll);
 4. ``cluster.stop()`` -- always, also when a step failed;
 5. the history (JSON lines), the report (text and JSON) and the timeline PNG go to ``out``.
 """
@@ -45,6 +47,7 @@ class RunConfig:
     cluster: str = "inprocess"
     nodes: int = 3
     think: float = 0.001  # seconds a worker waits between ops (bounds the history's size)
+    raft: bool = False  # --cluster local: run the configuration group and watch it (always with scale)
 
 
 @dataclass
@@ -70,7 +73,8 @@ def run(
         raise InvalidArgument(
             f"nemesis {', '.join(unsupported)} is not implemented by the {cfg.cluster} cluster "
             f"(it injects {', '.join(supported)}): partition, loss, delay, hold, reset and skew need "
-            "--cluster local (nftables and a proxy in a private network namespace, libfaketime); "
+            "--cluster local (nftables and a proxy in a private network namespace, libfaketime), "
+            "and so does scale (live scaling through the daemons' configuration group); "
             "crash needs --simulate"
         )
     faults = schedule(cfg.seed, cfg.time, cfg.nemesis, cluster.nodes)
@@ -80,9 +84,13 @@ def run(
     shared: dict[str, Any] = {}
     errors: list[str] = []
     final: dict[str, dict[str, Any]] | None = None
+    group: dict[str, Any] | None = None
     cluster.start()
     try:
         rec.t0 = nemesis.t0 = time.monotonic()  # the run's clock starts once the cluster is up
+        watch = getattr(cluster, "watch", None)  # local.py with the configuration group: poll it
+        if watch is not None:
+            watch(rec.t0)
         workers = [
             Worker(cluster.client(cfg.op_timeout), rec, cfg.workload, cfg.keys,
                    cfg.seed * 1000 + i, cfg.time, processes, shared, think=cfg.think)
@@ -108,6 +116,10 @@ def run(
         for k in keys:
             reader.invoke("read", k)
         states = cluster.final_states([k.encode() for k in keys])
+        group_history = getattr(cluster, "group_history", None)
+        group = group_history() if group_history is not None else None
+        if group is not None:
+            errors += group.pop("errors")
         if cfg.workload != "counter":
             final = versions_to_final(
                 {n: {k.decode(): vs for k, vs in held.items()} for n, held in states.items()}
@@ -118,7 +130,7 @@ def run(
     settled = getattr(cluster, "settled", None)  # local.py: what waiting for anti-entropy saw
     if settled:
         meta["settle"] = dict(settled)
-    h = History(ops=rec.ops, meta=meta, final=final, faults=nemesis.log)
+    h = History(ops=rec.ops, meta=meta, final=final, faults=nemesis.log, group=group)
     verdicts, skipped = check_history(h, time_limit=time_limit)
     text = render_text(h, verdicts, skipped)
     if settled:
@@ -149,7 +161,7 @@ def write_outputs(out: Path, h: History, verdicts: list[Verdict], skipped: list[
 def make_cluster(cfg: RunConfig, bug: str | None = None) -> ClusterUnderTest:
     """The cluster named by ``cfg.cluster``: ``inprocess`` (the reference) or ``local`` (real
     daemons on 127.0.0.1 through tools/cluster.py, see local.py)."""
-    if cfg.cluster == "inprocess":
+    if cfg.cluster == "inprocess" and not cfg.raft:
         from .inprocess import InProcessCluster
 
         return InProcessCluster(cfg.nodes, seed=cfg.seed, bug=bug)
@@ -158,5 +170,7 @@ def make_cluster(cfg: RunConfig, bug: str | None = None) -> ClusterUnderTest:
             raise InvalidArgument("--bug breaks the in-process cluster only")
         from .local import LocalCluster
 
-        return LocalCluster(cfg.nodes, nemesis=cfg.nemesis)
+        return LocalCluster(cfg.nodes, nemesis=cfg.nemesis, raft=True if cfg.raft else None)
+    if cfg.raft:
+        raise InvalidArgument("--raft needs --cluster local (the daemons' configuration group)")
     raise InvalidArgument(f"unknown cluster {cfg.cluster!r}: expected inprocess or local")

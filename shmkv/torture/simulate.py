@@ -727,6 +727,9 @@ class _SimNemesis:
 def _check(cfg: SimConfig) -> None:
     if cfg.bug is not None and cfg.bug not in BUGS:
         raise InvalidArgument(f"unknown bug {cfg.bug!r}: expected one of {', '.join(BUGS)}")
+    if "scale" in cfg.nemesis:  # the sim does not drive cluster_config.py's add/remove or its moves
+        raise InvalidArgument("the simulation has no nemesis scale: it does not run the configuration "
+                              "group's ring changes (cluster_config.py); use --cluster local --nemesis scale")
     bad = [k for k in cfg.nemesis if k not in (*SIM_NEMESES, *SIM_EXTRA)]
     if bad:
         raise InvalidArgument(f"the simulation has no nemesis {', '.join(bad)}: expected some of "
