@@ -63,11 +63,16 @@ class Config:
     """:param election_ticks: a follower that hears nothing for a random number of ticks in
         [election_ticks, 2 * election_ticks) campaigns; also the CheckQuorum window.
     :param heartbeat_ticks: the leader sends heartbeats this often (< election_ticks).
+    :param retry_ticks: a node already campaigning (pre-candidate or candidate) whose round
+        neither won nor lost outright retries after a random number of ticks in
+        [retry_ticks, 2 * retry_ticks), doubling per further failed round up to the follower's
+        window (0: election_ticks // 4, at least 1). See :meth:`RaftNode._draw_timeout`.
     :param seed: seeds the election timeout draws; same seed and inputs, same run.
     """
 
     election_ticks: int = 10
     heartbeat_ticks: int = 1
+    retry_ticks: int = 0
     pre_vote: bool = True
     check_quorum: bool = True
     max_entries_per_msg: int = 64
@@ -164,6 +169,7 @@ class RaftNode:
         self._progress: dict[str, Progress] = {}
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
+        self._rounds = 0  # campaign rounds since we last had (or were) a leader
         self._timeout = self._draw_timeout()
         self._voters: tuple[str, ...] = ()
         self._recompute_voters()
@@ -256,7 +262,27 @@ class RaftNode:
     # -- time -------------------------------------------------------------------------------
 
     def _draw_timeout(self) -> int:
-        return self.cfg.election_ticks + self._rng.randrange(self.cfg.election_ticks)
+        """Ticks until we campaign (again).
+
+        A follower waits [election_ticks, 2 * election_ticks): that is what keeps elections
+        from being spurious -- a leader that is merely slow under load has that long to be
+        heard, and a follower within election_ticks of hearing it ignores (pre-)votes.
+
+        A node whose round is still open (``_rounds`` > 0: it already waited out a follower
+        timeout, so the leader is presumed gone) retries sooner: [r, 2r) with r = retry_ticks,
+        doubling per failed round, capped at the follower window. Otherwise a split vote, or
+        a pre-vote ignored by a peer still in its lease (it heard the last heartbeat a tick
+        later) or lost, costs a whole new 1-2 s: measured in shmkv/torture/election.py, that
+        was what pushed a new leader past 3 s. Safety does not depend on timeouts at all; a
+        retry cannot disturb a live leader either (a pre-vote never raises a term, and the
+        leader and its followers ignore it while in lease); the doubling bounds the extra
+        traffic of a node that cannot win (cut off), and gives a slow vote round time.
+        """
+        e = self.cfg.election_ticks
+        if self._rounds == 0:
+            return e + self._rng.randrange(e)
+        r = min(e, (self.cfg.retry_ticks or max(1, e // 4)) << min(self._rounds - 1, 8))
+        return r + self._rng.randrange(r)
 
     def tick(self) -> None:
         """One unit of time passed."""
@@ -301,6 +327,7 @@ class RaftNode:
         self._waiting_reads = []
 
     def _become_follower(self, term: int, lead: str) -> None:
+        self._rounds = 0
         self._reset(term)
         self.role = Role.FOLLOWER
         self.lead = lead
@@ -309,6 +336,7 @@ class RaftNode:
         """Start an election now (a pre-vote first when configured). A non-voter does not."""
         if not self._promotable() or self.role == Role.LEADER:
             return
+        self._rounds += 1  # one round: a pre-vote and the vote it may lead to
         if self.cfg.pre_vote:
             # The term does not move: a node that cannot win leaves no trace (thesis 9.6). A
             # pre-candidate that times out polls again -- never straight to a real election.
@@ -347,6 +375,7 @@ class RaftNode:
             self._become_leader()
 
     def _become_leader(self) -> None:
+        self._rounds = 0
         self._reset(self.term)
         self.role = Role.LEADER
         self.lead = self.id
