@@ -8,8 +8,9 @@ s at its own phase (the daemons' tickers are not in step either), a message take
 random moment (SIGKILL: it sends nothing more), and the result is the virtual time from the
 kill until a survivor is leader. Same seed, same run.
 
-``python -m shmkv.torture.election [--seeds 200]`` prints the distribution
-(bench/raft_election.py wraps it).
+``python -m shmkv.torture.election [--seeds 200] [--loss 0.01]`` prints the distribution
+(``--tick 0.1 --election-ticks 10 --heartbeat-ticks 1 --retry-ticks 10``: the old timing);
+tests/cluster/raft/test_election_time.py asserts it.
 """
 
 from __future__ import annotations
