@@ -35,14 +35,46 @@ def leaderless_after_kill(
     tick: float = TICK,
     latency: tuple[float, float] = (0.001, 0.020),
     loss: float = 0.0,
+    voters: int = 3,
     trace: list[tuple[float, str, str, int]] | None = None,
 ) -> float:
     """Seconds from killing the leader until a survivor leads (GIVE_UP if none does).
     ``config`` defaults to the configuration service's; its seed is replaced by ``seed``.
     ``trace`` collects (time, node, role, term) at every role or term change."""
+    t, _ = _run(seed, config, tick, latency, loss, voters, trace, healthy_for=None)
+    assert t is not None
+    return t
+
+
+def leader_terms_without_kill(
+    seed: int,
+    seconds: float,
+    *,
+    config: Config | None = None,
+    tick: float = TICK,
+    latency: tuple[float, float] = (0.001, 0.020),
+    loss: float = 0.0,
+    voters: int = 3,
+) -> int:
+    """How many terms had a leader in ``seconds`` of a healthy group under the same load, from
+    its first leader on: 1 unless some election was spurious."""
+    _, terms = _run(seed, config, tick, latency, loss, voters, None, healthy_for=seconds)
+    return len(terms)
+
+
+def _run(
+    seed: int,
+    config: Config | None,
+    tick: float,
+    latency: tuple[float, float],
+    loss: float,
+    voters: int,
+    trace: list[tuple[float, str, str, int]] | None,
+    healthy_for: float | None,
+) -> tuple[float | None, set[int]]:
     rng = random.Random(f"election/{seed}")
     base = config or Config(election_ticks=ELECTION_TICKS, heartbeat_ticks=HEARTBEAT_TICKS)
-    ids = ["r1", "r2", "r3"]
+    ids = [f"r{i}" for i in range(1, voters + 1)]
     nodes = {
         i: RaftNode(
             i,
@@ -73,11 +105,14 @@ def leaderless_after_kill(
     kill_after_lead = rng.uniform(2.0, 3.0)  # the leader serves this long, then dies
     led_since: float | None = None
     killed: tuple[float, int] | None = None  # (when, its term)
+    terms: set[int] = set()
     k = 0
     while events:
         now, _, kind, payload = heapq.heappop(events)
         if killed is not None and now - killed[0] > GIVE_UP:
-            return GIVE_UP
+            return GIVE_UP, terms
+        if healthy_for is not None and led_since is not None and now - led_since > healthy_for:
+            return None, terms
         if kind == "tick":
             if payload not in live:
                 continue
@@ -103,13 +138,14 @@ def leaderless_after_kill(
             trace.append((round(now, 3), n.id, n.role.value, n.term))
         if n.role != Role.LEADER:
             continue
+        terms.add(n.term)
         if killed is None:
             led_since = led_since if led_since is not None else now
-            if now - led_since >= kill_after_lead:
+            if healthy_for is None and now - led_since >= kill_after_lead:
                 live.discard(n.id)
                 killed = (now, n.term)
         elif n.term > killed[1]:
-            return now - killed[0]
+            return now - killed[0], terms
     raise AssertionError("event heap ran dry")  # ticks reschedule themselves: unreachable
 
 
@@ -132,10 +168,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--election-ticks", type=int, default=ELECTION_TICKS)
     p.add_argument("--heartbeat-ticks", type=int, default=HEARTBEAT_TICKS)
     p.add_argument("--retry-ticks", type=int, default=0, help="0: election_ticks // 4")
+    p.add_argument("--voters", type=int, default=3)
     a = p.parse_args(argv)
     cfg = Config(election_ticks=a.election_ticks, heartbeat_ticks=a.heartbeat_ticks,
                  retry_ticks=a.retry_ticks)
-    times = [leaderless_after_kill(s, config=cfg, tick=a.tick, loss=a.loss) for s in range(a.seeds)]
+    times = [
+        leaderless_after_kill(s, config=cfg, tick=a.tick, loss=a.loss, voters=a.voters)
+        for s in range(a.seeds)
+    ]
     d = distribution(times)
     print(
         f"leader SIGKILL -> new leader over {d['n']} seeds (virtual s): p50 {d['p50']:.2f}"
