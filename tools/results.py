@@ -75,6 +75,8 @@ BENCHES: tuple[Bench, ...] = (
            "--json", "bench/results/cluster_antientropy_bytes.json")),
     Bench("btree", "README 'An ordered engine' numbers",
           ("bench/btree_bench.py", "--keys", "100000", "--seconds", "1", "--repeat", "5", "--clock", "cpu")),
+    Bench("btree_wall", "README 'An ordered engine', the idle-machine wall-clock runs",
+          ("bench/btree_bench.py", "--keys", "100000", "--seconds", "1", "--repeat", "3")),
     Bench("config_commit", "README 'Configuration in etcd' commit latency",
           ("bench/config_commit.py",)),
     Bench("cluster_scaling", "README 'Raft configuration service' live scaling figures",
