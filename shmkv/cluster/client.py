@@ -406,15 +406,21 @@ class Client:
         if self.ring is not None:
             addrs += [m.addr for m in self.ring.members.values() if m.addr not in addrs]
         errors = []
-        for addr in addrs:
-            try:
-                reply = self.request(addr, Message(wire.RING, 0, {}))
-                # The cluster's replication map (--n-per-dc) places keys; the ring's wire
-                # layout does not carry it, the RING answer does.
-                ring = Ring.from_wire(reply.fields["ring"]).with_replication(reply.fields.get("n_per_dc"))
-                return ring, dict(reply.fields)
-            except (ClusterError, OSError, KeyError) as e:
-                errors.append(f"{addr}: {e}")
+        # Two passes, 0.1 s apart: a connection accepted by a worker (--workers) at the instant
+        # it died is reset, while its siblings on the same port serve the next one. RING is a
+        # read, so asking again is safe; a seed that is really down fails both passes.
+        for attempt in range(2):
+            if attempt:
+                time.sleep(0.1)
+            for addr in addrs:
+                try:
+                    reply = self.request(addr, Message(wire.RING, 0, {}))
+                    # The cluster's replication map (--n-per-dc) places keys; the ring's wire
+                    # layout does not carry it, the RING answer does.
+                    ring = Ring.from_wire(reply.fields["ring"]).with_replication(reply.fields.get("n_per_dc"))
+                    return ring, dict(reply.fields)
+                except (ClusterError, OSError, KeyError) as e:
+                    errors.append(f"{addr}: {e}")
         raise NoSeedReachable("no seed of the cluster answered: " + "; ".join(errors))
 
     def _targets(self, key: bytes) -> tuple[Ring, tuple[str, ...]]:

@@ -121,28 +121,30 @@ def test_sigkill_of_one_worker_leaves_the_node_serving_and_the_supervisor_restar
 ) -> None:
     st = cluster(1, workers=2)
     clients = _clients_on_distinct_workers(st, 2)
-    for i in range(20):
-        clients[0].put(b"k%d" % i, b"v%d" % i)
-    victim = clients[0].status()[0]["pid"]
-    survivor = clients[1]
-    os.kill(victim, signal.SIGKILL)
-    # the other worker serves on its open connection, and sees what the dead one wrote
-    assert [survivor.get(b"k%d" % i) for i in range(20)] == [b"v%d" % i for i in range(20)]
-    survivor.put(b"after", b"1")
-    # new connections are served (by the survivor, or by the restarted worker)
-    with shmkv.connect(st["seeds"], n=1, w=1, r=1, timeout=2.0) as fresh:
-        assert fresh.get(b"k3") == b"v3"
-    deadline = time.monotonic() + 20
-    while True:  # the supervisor forks a replacement: two live workers again, the victim gone
-        pids = tc.worker_pids(st["dir"], "n1")
-        if len(pids) == 2 and victim not in pids:
-            break
-        assert time.monotonic() < deadline, f"no replacement worker: {pids}"
-        time.sleep(0.1)
-    assert tc._alive(tc._load(st["dir"])["nodes"][0])  # the node (its supervisor) never went down
-    assert "restarted as pid" in Path(st["nodes"][0]["log"]).read_text()
-    for c in clients:
-        c.close()
+    try:
+        for i in range(20):
+            clients[0].put(b"k%d" % i, b"v%d" % i)
+        victim = clients[0].status()[0]["pid"]
+        survivor = clients[1]
+        os.kill(victim, signal.SIGKILL)
+        # the other worker serves on its open connection, and sees what the dead one wrote
+        assert [survivor.get(b"k%d" % i) for i in range(20)] == [b"v%d" % i for i in range(20)]
+        survivor.put(b"after", b"1")
+        # new connections are served (by the survivor, or by the restarted worker)
+        with shmkv.connect(st["seeds"], n=1, w=1, r=1, timeout=2.0) as fresh:
+            assert fresh.get(b"k3") == b"v3"
+        deadline = time.monotonic() + 20
+        while True:  # the supervisor forks a replacement: two live workers again, the victim gone
+            pids = tc.worker_pids(st["dir"], "n1")
+            if len(pids) == 2 and victim not in pids:
+                break
+            assert time.monotonic() < deadline, f"no replacement worker: {pids}"
+            time.sleep(0.1)
+        assert tc._alive(tc._load(st["dir"])["nodes"][0])  # the node (its supervisor) never went down
+        assert "restarted as pid" in Path(st["nodes"][0]["log"]).read_text()
+    finally:  # a failure must not leave their sockets to a later test's ResourceWarning
+        for c in clients:
+            c.close()
 
 
 def test_three_nodes_of_two_workers_keep_quorums_and_a_sigkilled_supervisor_takes_its_workers(
