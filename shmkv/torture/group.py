@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .verdict import Problem, Verdict, combine
+from .raft import _dedupe  # one copy: the same problem seen twice is one problem
 
 POLL_INTERVAL = 0.2  # seconds between two polls of every node
 REQUEST_TIMEOUT = 0.3  # a node that does not answer in time (paused, killed) is skipped this round
@@ -205,13 +206,3 @@ def check_group(observations: Iterable[dict[str, Any]], final: Iterable[dict[str
                     f"final poll's highest is {best['config_epoch']}", top, best))
         extra["final_epoch"] = max((o["config_epoch"] for o in fin), default=None)
     return combine("raft-group", _dedupe(problems), [], **extra)
-
-
-def _dedupe(problems: list[Problem]) -> list[Problem]:
-    seen: set[str] = set()
-    out = []
-    for p in problems:
-        if p.message not in seen:
-            seen.add(p.message)
-            out.append(p)
-    return out
