@@ -7,7 +7,9 @@
 In a temp dir the script starts a ``redis-server``, a 3-master Redis Cluster (three
 ``redis-server --cluster-enabled yes`` joined by ``redis-cli --cluster create ... --cluster-yes``),
 a 1-node shmkv (N=W=R=1) and a 3-node shmkv (N=3, W=2, R=2), both with ``--resp`` (through
-tools/cluster.py); every process is recorded and stopped by PID at the end, whatever happens.
+tools/cluster.py), each node one process (``--workers 1``, tools/cluster.py's default, as
+redis-server is one thread), and the same 1-node at ``shmkv serve``'s default ``--workers``
+(one process per core: "shmkv-1 workers"); every process is recorded and stopped by PID at the end, whatever happens.
 
 Then, per target, ``redis-benchmark -t set,get -c CLIENTS -n REQUESTS -r KEYS --csv`` without and
 with ``-P 16`` (``--cluster`` for the Redis Cluster), and the Python clients on the same op from
@@ -268,17 +270,23 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     peers = RedisPeers(d)
     report: dict[str, Any] = {"args": vars(a), "load_before": os.getloadavg(), "redis_benchmark": {},
                               "python": {}}
-    dirs = [d / "shmkv1", d / "shmkv3"]
+    dirs = [d / "shmkv1", d / "shmkv3", d / "shmkv1w"]
     try:
         peers.start()
         s1 = tc.start(1, dirs[0], n=1, w=1, r=1, size=a.size, resp=True)
         s3 = tc.start(3, dirs[1], n=3, w=2, r=2, size=a.size, resp=True)
+        # the same 1-node at `shmkv serve`'s default --workers (one process per core)
+        s1w = None if a.python_only else tc.start(1, dirs[2], n=1, w=1, r=1, size=a.size, resp=True,
+                                                   workers=os.cpu_count() or 1)
         targets = [
             ("redis-server", peers.single, False),
             ("redis-cluster-3", peers.cluster[0], True),
             ("shmkv-1", int(s1["nodes"][0]["resp"].rsplit(":", 1)[1]), False),
             ("shmkv-3", int(s3["nodes"][0]["resp"].rsplit(":", 1)[1]), False),
         ]
+        if s1w is not None:
+            targets.append(("shmkv-1 workers", int(s1w["nodes"][0]["resp"].rsplit(":", 1)[1]), False))
+        report["workers"] = os.cpu_count() or 1
         for pipeline in () if a.python_only else (1, 16):
             for name, port, cluster in targets:
                 key = f"{name} P={pipeline}"
@@ -348,6 +356,13 @@ def render(rep: dict[str, Any]) -> str:
             lines.append(f"  P={p:<2} {op}: shmkv-1 / redis-server {x:.3f}x   shmkv-3 / redis-cluster-3 {y:.3f}x")
             if p == "1":
                 checks.append((f"1-node {op} >= 0.3 x redis-server (P=1)", x >= 0.3, f"{x:.3f}x"))
+            wk = f"shmkv-1 workers P={p}"
+            if wk in rb:  # the 1-node at the default --workers (one per core)
+                xw = ratio(rb[wk][op], rb[f"redis-server P={p}"][op])
+                lines.append(f"  P={p:<2} {op}: shmkv-1 --workers {rep.get('workers')} / redis-server {xw:.3f}x")
+                if p == "1":
+                    checks.append((f"1-node --workers {rep.get('workers')} {op} >= 0.3 x redis-server (P=1)",
+                                   xw >= 0.3, f"{xw:.3f}x"))
     if rb:
         p99 = rb["shmkv-3 P=1"]["SET"]["p99_ms"]
         checks.append(("3-node W=2 SET p99 < 5 ms at 50 clients (P=1)", p99 < 5.0, f"{p99:.2f} ms"))

@@ -28,12 +28,13 @@ def test_cluster_bench_quick_run_reports_every_target(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert set(rep["redis_benchmark"]) == {
-        f"{t} P={p}" for t in ("redis-server", "redis-cluster-3", "shmkv-1", "shmkv-3") for p in (1, 16)
+        f"{t} P={p}" for t in ("redis-server", "redis-cluster-3", "shmkv-1", "shmkv-3", "shmkv-1 workers")
+        for p in (1, 16)
     }
     for ops in rep["redis_benchmark"].values():
         assert set(ops) == {"SET", "GET"} and all(m["ops_per_s"] > 0 for m in ops.values())
     assert len(rep["python"]) == 7
-    assert p.stdout.count("0.3 x redis-server") == 2 and "0.5 x redis-py" in p.stdout and "p99 < 5 ms" in p.stdout
+    assert p.stdout.count("0.3 x redis-server") == 4 and "0.5 x redis-py" in p.stdout and "p99 < 5 ms" in p.stdout
     assert "50 x redis-py GET" in p.stdout
     leftovers = subprocess.run(["pgrep", "-f", "shmkv-cluster-bench-"], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", leftovers.stdout
