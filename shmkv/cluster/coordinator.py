@@ -352,7 +352,7 @@ class Node:
         if code in (wire.GET, wire.GET_VERSIONS):
             r = f.get("r") or self.config.r
             if old is None:
-                vs = await self.read(key, prefs, r, timeout)
+                vs = await self.read(key, prefs, r, timeout, strict=None if f.get("strict") is None else bool(f["strict"]))
             else:
                 vs = await self.read_moving(key, prefs, old, r, timeout)
             vs = vs.visible(self.replica.now_ms())
@@ -397,10 +397,13 @@ class Node:
 
     # -- coordination ----------------------------------------------------------------------
 
-    async def read(self, key: bytes, prefs: Sequence[str], r: Level, timeout: float) -> VersionSet:
+    async def read(
+        self, key: bytes, prefs: Sequence[str], r: Level, timeout: float, *, strict: bool | None = None,
+    ) -> VersionSet:
         """Read ``key`` from its replicas ``prefs`` (this node among them); the merge of the first
         R answers (R a count or a level: levels.py). The rest are awaited in the background and
-        every stale answer repaired."""
+        every stale answer repaired. Strict (the cluster's or the request's): answers that
+        disagreed are written back before the read answers (:meth:`_write_back`)."""
         n = len(prefs)
         nd = self._need(r, prefs, "R")
         if n == 1 and nd.total == 1 and not nd.per_dc:
@@ -436,7 +439,55 @@ class Node:
             raise _err(tally)
         result = tally.result()
         assert result is not None  # the local answer is never None
+        if (self.config.strict if strict is None else strict) and tally.stale():
+            await self._write_back(key, tally, result, up, nd.total, timeout)
         return result
+
+    async def _write_back(
+        self, key: bytes, tally: ReadTally[VersionSet], result: VersionSet, up: Sequence[str], r: int,
+        timeout: float,
+    ) -> None:
+        """A strict read whose answers disagreed: ``result`` may be on fewer replicas than a
+        later read meets -- a write that timed out after reaching one replica (MaybeApplied) is
+        seen by this read through that replica, and a later read of two others would not see
+        it: the key would go back in time (the simulator's linearizability checker found
+        exactly that, seed 439 beyond CI's sweep). So before answering, write ``result`` back
+        until N - R + 1 replicas hold it, which every later R-quorum meets: first the replicas
+        that answered stale (they are up: they just answered), then the others that are up.
+        Cassandra's blocking read repair does the same for its quorum reads. Answers that
+        agreed cost nothing: this runs only on a disagreement.
+
+        :raises QuorumError: fewer than N - R + 1 replicas took it (the read did not happen;
+          what reached some replica is only a merge of copies that were there already)."""
+        need = tally.n - r + 1
+        holders = {node for node in tally.answered if tally.answer_of(node) == result}
+        stale = [node for node in tally.answered if node not in holders]
+        rest = [node for node in up if node not in holders and node not in stale]
+        epoch = self._ring().epoch
+        for group in (stale, rest):
+            if len(holders) >= need:
+                return
+            sends = []
+            for node in group:
+                self.stats.read_repairs += 1
+                if node == self.config.name:
+                    self._repair_local(key, result)
+                    holders.add(node)
+                    continue
+                fields: dict[str, Any] = {"key": key, "versions": result.to_wire(), "epoch": epoch, "ack": 1}
+                if self.test_bug == "repair-overwrites":  # DELIBERATE BUG, tests only (TEST_BUG_ENV)
+                    fields["repair"] = 1
+                sends.append(self._send(node, Message(wire.REPLICA_PUT, 0, fields), timeout))
+            for node, reply, err in await asyncio.gather(*sends):
+                if reply is not None and err is None and reply.code == wire.OK:
+                    holders.add(node)
+        if len(holders) < need:
+            raise QuorumError(
+                f"strict read of {key!r}: its replicas disagreed and the newer copy could be written "
+                f"back to only {len(holders)} of the {need} replicas a later read must meet (N={tally.n}, "
+                f"R={r}); the read is not answered",
+                needed=need, answered=len(holders), n=tally.n,
+            )
 
     async def write(
         self,
@@ -835,6 +886,11 @@ class Node:
             res = t.result()
             assert res is not None
             out.append(res)
+        if self.config.strict:  # as read(): a key whose answers disagreed is written back first
+            await asyncio.gather(*(
+                self._write_back(key, t, res, t.targets, t.r, timeout)
+                for key, t, res in zip(keys, tallies, out, strict=True) if t.stale()
+            ))
         answered = True
         if per_node and fan.left == 0:
             after()

@@ -298,6 +298,10 @@ class ReadTally(_Tally, Generic[M]):
         self._reply(node)
         return self._state
 
+    def answer_of(self, node: str) -> M | None:
+        """``node``'s answer (``None``: it had nothing, or has not answered)."""
+        return self._answers.get(node)
+
     def merged(self) -> M | None:
         """The merge of every answer so far; ``None`` when no replica had anything."""
         out: M | None = None

@@ -22,7 +22,7 @@ from shmkv.cluster.errors import ConfigError
 from shmkv.cluster.replica import Replica
 from shmkv.cluster.ring import Member, Ring
 from shmkv.cluster.versions import Context
-from shmkv.cluster.wire import Message
+from shmkv.cluster.wire import Message, Overloaded
 
 from .sim import SimNetwork
 
@@ -218,6 +218,62 @@ def test_read_repair_fixes_a_stale_replica(cluster: Cluster) -> None:
     cluster.net.run_for(1.0)  # ... and c3's late, stale answer is repaired in the background
     assert cluster.held(c3, key) == [b"new"]
     assert cluster.nodes[c1].stats.read_repairs == 1
+
+
+def test_a_strict_read_writes_back_what_it_saw_before_answering(cluster: Cluster) -> None:
+    """A write that reached one replica (MaybeApplied) and is then seen by a strict read must
+    be seen by every later read: the read writes it back to N - R + 1 replicas before it
+    answers. (Before: the repair waited for every answer, in the background, so with the third
+    replica down the coordinator could crash first and a read of the other two went back in
+    time -- the simulator's linearizability checker found it, seed 439.)"""
+    key = b"monotonic"
+    c1, c2, c3 = cluster.coordinators(key)
+    for node in cluster.nodes.values():
+        node.config.strict = True
+    cluster.put(c1, key, b"old", w=3)
+    cluster.net.crash(cluster.addr[c2])
+    cluster.net.crash(cluster.addr[c3])
+    with pytest.raises(shmkv.MaybeApplied):
+        cluster.put(c1, key, b"new", w=2)  # on c1 only
+    cluster.start(c2)  # back with its old copy; c3 stays down, unknown to c1
+    cluster.net.run(cluster.nodes[c1].probe())
+    assert cluster.held(c2, key) == [b"old"]
+    assert cluster.get(c1, key, r=2) == [b"new"]  # c1's copy and c2's stale one
+    assert cluster.held(c2, key) == [b"new"]  # written back before the answer
+    cluster.net.crash(cluster.addr[c1])  # before any background repair could run
+    cluster.start(c3)
+    assert cluster.get(c2, key, r=2) == [b"new"]  # c2 and c3: not back in time
+
+
+def test_a_strict_read_that_cannot_write_back_is_refused_loudly(cluster: Cluster) -> None:
+    key = b"refused"
+    c1, c2, c3 = cluster.coordinators(key)
+    for node in cluster.nodes.values():
+        node.config.strict = True
+    cluster.put(c1, key, b"old", w=3)
+    cluster.net.crash(cluster.addr[c2])
+    cluster.net.crash(cluster.addr[c3])
+    with pytest.raises(shmkv.MaybeApplied):
+        cluster.put(c1, key, b"new", w=2)
+    cluster.start(c2)
+    cluster.net.run(cluster.nodes[c1].probe())
+    # c2 answers the read but refuses what it is sent back (overloaded): 1 of the 2 replicas
+    # a later read must meet hold "new"
+    n2 = cluster.nodes[c2]
+    dispatch = n2._dispatch
+
+    async def refuse_puts(code: int, f: object) -> Message:
+        if code == wire.REPLICA_PUT:
+            raise Overloaded("busy")
+        return await dispatch(code, f)
+
+    n2._dispatch = refuse_puts  # type: ignore[method-assign]
+    with pytest.raises(shmkv.QuorumError, match="could be written back to only 1 of the 2 replicas") as ei:
+        cluster.get(c1, key, r=2)
+    assert not isinstance(ei.value, shmkv.MaybeApplied) and (ei.value.needed, ei.value.answered) == (2, 1)
+    # the request's strict=0 asks for the cheaper read: answered, repaired in the background
+    assert cluster.get(c1, key, r=2, strict=0) == [b"new"]
+    assert cluster.held(c2, key) == [b"old"]
 
 
 def test_batch_read_repairs_every_stale_key_in_one_round_per_replica(cluster: Cluster) -> None:

@@ -89,7 +89,9 @@ def _caught(bug: str, args: list[str], seeds: str, end_to_end: set[str] | None =
 
 @pytest.mark.slow
 def test_read_repair_that_overwrites_a_newer_version_is_caught() -> None:
-    _caught("repair-overwrites", SHORT, "1-6")
+    # (strict reads write back what they saw before answering, so the window in which a repair
+    # can overwrite a newer version is shorter than it was: seeds 8 and 10 of these show it)
+    _caught("repair-overwrites", SHORT, "1-10")
 
 
 @pytest.mark.slow
