@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import shutil
 import os
 import random
 import statistics
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         fg.c.close()
     finally:
         tc.stop(d, grace=5)
+        shutil.rmtree(d, ignore_errors=True)
     out["run_s"] = round(time.monotonic() - t_run, 1)
     print(json.dumps(out, indent=2))
     if a.json:

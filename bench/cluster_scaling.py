@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -221,6 +222,7 @@ def main() -> int:
         if fg is not None:
             fg.stop.set()
         tc.stop(d, grace=5)
+        shutil.rmtree(d, ignore_errors=True)
     print(f"{a.keys} keys of {a.value} B, N=3, --stream-rate {a.stream_rate}; a 4th node joins, then leaves")
     print(f"{'phase':10} {'seconds':>8} {'share keys':>10} {'share MB/s':>10} {'sent MB':>8} {'sent MB/s':>9}")
     for ph in ("join", "leave"):

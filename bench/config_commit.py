@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -83,6 +84,7 @@ def main() -> int:
         out = {kind: measure(kind, tmp / kind, etcd.url("/bench"), a.changes) for kind in ("raft", "etcd")}
     finally:
         etcd.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # etcd's data, the daemons' Raft logs and state
     out["etcd_over_raft_median"] = round(out["etcd"]["median_ms"] / out["raft"]["median_ms"], 2)
     print(f"{'':6} {'median':>8} {'p90':>8} {'max':>8}   (ms per committed change, {a.changes} changes)")
     for kind in ("raft", "etcd"):

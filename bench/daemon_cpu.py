@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,7 @@ def _redis(a: argparse.Namespace) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     finally:
         tc.stop(d, grace=10)
+        shutil.rmtree(d, ignore_errors=True)
     return 0
 
 
