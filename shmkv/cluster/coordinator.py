@@ -440,54 +440,67 @@ class Node:
         result = tally.result()
         assert result is not None  # the local answer is never None
         if (self.config.strict if strict is None else strict) and tally.stale():
-            await self._write_back(key, tally, result, up, nd.total, timeout)
+            await self._write_back([(key, tally, result)], timeout)
         return result
 
-    async def _write_back(
-        self, key: bytes, tally: ReadTally[VersionSet], result: VersionSet, up: Sequence[str], r: int,
-        timeout: float,
-    ) -> None:
-        """A strict read whose answers disagreed: ``result`` may be on fewer replicas than a
-        later read meets -- a write that timed out after reaching one replica (MaybeApplied) is
-        seen by this read through that replica, and a later read of two others would not see
-        it: the key would go back in time (the simulator's linearizability checker found
-        exactly that, seed 439 beyond CI's sweep). So before answering, write ``result`` back
-        until N - R + 1 replicas hold it, which every later R-quorum meets: first the replicas
-        that answered stale (they are up: they just answered), then the others that are up.
+    async def _write_back(self, items: Sequence[tuple[bytes, ReadTally[VersionSet], VersionSet]],
+                          timeout: float) -> None:
+        """Strict reads whose answers disagreed, as ``(key, tally, result)``: ``result`` may be
+        on fewer replicas than a later read meets -- a write that timed out after reaching one
+        replica (MaybeApplied) is seen by this read through that replica, and a later read of
+        two others would not see it: the key would go back in time (the simulator's
+        linearizability checker found exactly that, seed 439 beyond CI's sweep). So before
+        answering, each result is written back until N - R + 1 replicas hold it, which every
+        later R-quorum meets: first to the replicas that answered stale (they are up: they just
+        answered), then to the other targets -- one REPLICA_PUT_MANY per replica per round.
         Cassandra's blocking read repair does the same for its quorum reads. Answers that
         agreed cost nothing: this runs only on a disagreement.
 
-        :raises QuorumError: fewer than N - R + 1 replicas took it (the read did not happen;
-          what reached some replica is only a merge of copies that were there already)."""
-        need = tally.n - r + 1
-        holders = {node for node in tally.answered if tally.answer_of(node) == result}
-        stale = [node for node in tally.answered if node not in holders]
-        rest = [node for node in up if node not in holders and node not in stale]
+        :raises QuorumError: some result reached fewer than N - R + 1 replicas (the read is not
+          answered; what reached a replica is only a merge of copies that were there already)."""
+        me = self.config.name
+        # per item: key, result, the replicas known to hold it, how many must, (stale, rest)
+        todo: list[tuple[bytes, VersionSet, set[str], int, tuple[list[str], list[str]]]] = []
+        for key, t, result in items:
+            holders = {node for node in t.answered if t.answer_of(node) == result}
+            stale = [node for node in t.answered if node not in holders]
+            rest = [node for node in t.targets if node not in holders and node not in stale]
+            todo.append((key, result, holders, t.n - t.r + 1, (stale, rest)))
         epoch = self._ring().epoch
-        for group in (stale, rest):
-            if len(holders) >= need:
-                return
-            sends = []
-            for node in group:
-                self.stats.read_repairs += 1
-                if node == self.config.name:
-                    self._repair_local(key, result)
-                    holders.add(node)
-                    continue
-                fields: dict[str, Any] = {"key": key, "versions": result.to_wire(), "epoch": epoch, "ack": 1}
+        for rnd in (0, 1):
+            per_node: dict[str, list[int]] = {}
+            for i, (key, result, holders, need, groups) in enumerate(todo):
+                for node in groups[rnd] if len(holders) < need else ():
+                    self.stats.read_repairs += 1
+                    if node == me:
+                        self._repair_local(key, result)
+                        holders.add(node)
+                        items[i][1].answer(node, result)
+                    else:
+                        per_node.setdefault(node, []).append(i)
+
+            async def one(node: str, idx: list[int]) -> None:
+                fields: dict[str, Any] = {"items": [[todo[i][0], todo[i][1].to_wire()] for i in idx], "epoch": epoch}
                 if self.test_bug == "repair-overwrites":  # DELIBERATE BUG, tests only (TEST_BUG_ENV)
                     fields["repair"] = 1
-                sends.append(self._send(node, Message(wire.REPLICA_PUT, 0, fields), timeout))
-            for node, reply, err in await asyncio.gather(*sends):
+                _, reply, err = await self._send(node, Message(wire.REPLICA_PUT_MANY, 0, fields), timeout)
                 if reply is not None and err is None and reply.code == wire.OK:
-                    holders.add(node)
-        if len(holders) < need:
-            raise QuorumError(
-                f"strict read of {key!r}: its replicas disagreed and the newer copy could be written "
-                f"back to only {len(holders)} of the {need} replicas a later read must meet (N={tally.n}, "
-                f"R={r}); the read is not answered",
-                needed=need, answered=len(holders), n=tally.n,
-            )
+                    for i in idx:
+                        todo[i][2].add(node)
+                        t = items[i][1]
+                        if node in t.answered:  # it holds the result now: the background repair skips it
+                            t.answer(node, todo[i][1])
+
+            if per_node:
+                await asyncio.gather(*(one(node, idx) for node, idx in per_node.items()))
+        for (key, _result, holders, need, _groups), (_key, t, _res) in zip(todo, items, strict=True):
+            if len(holders) < need:
+                raise QuorumError(
+                    f"strict read of {key!r}: its replicas disagreed and the newer copy could be written "
+                    f"back to only {len(holders)} of the {need} replicas a later read must meet (N={t.n}, "
+                    f"R={t.r}); the read is not answered",
+                    needed=need, answered=len(holders), n=t.n,
+                )
 
     async def write(
         self,
@@ -886,11 +899,10 @@ class Node:
             res = t.result()
             assert res is not None
             out.append(res)
-        if self.config.strict:  # as read(): a key whose answers disagreed is written back first
-            await asyncio.gather(*(
-                self._write_back(key, t, res, t.targets, t.r, timeout)
-                for key, t, res in zip(keys, tallies, out, strict=True) if t.stale()
-            ))
+        if self.config.strict:  # as read(): the keys whose answers disagreed are written back first
+            disagreed = [(k, t, res) for k, t, res in zip(keys, tallies, out, strict=True) if t.stale()]
+            if disagreed:
+                await self._write_back(disagreed, timeout)
         answered = True
         if per_node and fan.left == 0:
             after()

@@ -245,6 +245,26 @@ def test_a_strict_read_writes_back_what_it_saw_before_answering(cluster: Cluster
     assert cluster.get(c2, key, r=2) == [b"new"]  # c2 and c3: not back in time
 
 
+def test_a_strict_batch_read_writes_back_every_key_in_one_request_per_replica(cluster: Cluster) -> None:
+    first = cluster.names[0]
+    keys = [k for k in (b"wb%d" % i for i in range(300)) if first in cluster.coordinators(k)][:10]
+    for node in cluster.nodes.values():
+        node.config.strict = True
+    others = [n for n in cluster.names if n != first]
+    for n in others:
+        cluster.net.crash(cluster.addr[n])
+    with pytest.raises(shmkv.MaybeApplied):
+        cluster.request(first, wire.PUT_MANY, items=[[k, b"new"] for k in keys], w=2)  # on `first` only
+    cluster.start(others[0])  # the other stays down, unknown to `first`
+    cluster.net.run(cluster.nodes[first].probe())
+    before = len(cluster.net.trace)
+    got = cluster.request(first, wire.GET_MANY, keys=keys, r=2).fields["results"]
+    assert [vals for vals, _ in got] == [[b"new"]] * len(keys)
+    assert all(cluster.held(others[0], k) == [b"new"] for k in keys)  # before the answer
+    backs = [t for t in cluster.net.trace[before:] if t[1] == "send" and t[4] == "REPLICA_PUT_MANY"]
+    assert [(t[2], t[3]) for t in backs] == [(cluster.addr[first], cluster.addr[others[0]])]
+
+
 def test_a_strict_read_that_cannot_write_back_is_refused_loudly(cluster: Cluster) -> None:
     key = b"refused"
     c1, c2, c3 = cluster.coordinators(key)
@@ -263,7 +283,7 @@ def test_a_strict_read_that_cannot_write_back_is_refused_loudly(cluster: Cluster
     dispatch = n2._dispatch
 
     async def refuse_puts(code: int, f: object) -> Message:
-        if code == wire.REPLICA_PUT:
+        if code in (wire.REPLICA_PUT, wire.REPLICA_PUT_MANY):
             raise Overloaded("busy")
         return await dispatch(code, f)
 
