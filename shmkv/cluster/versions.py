@@ -212,8 +212,11 @@ class Context:
         if not isinstance(w, list) or len(w) != 2 or w[0] != CONTEXT_FORMAT:
             raise ProtocolError("not a version context: expected [2, clock]")
         # _clock_from_wire checked what __init__ would check again (nodes, counters >= 1,
-        # sorted and distinct): the client decodes the context of every put it makes
-        return cls._trusted(_clock_from_wire(w[1]))
+        # sorted and distinct -- so no sort either): the client decodes the context of every
+        # put it makes
+        out = object.__new__(cls)
+        out._clock = tuple(_clock_from_wire(w[1]).items())
+        return out
 
     def encode(self) -> bytes:
         return _pack(self.to_wire())  # type: ignore[no-any-return]
