@@ -240,8 +240,9 @@ class Node:
 
     async def handle(self, msg: Message) -> Message:
         code = msg.code
-        name = wire.NAMES.get(code, str(code))
-        self.stats.requests[name] = self.stats.requests.get(name, 0) + 1
+        name = wire.NAMES.get(code) or str(code)
+        requests = self.stats.requests
+        requests[name] = requests.get(name, 0) + 1
         if code == wire.PING:
             return Message(wire.OK, 0, {})
         service = self.services.get(code)
@@ -351,7 +352,9 @@ class Node:
         old = self._old_prefs(key, prefs) if self._moving is not None else None
         if code in (wire.GET, wire.GET_VERSIONS):
             r = f.get("r") or self.config.r
-            if old is None:
+            if old is None and r == 1 and type(r) is int and len(prefs) == 1:
+                vs = self.replica.get(key)  # N=1: what read() answers, without its coroutine
+            elif old is None:
                 vs = await self.read(key, prefs, r, timeout)
             else:
                 vs = await self.read_moving(key, prefs, old, r, timeout)
@@ -379,7 +382,10 @@ class Node:
             value = f["value"] if code == wire.PUT else None
             strict = self.config.strict if f.get("strict") is None else bool(f["strict"])
             ttl = _ttl(f.get("ttl_ms")) if code == wire.PUT else None  # a tombstone never expires
-            if old is None:
+            if old is None and w == 1 and type(w) is int and len(prefs) == 1:
+                # N=1: what write() does then (its N=1 branch), without its coroutine
+                vs = self.replica.coordinate(key, value, ctx, self._expires(ttl))
+            elif old is None:
                 vs = await self.write(key, value, ctx, prefs, w, timeout, ttl, strict=strict)
             else:
                 vs = await self.write_moving(key, value, ctx, prefs, old, w, timeout, ttl)
@@ -458,8 +464,7 @@ class Node:
         if n == 1 and nd.total == 1 and not nd.per_dc:
             # N=1: this node (it coordinates, so prefs == [it]) is the one replica and its own
             # ack is W -- what the tally below would decide, without building one
-            expires = None if ttl is None else self.replica.now_ms() + max(1, int(ttl * 1000))
-            return self.replica.coordinate(key, value, context, expires)
+            return self.replica.coordinate(key, value, context, self._expires(ttl))
         up = self._up(prefs)
         down = [p for p in prefs if p not in up]
         hint_for: dict[str, str] = {}  # fallback -> the primary it stands in for
@@ -1071,6 +1076,10 @@ class Node:
         nd = need(level, prefs, self._dc_of, self.config.dc)
         check_quorum(len(prefs), nd.total, what)
         return nd
+
+    def _expires(self, ttl: float | None) -> int | None:
+        """A new version's expiry for ``ttl`` seconds (None: none), on this node's wall clock."""
+        return None if ttl is None else self.replica.now_ms() + max(1, int(ttl * 1000))
 
     def _dc_of(self, node: str) -> str | None:
         return self._ring().dc_of(node)

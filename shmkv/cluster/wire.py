@@ -443,6 +443,21 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
         buf = self._buf
+        if not buf and type(data) is bytes and len(data) >= 5 and LENGTH.unpack_from(data, 0)[0] + 4 == len(data):
+            # The common read: exactly one whole frame, nothing held before it -- decoded
+            # from ``data`` as it is, without going through the buffer (the same checks).
+            length = len(data) - 4
+            if length > self._max_frame:
+                pass  # refused below, as any other frame
+            elif data[4] != WIRE_VERSION:
+                self._error = ProtocolError(f"wire version {data[4]}, this node speaks {WIRE_VERSION}")
+                raise self._error
+            else:
+                try:
+                    return [decode_body(data[5:])]
+                except ProtocolError as e:
+                    self._error = e
+                    raise
         buf += data
         out: list[Message] = []
         pos = 0
