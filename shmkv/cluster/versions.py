@@ -219,7 +219,9 @@ class Context:
         return out
 
     def encode(self) -> bytes:
-        return _pack(self.to_wire())  # type: ignore[no-any-return]
+        # msgpack packs a tuple as the list to_wire() builds: the same bytes, no lists made
+        # (every read's answer carries a context)
+        return _pack((CONTEXT_FORMAT, self._clock))  # type: ignore[no-any-return]
 
     @classmethod
     def decode(cls, data: bytes) -> Context:
@@ -295,7 +297,10 @@ class VersionSet:
         expired ones too). For answering reads only: stored sets are never filtered, so merge
         stays the only thing that changes one and every replica drops a version the same way.
         """
-        if not any(s.expires is not None for s in self._siblings):
+        for s in self._siblings:  # (a loop, not any() over a generator: every read asks)
+            if s.expires is not None:
+                break
+        else:
             return self
         return VersionSet(self._clock, [s for s in self._siblings if not s.expired(now_ms)])
 
@@ -440,14 +445,16 @@ class VersionSet:
             raise ProtocolError("version set siblings must be a list")
         sibs: list[Sibling] = []
         for e in raw:
-            if not (isinstance(e, list) and len(e) in (3, 4)):
+            ne = len(e) if isinstance(e, list) else 0
+            if ne == 3:
+                i, c, v = e
+                x = None
+            elif ne == 4:
+                i, c, v, x = e
+                if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= MAX_EXPIRES:
+                    raise ProtocolError(f"sibling expiry {x!r} must be an int of ms in 1..2**63-1")
+            else:
                 raise ProtocolError("a sibling must be [node_index, counter, value(, expires)]")
-            i, c, v = e[:3]
-            x = e[3] if len(e) == 4 else None
-            if len(e) == 4 and (
-                isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= MAX_EXPIRES
-            ):
-                raise ProtocolError(f"sibling expiry {x!r} must be an int of ms in 1..2**63-1")
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(nodes):
                 raise ProtocolError(f"sibling node index {i!r} is out of range")
             if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= clock[nodes[i]]:
