@@ -487,7 +487,13 @@ class Client:
         refreshes = 0
         net, budget = self._net, self.timeout * 2  # the coordinator's timeout, and one more
         while True:
-            ring, targets = self._targets(key)
+            # _targets' common case inline: no suspects, the key's vnode routed before (or
+            # a 1-member ring)
+            ring, routes, targets = self._routing
+            if targets is None and ring is not None:
+                targets = routes.get(ring.vnode_index(key))
+            if targets is None or self._suspects:
+                ring, targets = self._targets(key)
             fields["epoch"] = ring.epoch
             fields["timeout_ms"] = self._timeout_ms
             rid, frame = _frame(code, fields)  # encoded once, whichever node takes it
