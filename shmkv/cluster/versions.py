@@ -483,6 +483,15 @@ class VersionSet:
 
 
 def _clock_from_wire(raw: Any) -> Clock:
+    if type(raw) is list and len(raw) == 1:
+        # The commonest clock, one node's (a 1-node cluster; a key whose writes one coordinator
+        # took): what the loop below accepts, checked flat -- every decode of a stored set or
+        # a context runs this
+        e = raw[0]
+        if type(e) is list and len(e) == 2:
+            node, c = e
+            if type(node) is str and node and len(node) <= MAX_NODE_NAME and type(c) is int and 1 <= c <= MAX_COUNTER:
+                return {node: c}
     if not isinstance(raw, list):
         raise ProtocolError("a clock must be a list of [node, counter]")
     clock: Clock = {}
