@@ -113,6 +113,10 @@ _Outcome = tuple[str, Message | None, BaseException | None]
 _COUNTS: dict[int, Need] = {}
 
 
+#: The configuration group's codes (config_service.py): refused by a node that runs none.
+_CONFIG_CODES = frozenset((wire.RAFT, wire.CONFIG, wire.CONFIG_PUSH, wire.CONFIG_CHANGE))
+
+
 class Node:
     """The request handler of one daemon: ``await node.handle(msg) -> reply``.
 
@@ -248,7 +252,7 @@ class Node:
         service = self.services.get(code)
         if service is not None:
             return await service(msg)
-        if code in (wire.RAFT, wire.CONFIG, wire.CONFIG_PUSH, wire.CONFIG_CHANGE):
+        if code in _CONFIG_CODES:
             raise BadRequest(f"{name}: {self.config.name} runs no configuration group (see --raft-dir)")
         if code == wire.STATUS:
             check_peer(self.config, self.ring, msg.fields)

@@ -333,7 +333,14 @@ class Pool:
         except BaseException:
             conn.close()
             raise
-        self.give(conn)
+        if not conn.dirty:  # give(), inline
+            with self._lock:
+                if not self.closed:
+                    idle = self._idle.setdefault(addr, [])
+                    if len(idle) < self.max_idle:
+                        idle.append(conn)
+                        return reply
+        conn.close()
         return reply
 
     def fan_out(
