@@ -343,7 +343,9 @@ class Node:
         n = self.config.n
         ring = self._ring()
         prefs = ring.preference_list(key, n)
-        if self.config.name not in prefs or not self._epoch_ok(f.get("epoch")):
+        epoch = f.get("epoch")
+        # (_epoch_ok's first test inline: the request routed by this node's ring, the common case)
+        if self.config.name not in prefs or not (epoch == ring.epoch or self._epoch_ok(epoch)):
             if f.get("epoch") is not None:
                 raise WrongEpoch(
                     f"{self.config.name} (epoch {ring.epoch}) does not coordinate this key "
