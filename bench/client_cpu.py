@@ -185,6 +185,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _ratio(a: float, b: float) -> str:
+    """``a / b`` as "1.234x"; "n/a" when ``b`` is 0 (a CPU counter that did not tick in a turn)."""
+    return f"{a / b:.3f}x" if b > 0 else "n/a"
+
+
 def render(rep: dict[str, Any]) -> str:
     a = rep["args"]
     lines = [f"{a['rounds']} rounds x {a['chunk']} calls per op and client, taking turns; load "
@@ -207,9 +212,9 @@ def render(rep: dict[str, Any]) -> str:
                 continue
             for op in ("SET", "GET"):
                 m, r = med[name][op], med[base][op]
-                lines.append(f"  {op}: {name} {r['wall_us'] / m['wall_us']:.3f}x  (client CPU "
-                             f"{m['client_cpu_us'] / r['client_cpu_us']:.2f}x, server CPU "
-                             f"{m['server_cpu_us'] / r['server_cpu_us']:.2f}x redis-py's / redis-server's)")
+                lines.append(f"  {op}: {name} {_ratio(r['wall_us'], m['wall_us'])}  (client CPU "
+                             f"{_ratio(m['client_cpu_us'], r['client_cpu_us'])}, server CPU "
+                             f"{_ratio(m['server_cpu_us'], r['server_cpu_us'])} redis-py's / redis-server's)")
     return "\n".join(lines)
 
 

@@ -44,6 +44,10 @@ Connections
   already dead, which for a write would be reported "may have been applied" for nothing.
 - A reply frame longer than ``max_frame`` (wire.MAX_FRAME), a bad version byte or a malformed body
   closes the connection: ``Unreachable(sent=True)``.
+- Per request on a reused connection, three syscalls: the poll above, one ``sendall``, one
+  ``recv_into`` when the reply comes whole (``Conn.call``: the common case in one place; a slow
+  send, a reply in pieces or with more behind it go on in ``Conn.recv``). The kernel timeouts
+  are re-set only when a request's budget drifts from the last one by more than SLACK.
 
 Thread safety: the idle lists are under the pool's lock (``_lock``, the only lock here); a
 connection belongs to one thread between ``take`` and ``give``. Fork: :meth:`Pool.reset` in the
