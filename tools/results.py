@@ -61,6 +61,8 @@ BENCHES: tuple[Bench, ...] = (
           ("bench/paused_writer.py", "--pauses", "20", "--pause-s", "1", "--seconds", "32")),
     Bench("cluster", "README 'The Redis-protocol front' speed; bench/RESULTS.md 'Cluster'",
           ("bench/cluster_bench.py", "--json", "bench/results/cluster.json")),
+    Bench("client_cpu", "README 'Sync client' (CPU per call); bench/RESULTS.md 'Cluster: the Python client'",
+          ("bench/client_cpu.py", "--json", "bench/results/client_cpu.json")),
     Bench("cluster_local", "README 'Zero-hop local reads'; bench/RESULTS.md",
           ("bench/cluster_local.py", "--duration", "3", "--clients", "4",
            "--json", "bench/results/cluster_local.json")),

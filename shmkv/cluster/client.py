@@ -165,9 +165,10 @@ class Client:
         self._timeout_ms = max(1, int(self.timeout * 1000))  # the coordinator's, on every request
         self.resolve = resolve
         # (the ring, per vnode index of it the preference list of its keys with this client's
-        # DC first): one attribute, so a thread routing while another swaps the ring reads a
-        # matching pair; the lists are filled as keys are routed
-        self._routing: tuple[Ring | None, dict[int, tuple[str, ...]]] = (None, {})
+        # DC first, and the one preference list of every key when the ring has one member --
+        # no hash to route by -- else None): one attribute, so a thread routing while another
+        # swaps the ring reads a matching set; the lists are filled as keys are routed
+        self._routing: tuple[Ring | None, dict[int, tuple[str, ...]], tuple[str, ...] | None] = (None, {}, None)
         # node -> when it was suspected; a suspect is tried last, for SUSPECT_FOR seconds
         self._suspects: dict[str, float] = {}
         self._net = Pool()
@@ -199,7 +200,13 @@ class Client:
 
     @ring.setter
     def ring(self, ring: Ring | None) -> None:
-        self._routing = (ring, {})
+        only: tuple[str, ...] | None = None
+        if ring is not None and len(ring.members) == 1 and self.n is not None:
+            try:  # what preference_list gives every key; an N it refuses is refused per request
+                only = tuple(ring.preference_list(b"k", self.n))
+            except ConfigError:
+                only = None
+        self._routing = (ring, {}, only)
 
     # -- the network -------------------------------------------------------------------------
 
@@ -426,10 +433,13 @@ class Client:
     def _targets(self, key: bytes) -> tuple[Ring, tuple[str, ...]]:
         """The ring and the nodes to try for ``key``, in order: its preference list (this
         client's DC first), suspects last."""
-        ring, routes = self._routing
+        ring, routes, prefs = self._routing
         assert ring is not None
-        vnode = ring.vnode_index(key)
-        prefs = routes.get(vnode)
+        if prefs is not None:  # one member: every key's list
+            vnode = -1
+        else:
+            vnode = ring.vnode_index(key)
+            prefs = routes.get(vnode)
         if prefs is None:
             # every key of a vnode has the same preference list: computed once per vnode
             prefs = tuple(ring.preference_list(key, self.n))
@@ -477,14 +487,23 @@ class Client:
         refreshes = 0
         net, budget = self._net, self.timeout * 2  # the coordinator's timeout, and one more
         while True:
-            ring, targets = self._targets(key)
+            # _targets' common case inline: no suspects, the key's vnode routed before (or
+            # a 1-member ring)
+            ring, routes, targets = self._routing
+            if targets is None and ring is not None:
+                targets = routes.get(ring.vnode_index(key))
+            if targets is None or self._suspects:
+                ring, targets = self._targets(key)
             fields["epoch"] = ring.epoch
             fields["timeout_ms"] = self._timeout_ms
             rid, frame = _frame(code, fields)  # encoded once, whichever node takes it
             last: BaseException | None = None
+            members = ring.members
             for node in targets:
                 try:
-                    reply = wire.raise_for_error(net.request(ring.members[node].addr, rid, frame, budget))
+                    reply = net.request(members[node].addr, rid, frame, budget)
+                    if reply.code in _ERRORS:
+                        wire.raise_for_error(reply)
                 except _RETRY as e:
                     last = self._failed(node, e, write, fields)
                     if isinstance(e, WrongEpoch):
@@ -532,15 +551,18 @@ class Client:
         :raises QuorumError: fewer than W replicas up -- nothing was written.
         :raises MaybeApplied: the write was started and missed W: it may have been applied.
         """
-        k, v = _key(key), _value(value)
-        fields: dict[str, Any] = {"key": k, "value": v, "w": self._w(w)}
+        # bytes as they are (the common call; _key and _value copy the other bytes-likes)
+        k = key if type(key) is bytes and key else _key(key)
+        fields: dict[str, Any] = {
+            "key": k, "value": value if type(value) is bytes else _value(value),
+            "w": self.w if w is None else self._w(w),
+        }
         if ttl is not None:
             fields["ttl_ms"] = _ttl_ms(ttl)
         if strict is not None:
             fields["strict"] = int(bool(strict))
-        c = _context(context)
-        if c is not None:
-            fields["context"] = c
+        if context is not None:
+            fields["context"] = _context(context)
         reply = self._routed(k, wire.PUT, fields, True)
         return Context.decode(reply.fields["context"])
 
@@ -602,8 +624,14 @@ class Client:
                     w = _unpack_local(raw)
                     if w is not None:  # exactly one version: its value, or deleted
                         return default if w is _DELETED else w
-        else:
+        else:  # over the network (what _read does then, inline: the common get)
             k = key if type(key) is bytes and key else _key(key)
+            f = self._routed(k, wire.GET_VERSIONS, {"key": k, "r": self.r if r is None else self._r(r)}, False).fields
+            values = f["values"]
+            if len(values) == 1:  # the common answer: one version (its value, or deleted)
+                v = values[0]
+                return default if v is None else v
+            return self._one(k, _versions(values, Context.decode(f["context"])), default)
         values, ctx = self._read(k, self.r if r is None else self._r(r))
         if len(values) == 1:  # the common answer: one version (its value, or deleted)
             v = values[0]
@@ -659,7 +687,7 @@ class Client:
         """One GET_MANY (PUT_MANY) per coordinator, all sent at once; the keys of a coordinator
         that could not take its batch (_failed let it go) are then routed one by one, each on
         its own preference list (_routed). GET_MANY: key -> [values, context]."""
-        ring, _ = self._routing
+        ring = self._routing[0]
         assert ring is not None
         write = values is not None
         groups: dict[str, list[bytes]] = {}
@@ -772,6 +800,7 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 #: What an attempt at one node may raise and still let the request go on (Client._failed).
 _RETRY = (WrongEpoch, Unreachable, RequestTimeout, Overloaded)
+_ERRORS = wire.ERRORS  # the codes raise_for_error raises for
 #: ring refreshes for one request answered WrongEpoch (a ring change in progress)
 MAX_REFRESHES = 4
 

@@ -113,6 +113,10 @@ _Outcome = tuple[str, Message | None, BaseException | None]
 _COUNTS: dict[int, Need] = {}
 
 
+#: The configuration group's codes (config_service.py): refused by a node that runs none.
+_CONFIG_CODES = frozenset((wire.RAFT, wire.CONFIG, wire.CONFIG_PUSH, wire.CONFIG_CHANGE))
+
+
 class Node:
     """The request handler of one daemon: ``await node.handle(msg) -> reply``.
 
@@ -240,14 +244,15 @@ class Node:
 
     async def handle(self, msg: Message) -> Message:
         code = msg.code
-        name = wire.NAMES.get(code, str(code))
-        self.stats.requests[name] = self.stats.requests.get(name, 0) + 1
+        name = wire.NAMES.get(code) or str(code)
+        requests = self.stats.requests
+        requests[name] = requests.get(name, 0) + 1
         if code == wire.PING:
             return Message(wire.OK, 0, {})
         service = self.services.get(code)
         if service is not None:
             return await service(msg)
-        if code in (wire.RAFT, wire.CONFIG, wire.CONFIG_PUSH, wire.CONFIG_CHANGE):
+        if code in _CONFIG_CODES:
             raise BadRequest(f"{name}: {self.config.name} runs no configuration group (see --raft-dir)")
         if code == wire.STATUS:
             check_peer(self.config, self.ring, msg.fields)
@@ -338,7 +343,9 @@ class Node:
         n = self.config.n
         ring = self._ring()
         prefs = ring.preference_list(key, n)
-        if self.config.name not in prefs or not self._epoch_ok(f.get("epoch")):
+        epoch = f.get("epoch")
+        # (_epoch_ok's first test inline: the request routed by this node's ring, the common case)
+        if self.config.name not in prefs or not (epoch == ring.epoch or self._epoch_ok(epoch)):
             if f.get("epoch") is not None:
                 raise WrongEpoch(
                     f"{self.config.name} (epoch {ring.epoch}) does not coordinate this key "
@@ -351,8 +358,11 @@ class Node:
         old = self._old_prefs(key, prefs) if self._moving is not None else None
         if code in (wire.GET, wire.GET_VERSIONS):
             r = f.get("r") or self.config.r
-            if old is None:
-                vs = await self.read(key, prefs, r, timeout, strict=None if f.get("strict") is None else bool(f["strict"]))
+            if old is None and r == 1 and type(r) is int and len(prefs) == 1:
+                vs = self.replica.get(key)  # N=1: what read() answers, without its coroutine
+            elif old is None:
+                strict = None if f.get("strict") is None else bool(f["strict"])
+                vs = await self.read(key, prefs, r, timeout, strict=strict)
             else:
                 vs = await self.read_moving(key, prefs, old, r, timeout)
             vs = vs.visible(self.replica.now_ms())
@@ -379,7 +389,10 @@ class Node:
             value = f["value"] if code == wire.PUT else None
             strict = self.config.strict if f.get("strict") is None else bool(f["strict"])
             ttl = _ttl(f.get("ttl_ms")) if code == wire.PUT else None  # a tombstone never expires
-            if old is None:
+            if old is None and w == 1 and type(w) is int and len(prefs) == 1:
+                # N=1: what write() does then (its N=1 branch), without its coroutine
+                vs = self.replica.coordinate(key, value, ctx, self._expires(ttl))
+            elif old is None:
                 vs = await self.write(key, value, ctx, prefs, w, timeout, ttl, strict=strict)
             else:
                 vs = await self.write_moving(key, value, ctx, prefs, old, w, timeout, ttl)
@@ -522,8 +535,7 @@ class Node:
         if n == 1 and nd.total == 1 and not nd.per_dc:
             # N=1: this node (it coordinates, so prefs == [it]) is the one replica and its own
             # ack is W -- what the tally below would decide, without building one
-            expires = None if ttl is None else self.replica.now_ms() + max(1, int(ttl * 1000))
-            return self.replica.coordinate(key, value, context, expires)
+            return self.replica.coordinate(key, value, context, self._expires(ttl))
         up = self._up(prefs)
         down = [p for p in prefs if p not in up]
         hint_for: dict[str, str] = {}  # fallback -> the primary it stands in for
@@ -1139,6 +1151,10 @@ class Node:
         nd = need(level, prefs, self._dc_of, self.config.dc)
         check_quorum(len(prefs), nd.total, what)
         return nd
+
+    def _expires(self, ttl: float | None) -> int | None:
+        """A new version's expiry for ``ttl`` seconds (None: none), on this node's wall clock."""
+        return None if ttl is None else self.replica.now_ms() + max(1, int(ttl * 1000))
 
     def _dc_of(self, node: str) -> str | None:
         return self._ring().dc_of(node)

@@ -434,11 +434,13 @@ def _ae_first(
     """The node's handler with anti-entropy's codes answered first (once it is started)."""
     from .antientropy import AE_CODES
 
-    async def handle(msg: Message) -> Message:
+    def handle(msg: Message) -> Awaitable[Message]:
+        # a plain function handing on the handler's awaitable: no coroutine of its own per
+        # request
         svc = ae()
         if svc is not None and msg.code in AE_CODES:
-            return await svc.wrap(handler)(msg)
-        return await handler(msg)
+            return svc.wrap(handler)(msg)
+        return handler(msg)
 
     return handle
 

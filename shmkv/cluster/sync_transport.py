@@ -44,6 +44,10 @@ Connections
   already dead, which for a write would be reported "may have been applied" for nothing.
 - A reply frame longer than ``max_frame`` (wire.MAX_FRAME), a bad version byte or a malformed body
   closes the connection: ``Unreachable(sent=True)``.
+- Per request on a reused connection, three syscalls: the poll above, one ``sendall``, one
+  ``recv_into`` when the reply comes whole (``Conn.call``: the common case in one place; a slow
+  send, a reply in pieces or with more behind it go on in ``Conn.recv``). The kernel timeouts
+  are re-set only when a request's budget drifts from the last one by more than SLACK.
 
 Thread safety: the idle lists are under the pool's lock (``_lock``, the only lock here); a
 connection belongs to one thread between ``take`` and ``give``. Fork: :meth:`Pool.reset` in the
@@ -180,15 +184,48 @@ class Conn:
         except OSError as e:
             raise Unreachable(f"{self.addr}: connection lost before the request left: {e}", sent=False) from None
 
-    def recv(self, rid: int, deadline: float, max_frame: int = MAX_FRAME) -> Message:
-        """The reply to request ``rid``: the next frame on the connection, whatever its code.
+    def call(self, frame: bytes, rid: int, deadline: float, max_frame: int = MAX_FRAME) -> Message:
+        """:meth:`send` then :meth:`recv` (Pool.request), the same contract, with the common
+        case in one place: the kernel timeouts already right, the whole reply in the first read.
+        Anything else -- a timeout to re-set after a slow send, a reply in pieces or with more
+        behind it -- goes on in :meth:`recv` from the bytes read so far."""
+        left = deadline - time.monotonic()
+        if left <= 0 or abs(self.timeout - left) > SLACK:
+            self.send(frame, deadline)
+            return self.recv(rid, deadline, max_frame)
+        sock = self.sock
+        try:
+            sock.sendall(frame)
+        except BlockingIOError:  # SO_SNDTIMEO ran out
+            raise Unreachable(f"{self.addr}: request not sent in time (node not reading)", sent=False) from None
+        except OSError as e:
+            raise Unreachable(f"{self.addr}: connection lost before the request left: {e}", sent=False) from None
+        left = deadline - time.monotonic()
+        if left <= 0 or self.timeout - left > SLACK:  # the send took a while: recv re-sets them
+            return self.recv(rid, deadline, max_frame)
+        view = self.view
+        try:
+            have = sock.recv_into(view)
+        except BlockingIOError:  # SO_RCVTIMEO ran out (EAGAIN); before OSError: it is one
+            raise RequestTimeout(f"{self.addr}: no reply within the request's timeout") from None
+        except OSError as e:
+            raise Unreachable(f"{self.addr}: connection lost: {e}", sent=True) from None
+        if not have:
+            raise Unreachable(f"{self.addr}: connection lost: closed by the node", sent=True)
+        if have >= 5 and LENGTH.unpack_from(view, 0)[0] + 4 == have and have - 4 <= max_frame:
+            return self._reply(view, have, have, rid)  # exactly one frame: the common reply
+        return self.recv(rid, deadline, max_frame, have)
+
+    def recv(self, rid: int, deadline: float, max_frame: int = MAX_FRAME, have: int = 0) -> Message:
+        """The reply to request ``rid``: the next frame on the connection, whatever its code
+        (``have``: bytes of it already read into the buffer, by :meth:`call`).
 
         Invariant: ``have`` bytes of the frame are in ``view``; once the length is known
         (``end`` > 0) no read asks for more than the frame, so nothing of a later frame is read.
         """
         view = self.view
         sock = self.sock
-        have = end = 0
+        end = 0
         try:
             while not end or have < end:
                 if have >= 4 and not end:
@@ -207,15 +244,22 @@ class Conn:
                 if not n:
                     raise ConnectionResetError("closed by the node")
                 have += n
-            if view[4] != WIRE_VERSION:
-                raise ProtocolError(f"wire version {view[4]}, this client speaks {WIRE_VERSION}")
-            msg = wire.decode_body(view[5:end])
         except BlockingIOError:  # SO_RCVTIMEO ran out (EAGAIN); before OSError: it is one
             raise RequestTimeout(f"{self.addr}: no reply within the request's timeout") from None
         except ProtocolError as e:
             raise Unreachable(f"{self.addr}: the node sent a malformed reply: {e}", sent=True) from None
         except OSError as e:
             raise Unreachable(f"{self.addr}: connection lost: {e}", sent=True) from None
+        return self._reply(view, end, have, rid)
+
+    def _reply(self, view: memoryview, end: int, have: int, rid: int) -> Message:
+        """The reply in ``view[:end]`` (``have`` bytes read), checked to answer request ``rid``."""
+        try:
+            if view[4] != WIRE_VERSION:
+                raise ProtocolError(f"wire version {view[4]}, this client speaks {WIRE_VERSION}")
+            msg = wire.decode_body(view[5:end])
+        except ProtocolError as e:
+            raise Unreachable(f"{self.addr}: the node sent a malformed reply: {e}", sent=True) from None
         if msg.rid != rid:
             if msg.rid == 0 and msg.code == wire.ERR_BAD_REQUEST:
                 why = f"the node refused our stream: {msg.fields.get('message')}"
@@ -277,14 +321,30 @@ class Pool:
     def request(self, addr: str, rid: int, frame: bytes, timeout: float) -> Message:
         """One request to ``addr``; the contract is in the module docstring."""
         deadline = time.monotonic() + timeout
-        conn = self.take(addr, deadline)
+        conn = None
+        if not self.closed:  # take()'s common case inline: an idle connection that polls clean
+            with self._lock:
+                idle = self._idle.get(addr)
+                if idle:
+                    conn = idle.pop()
+            if conn is not None and not conn.idle_ok():
+                conn.close()
+                conn = None
+        if conn is None:
+            conn = self.take(addr, deadline)
         try:
-            conn.send(frame, deadline)
-            reply = conn.recv(rid, deadline, self.max_frame)
+            reply = conn.call(frame, rid, deadline, self.max_frame)
         except BaseException:
             conn.close()
             raise
-        self.give(conn)
+        if not conn.dirty:  # give(), inline
+            with self._lock:
+                if not self.closed:
+                    idle = self._idle.setdefault(addr, [])
+                    if len(idle) < self.max_idle:
+                        idle.append(conn)
+                        return reply
+        conn.close()
         return reply
 
     def fan_out(

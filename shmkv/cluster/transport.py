@@ -226,22 +226,26 @@ class _Out:
     50 frames instead of 50 writes.
 
     Invariant: ``frames`` holds, in order, every frame written since the last flush; a flush is
-    scheduled whenever it is not empty; whoever closes the stream flushes first, so a frame is
-    never lost to a close (only to a connection that is already broken).
+    scheduled whenever it is not empty -- or, while ``held``, is sure to come: the server side
+    sets ``held`` for the frames of one read (_ServerConn.data_received), whose replies it
+    flushes itself right after, so the reply of a request answered at once costs no callback
+    on the loop; whoever closes the stream flushes first, so a frame is never lost to a close
+    (only to a connection that is already broken).
     """
 
-    __slots__ = ("writer", "frames", "size", "scheduled")
+    __slots__ = ("writer", "frames", "size", "scheduled", "held")
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.frames: list[bytes] = []
         self.size = 0
         self.scheduled = False
+        self.held = False
 
     def write(self, frame: bytes) -> None:
         self.frames.append(frame)
         self.size += len(frame)
-        if not self.scheduled:
+        if not self.scheduled and not self.held:
             self.scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
@@ -309,14 +313,16 @@ class _ServerConn(asyncio.Protocol):
         # PEER_HOST: this connection's source IP, for every handler these frames start (a
         # handler that waits goes on in a Task, which copies the context as it is here)
         token = PEER_HOST.set(self.peer_host)
+        out.held = True  # the flush below sends what these frames answer at once (_Out)
         try:
             for msg in msgs:
                 dispatch(msg, out, handler)
         finally:
             PEER_HOST.reset(token)
-        # The replies known at once (most: replica requests never wait) go out now, in one
-        # write with any that completed meanwhile.
-        out.flush()
+            out.held = False
+            # The replies known at once (most: replica requests never wait) go out now, in
+            # one write with any that completed meanwhile.
+            out.flush()
 
     def eof_received(self) -> bool | None:
         return None  # the peer is done sending: close (replies still in flight are dropped)
@@ -729,8 +735,10 @@ class TcpTransport(Transport):
         try:
             try:
                 reply = await handler(msg)
+                fields = reply.fields
                 frame = wire.encode_parts(
-                    reply.code, msg.rid, dict(reply.fields), max_frame=self._max_frame
+                    reply.code, msg.rid, fields if type(fields) is dict else dict(fields),
+                    max_frame=self._max_frame,
                 )
             except asyncio.CancelledError:
                 raise

@@ -212,11 +212,16 @@ class Context:
         if not isinstance(w, list) or len(w) != 2 or w[0] != CONTEXT_FORMAT:
             raise ProtocolError("not a version context: expected [2, clock]")
         # _clock_from_wire checked what __init__ would check again (nodes, counters >= 1,
-        # sorted and distinct): the client decodes the context of every put it makes
-        return cls._trusted(_clock_from_wire(w[1]))
+        # sorted and distinct -- so no sort either): the client decodes the context of every
+        # put it makes
+        out = object.__new__(cls)
+        out._clock = tuple(_clock_from_wire(w[1]).items())
+        return out
 
     def encode(self) -> bytes:
-        return _pack(self.to_wire())  # type: ignore[no-any-return]
+        # msgpack packs a tuple as the list to_wire() builds: the same bytes, no lists made
+        # (every read's answer carries a context)
+        return _pack((CONTEXT_FORMAT, self._clock))  # type: ignore[no-any-return]
 
     @classmethod
     def decode(cls, data: bytes) -> Context:
@@ -292,7 +297,10 @@ class VersionSet:
         expired ones too). For answering reads only: stored sets are never filtered, so merge
         stays the only thing that changes one and every replica drops a version the same way.
         """
-        if not any(s.expires is not None for s in self._siblings):
+        for s in self._siblings:  # (a loop, not any() over a generator: every read asks)
+            if s.expires is not None:
+                break
+        else:
             return self
         return VersionSet(self._clock, [s for s in self._siblings if not s.expired(now_ms)])
 
@@ -431,20 +439,32 @@ class VersionSet:
         if not isinstance(w, list) or len(w) != 3 or w[0] != VERSIONSET_FORMAT:
             raise ProtocolError("not a version set: expected [1, clock, siblings]")
         clock = _clock_from_wire(w[1])
-        nodes = [e[0] for e in w[1]]
         raw = w[2]
+        if type(raw) is list and len(raw) == 1 and len(clock) == 1:
+            # The commonest set: one version, written by the clock's one node -- what the loop
+            # below accepts of it, checked flat (every read of a 1-node cluster decodes one)
+            e = raw[0]
+            if type(e) is list and len(e) == 3:
+                i, c, v = e
+                if type(i) is int and i == 0 and type(c) is int and (v is None or type(v) is bytes):
+                    ((node, top),) = clock.items()
+                    if 1 <= c <= top:
+                        return cls._trusted(clock, (Sibling(v, (node, c)),))
+        nodes = [e[0] for e in w[1]]
         if not isinstance(raw, list):
             raise ProtocolError("version set siblings must be a list")
         sibs: list[Sibling] = []
         for e in raw:
-            if not (isinstance(e, list) and len(e) in (3, 4)):
+            ne = len(e) if isinstance(e, list) else 0
+            if ne == 3:
+                i, c, v = e
+                x = None
+            elif ne == 4:
+                i, c, v, x = e
+                if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= MAX_EXPIRES:
+                    raise ProtocolError(f"sibling expiry {x!r} must be an int of ms in 1..2**63-1")
+            else:
                 raise ProtocolError("a sibling must be [node_index, counter, value(, expires)]")
-            i, c, v = e[:3]
-            x = e[3] if len(e) == 4 else None
-            if len(e) == 4 and (
-                isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= MAX_EXPIRES
-            ):
-                raise ProtocolError(f"sibling expiry {x!r} must be an int of ms in 1..2**63-1")
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(nodes):
                 raise ProtocolError(f"sibling node index {i!r} is out of range")
             if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= clock[nodes[i]]:
@@ -473,6 +493,15 @@ class VersionSet:
 
 
 def _clock_from_wire(raw: Any) -> Clock:
+    if type(raw) is list and len(raw) == 1:
+        # The commonest clock, one node's (a 1-node cluster; a key whose writes one coordinator
+        # took): what the loop below accepts, checked flat -- every decode of a stored set or
+        # a context runs this
+        e = raw[0]
+        if type(e) is list and len(e) == 2:
+            node, c = e
+            if type(node) is str and node and len(node) <= MAX_NODE_NAME and type(c) is int and 1 <= c <= MAX_COUNTER:
+                return {node: c}
     if not isinstance(raw, list):
         raise ProtocolError("a clock must be a list of [node, counter]")
     clock: Clock = {}

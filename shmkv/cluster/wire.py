@@ -339,6 +339,17 @@ class Message:
         return f"Message({NAMES.get(self.code, self.code)}, rid={self.rid}, {dict(self.fields)!r})"
 
 
+#: The type each check passes without a look (bytes for _B, int for _I and _L, ...): _check
+#: calls a field's check only for a value of another type -- every message is checked twice
+#: (decoded and encoded), field by field. Per code, SCHEMA's (required, optional) as
+#: (name, check, the type it passes) tuples.
+_PASSES: dict[Check, type] = {_B: bytes, _S: str, _I: int, _L: int, _OPT_B: bytes}
+_COMPILED: dict[int, tuple[tuple[tuple[str, Check, type | None], ...], ...]] = {
+    code: tuple(tuple((n, c, _PASSES.get(c)) for n, c in part.items()) for part in parts)
+    for code, parts in SCHEMA.items()
+}
+
+
 def _check(code: Any, rid: Any, fields: Any) -> None:
     """Raise ProtocolError unless (code, rid, fields) is a well-formed message."""
     # bool is an int subclass; True as a code or rid is a bug on the other side, not a 1.
@@ -348,16 +359,18 @@ def _check(code: Any, rid: Any, fields: Any) -> None:
         raise ProtocolError(f"request id {rid!r} is not an int in [0, 2**63)")
     if not isinstance(fields, dict):
         raise ProtocolError(f"{NAMES[code]}: fields are {type(fields).__name__}, not a map")
-    required, optional = SCHEMA[code]
-    for name, check in required.items():
+    required, optional = _COMPILED[code]
+    for name, check, passes in required:
         if name not in fields:
             raise ProtocolError(f"{NAMES[code]}: missing field {name!r}")
-        bad = check(fields[name])
-        if bad is not None:
-            raise ProtocolError(f"{NAMES[code]}: field {name!r} {bad}")
-    for name, check in optional.items():
+        value = fields[name]
+        if type(value) is not passes:
+            bad = check(value)
+            if bad is not None:
+                raise ProtocolError(f"{NAMES[code]}: field {name!r} {bad}")
+    for name, check, passes in optional:
         value = fields.get(name)
-        if value is not None:
+        if value is not None and type(value) is not passes:
             bad = check(value)
             if bad is not None:
                 raise ProtocolError(f"{NAMES[code]}: field {name!r} {bad}")
@@ -443,6 +456,21 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
         buf = self._buf
+        if not buf and type(data) is bytes and len(data) >= 5 and LENGTH.unpack_from(data, 0)[0] + 4 == len(data):
+            # The common read: exactly one whole frame, nothing held before it -- decoded
+            # from ``data`` as it is, without going through the buffer (the same checks).
+            length = len(data) - 4
+            if length > self._max_frame:
+                pass  # refused below, as any other frame
+            elif data[4] != WIRE_VERSION:
+                self._error = ProtocolError(f"wire version {data[4]}, this node speaks {WIRE_VERSION}")
+                raise self._error
+            else:
+                try:
+                    return [decode_body(data[5:])]
+                except ProtocolError as e:
+                    self._error = e
+                    raise
         buf += data
         out: list[Message] = []
         pos = 0

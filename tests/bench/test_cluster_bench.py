@@ -38,3 +38,26 @@ def test_cluster_bench_quick_run_reports_every_target(tmp_path: Path) -> None:
     assert "50 x redis-py GET" in p.stdout
     leftovers = subprocess.run(["pgrep", "-f", "shmkv-cluster-bench-"], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", leftovers.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.bench
+@pytest.mark.multiprocess
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server package missing")
+def test_client_cpu_quick_ab_run_reports_every_worker(tmp_path: Path) -> None:
+    """bench/client_cpu.py at tiny sizes, --ab against this same checkout: every worker's turns
+    are reported, with the ratios against redis-py, and every server it started is stopped."""
+    out = tmp_path / "client_cpu.json"
+    root = BENCH.parent
+    p = subprocess.run(
+        [sys.executable, str(BENCH / "client_cpu.py"), "--rounds", "2", "--chunk", "50", "--ab", str(root),
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=root,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert len(rep["median"]) == 3 and all(set(ops) == {"SET", "GET"} for ops in rep["median"].values())
+    assert all(m["wall_us"] > 0 and m["client_cpu_us"] > 0 for ops in rep["median"].values() for m in ops.values())
+    assert p.stdout.count("x  (client CPU") == 4
+    leftovers = subprocess.run(["pgrep", "-f", "shmkv-client-cpu-"], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == "", leftovers.stdout
