@@ -485,11 +485,13 @@ static int tree_wbegin(store_t *st, const char *k, size_t klen, int del, uint32_
 /* REQUIRES: the stripe of k (no other lock). Makes this process the writer of k's index
  * entry: with the latch of k's leaf alone when the put changes that leaf only, else with the
  * tree lock. A put changes one leaf only when it overwrites an entry that no separator
- * copies (not the first entry of a leaf, unless it is the leftmost leaf), or adds one to a
- * leaf with room (then never in first place of a non-leftmost leaf: a key there would be
- * below the separator that led to it) while the node reserve holds; inner nodes, node
- * counts, root and height -- the tree's shape -- then stay untouched, so they change only
- * under the tree lock, always between w_begin and w_end.
+ * copies (not the first entry of a leaf, unless it is the leftmost leaf -- or one of a key
+ * of at most 16 bytes, whose separator copy's `off` it changes too: no comparison reads the
+ * item of such an entry), or adds one to a leaf with room (then never in first place of a
+ * non-leftmost leaf: a key there would be below the separator that led to it) while the
+ * node reserve holds; inner nodes' keys and children, node counts, root and height -- the
+ * tree's shape -- then stay untouched, so they change only under the tree lock, always
+ * between w_begin and w_end.
  *
  * The leaf is found by a descent without locks (as a scan does: every read bounds-checked,
  * a torn one only a retry), then its latch is taken and the tree-wide version read again:
@@ -518,10 +520,15 @@ static int tree_wbegin(store_t *st, const char *k, size_t klen, int del, uint32_
         uint32_t cur = __atomic_load_n(&h->tree_root, __ATOMIC_RELAXED);
         if (height == 0 || height > BT_MAX_HEIGHT || !node_ok(h, cur)) break;
         int ok = 1, eq = 0;
+        uint32_t sepn = 0, sepi = 0; /* the separator that copies k's entry, if any */
         for (uint32_t d = 0; ok && d + 1 < height; d++) {
             bt_node_t *nd = NODE(st, cur);
             if (nd->leaf) ok = 0;
             uint32_t idx = ok ? inner_upper(st, nd, &key, &eq, &ok) : 0;
+            if (ok && eq) {
+                sepn = cur;
+                sepi = idx - 1;
+            }
             if (ok) cur = nd->u.in.c[idx];
             if (!node_ok(h, cur)) ok = 0;
         }
@@ -547,8 +554,10 @@ static int tree_wbegin(store_t *st, const char *k, size_t klen, int del, uint32_
         if (del) /* nothing to delete is local too: the chain's unlink still needs a hold */
             local = ok && (!eq || (doff && L->u.e[pos].off != doff) ||
                            ((pos > 0 || L->prev == 0) && (height == 1 || L->n > LEAF_MIN)));
-        else
-            local = ok && (eq ? pos > 0 || L->prev == 0
+        else /* an overwrite of a first entry: its separator's copy too, when the key fits the
+              * entry's 16 inline bytes -- then no comparison ever reads the item a separator
+              * names, so a descent cannot be misled by the copy changing under it */
+            local = ok && (eq ? pos > 0 || L->prev == 0 || (klen <= 16 && sepn)
                               : L->n < BT_LEAF_CAP && (pos > 0 || L->prev == 0) && shmkv_tree_room_locked(st));
         if (!local) {
             shmkv_unlock(&h->tree_latch[l].m);
@@ -560,6 +569,8 @@ static int tree_wbegin(store_t *st, const char *k, size_t klen, int del, uint32_
         w->leaf = cur;
         w->pos = pos;
         w->eq = eq;
+        w->sepn = !del && eq && pos == 0 && L->prev ? sepn : 0;
+        w->sepi = sepi;
         return 0;
     }
     int rc = shmkv_tree_lock(st);
@@ -584,6 +595,7 @@ void shmkv_tree_wput(store_t *st, shmkv_tree_w_t *w, const char *k, size_t klen,
     __atomic_thread_fence(__ATOMIC_RELEASE); /* odd before any entry changes (a store-store order) */
     if (w->eq) {
         __atomic_store_n(&L->u.e[w->pos].off, off, __ATOMIC_RELAXED);
+        if (w->sepn) __atomic_store_n(&NODE(st, w->sepn)->u.in.k[w->sepi].off, off, __ATOMIC_RELAXED);
     } else {
         bkey_t key = mkkey(k, klen);
         bt_entry_t ne = {key.pfx, key.pfx2, off, (uint16_t)klen, 0};

@@ -162,6 +162,7 @@ typedef struct {
     int mode; /* 0 none, 1 leaf latch, 2 tree lock */
     int eq;   /* mode 1: the leaf has the key, at pos */
     uint32_t latch, leaf, pos;
+    uint32_t sepn, sepi; /* mode 1, an overwrite of a first entry: the inner node and key copying it */
 } shmkv_tree_w_t;
 int shmkv_tree_wbegin(store_t *st, const char *k, size_t klen, shmkv_tree_w_t *w); /* 0, or <0 */
 void shmkv_tree_wput(store_t *st, shmkv_tree_w_t *w, const char *k, size_t klen, uint32_t off);
