@@ -10,33 +10,45 @@
  *     never meet one (a node page is marked SHMKV_PAGE_NODES, which no class matches, and is
  *     never given back). A put of a NEW key fails with StoreFull only when no page can be
  *     had (every page's items busy), never by evicting a node.
- *   - Writers: one robust tree mutex, the innermost lock (layout.h: stripe -> registry ->
- *     class -> page -> tree; its holder takes nothing else). In a btree store every
- *     publication of an item into a chain and every unlink from one happens under it
- *     (table.c), so "the tree's entries = the chained items" holds whenever the lock is free,
- *     and while it is held the chains are frozen -- which is what makes a rebuild possible
- *     under the tree lock alone.
- *   - Readers (scans) never lock: a tree-wide seqlock (tree_version, odd while a writer
- *     changes the tree). A reader copies up to a batch of (key, value) pairs out of the
- *     leaves and their items, then re-checks the version; a change means retry. An item
- *     named by the tree is never freed or rewritten before its entry leaves the tree (frees
- *     follow the unlink, which bumps the version), so an unchanged version means every byte
- *     copied was a live item's. Every offset is bounds-checked before it is followed, so a
- *     torn read is only ever a retry. After a few failed tries (a writer storm) the reader
- *     takes the tree lock for one batch: progress is guaranteed, and writers wait for one
- *     memcpy of a batch at worst.
+ *   - Writers: a put or delete that changes ONE LEAF only (an overwrite, a new key into a leaf
+ *     with room, a delete that keeps the leaf above its minimum; shmkv_tree_wbegin says which
+ *     exactly) holds that leaf's LATCH: one of SHMKV_TREE_LATCHES robust mutexes in the
+ *     header, picked by a hash of the leaf's index. Everything that changes the tree's shape
+ *     (splits, merges, root growth, rebuilds, node pages) holds the TREE LOCK: the tree mutex
+ *     and then every latch, 0 up, so it excludes every writer. Lock order (layout.h): stripe
+ *     -> registry -> class -> page -> tree -> latches; a latch holder takes no other lock. In a
+ *     btree store every publication of an item into a chain and every unlink from one happens
+ *     under the tree lock or the latch of the key's leaf (table.c), so "the tree's entries =
+ *     the chained items" holds whenever none is held, and while the tree lock is held the
+ *     chains are frozen -- which is what makes a rebuild possible under the tree lock alone.
+ *   - Readers (scans) never lock: two seqlocks. tree_version covers the SHAPE (inner nodes,
+ *     root, height, free list; odd while the tree lock's holder changes it), each leaf's `ver`
+ *     its entries (odd while its latch holder changes it). A reader copies up to a batch of
+ *     (key, value) pairs out of the leaves and their items, noting each leaf's version before
+ *     reading it, re-checks those every SCAN_CHUNK entries, and the tree's at the end; a
+ *     change means retry. An item named by the tree is never freed or rewritten before its
+ *     entry leaves the tree (frees follow the unlink, which moves the leaf's or the tree's
+ *     version), so unchanged versions mean every byte copied was a live item's. Every offset
+ *     is bounds-checked before it is followed, so a torn read is only ever a retry. After a
+ *     few failed tries (a writer storm) the reader takes the tree lock for one batch:
+ *     progress is guaranteed, and writers wait for one memcpy of a batch at worst.
  *   - A scan is lazy (shmkv/store.py): each batch resumes strictly after the last key it
  *     returned, so a key live during the whole scan is returned exactly once, in order.
  *   - Crashes: a process killed inside a split, merge or root growth leaves the tree lock
- *     owner-dead (and its version odd); the next locker rebuilds the tree from the chains
- *     (sort + bulk load) -- the index is derived, so nothing is lost. A chain cut by a stripe
- *     repair or verify() rebuilds it too (shmkv_tree_invalidate).
+ *     owner-dead (and its version odd); one killed inside a leaf change leaves that leaf's
+ *     latch owner-dead (and the leaf's version odd). Whoever next takes such a mutex sets
+ *     tree_dirty, and the tree lock's taker (which takes every latch) rebuilds the tree from
+ *     the chains (sort + bulk load) -- the index is derived, so nothing is lost. A chain cut
+ *     by a stripe repair or verify() rebuilds it too (shmkv_tree_invalidate).
  * Rejected: latch coupling (readers lock nodes: a reader SIGSTOPped holding a latch stalls
  * writers, and every read writes a shared lock word); B-link trees (right-links make readers
  * correct without locks, but deletes/merges are the hard part and would not fit the time);
- * per-node versions (optimistic lock coupling as in LeanStore): fewer retries under heavy
- * writes, but each writer then needs per-node latches; with one tree mutex a tree-wide
- * version is as precise as the writers' exclusion already is.
+ * optimistic lock coupling with the latch a word in each node (LeanStore): a cache line less
+ * per put, but a writer killed holding a spin word leaves a lock nobody knows is dead (every
+ * waiter would check the owner's liveness), while a robust mutex hands its next taker
+ * EOWNERDEAD -- and a 1 KiB node of 42 entries has no room for a 40-byte mutex. One tree
+ * mutex alone (the first design) serialised every put's ~200 ns of index work, most of it
+ * the leaf's cache miss: two processes put slower than one (README "Puts across processes").
  * Rejected: nodes as slab chunks: eviction, page moves and class repair would each need to
  * know them, and allocating a node under the tree lock would need a class lock (against the
  * lock order). Whole pages avoid both: a put short of nodes releases the tree lock, takes a

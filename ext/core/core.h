@@ -152,7 +152,7 @@ void shmkv_reclaim_slot_inflight_locked(store_t *st, uint32_t slot); /* REQUIRES
 int shmkv_reclaim_dead_inflight(store_t *st);                       /* takes reg_lock */
 
 /* btree.c: the ordered index of engine "btree" (see btree.c for the design). */
-int shmkv_tree_lock(store_t *st);   /* 0, or <0; rebuilds the index if the holder died */
+int shmkv_tree_lock(store_t *st);   /* the tree mutex + every leaf latch: 0, or <0; rebuilds the index if a holder died */
 void shmkv_tree_unlock(store_t *st);
 int shmkv_tree_room_locked(store_t *st); /* nonzero if an insert cannot run out of nodes */
 void shmkv_tree_upsert_locked(store_t *st, const char *k, size_t klen, uint32_t off);

@@ -53,9 +53,10 @@
  * any holder of any lock may block on it (a put holds its stripe; eviction holds a class
  * lock and the victim's stripe; a page move the page lock too; a page becoming nodes the
  * page lock, shmkv_tree_grow, taken after the put let go of the tree lock). Every publication of an
- * item into a chain, and every unlink from one, happens under it in a btree store, so the
- * ordered index always equals the set of chained items and can be rebuilt from the chains
- * under the tree lock alone (btree.c says why this and not a lock-free index).
+ * item into a chain, and every unlink from one, happens under it or under the latch of the
+ * key's leaf in a btree store, so the ordered index equals the set of chained items whenever
+ * neither is held and can be rebuilt from the chains under the tree lock alone, which holds
+ * every latch (btree.c says why this and not a lock-free index).
  */
 #ifndef SHMKV_LAYOUT_H
 #define SHMKV_LAYOUT_H
@@ -218,7 +219,8 @@ typedef struct {
     char tier_path[SHMKV_TIER_PATH_MAX]; /* not NUL-terminated: tier_path_len says */
     /* The engine (ENGINE_*), fixed at creation. For ENGINE_BTREE the ordered index (btree.c):
      * a node region of nnodes nodes at off_nodes (node 0 unused: 0 = none), guarded by
-     * tree_lock; tree_version is its seqlock (odd while a writer changes the tree). */
+     * tree_lock (with every tree_latch) or, for one leaf's entries, that leaf's latch;
+     * tree_version is the seqlock of its shape (odd while the tree lock's holder changes it). */
     uint32_t engine;
     uint32_t nnodes;
     uint64_t off_nodes;

@@ -97,8 +97,8 @@ int shmkv_unlink_victim(store_t *st, item_t *it, uint32_t off, uint32_t held_str
         }
     }
     if (__atomic_load_n(&it->state, __ATOMIC_ACQUIRE) == IT_LINKED) {
-        /* btree: the unlink and the index entry's removal under the tree lock, before the
-         * chunk is freed (btree.c: the tree never names a freed chunk) */
+        /* btree: the unlink and the index entry's removal under the tree lock or the latch of
+         * the key's leaf, before the chunk is freed (btree.c: the tree never names a freed chunk) */
         shmkv_tree_w_t w = {0};
         int bt = shmkv_is_btree(st) && shmkv_tree_dbegin(st, ITEM_KEY(it), it->klen, off, &w) == 0;
         if (shmkv_unlink_from_chain_locked(st, it, off))
