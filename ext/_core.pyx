@@ -908,13 +908,19 @@ cdef class Core:
         if h.engine == ENGINE_BTREE:
             retries = h.retired[ST_SCAN_RETRIES]
             locked = h.retired[ST_SCAN_LOCKED]
+            latched = h.retired[ST_TREE_LATCHED]
+            wlocked = h.retired[ST_TREE_LOCKED]
             for i in range(SHMKV_MAX_SLOTS):
                 if self.st.slots[i].pid:
                     retries += self.st.slots[i].stats[ST_SCAN_RETRIES]
                     locked += self.st.slots[i].stats[ST_SCAN_LOCKED]
+                    latched += self.st.slots[i].stats[ST_TREE_LATCHED]
+                    wlocked += self.st.slots[i].stats[ST_TREE_LOCKED]
             out["btree"] = {
                 # scan batches that saw a writer and retried / that were read under the lock
                 "scan_retries": retries, "scan_locked": locked,
+                # index writes under a leaf latch alone / under the tree lock
+                "writes_latched": latched, "writes_locked": wlocked,
                 "keys": h.tree_keys, "height": h.tree_height,
                 # the region's nodes + those of slab pages turned into nodes (node_pages)
                 "nodes": h.nnodes - 1 + h.tree_pages * (h.page_size // 1024),

@@ -79,6 +79,8 @@ BENCHES: tuple[Bench, ...] = (
           ("bench/btree_bench.py", "--keys", "100000", "--seconds", "1", "--repeat", "5", "--clock", "cpu")),
     Bench("btree_wall", "README 'An ordered engine', the idle-machine wall-clock runs",
           ("bench/btree_bench.py", "--keys", "100000", "--seconds", "1", "--repeat", "3")),
+    Bench("btree_put_scaling", "README 'An ordered engine', puts across processes",
+          ("bench/btree_put_scaling.py", "--keys", "100000", "--seconds", "1", "--repeat", "5")),
     Bench("config_commit", "README 'Configuration in etcd' commit latency",
           ("bench/config_commit.py",)),
     Bench("cluster_scaling", "README 'Raft configuration service' live scaling figures",

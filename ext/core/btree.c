@@ -10,33 +10,45 @@
  *     never meet one (a node page is marked SHMKV_PAGE_NODES, which no class matches, and is
  *     never given back). A put of a NEW key fails with StoreFull only when no page can be
  *     had (every page's items busy), never by evicting a node.
- *   - Writers: one robust tree mutex, the innermost lock (layout.h: stripe -> registry ->
- *     class -> page -> tree; its holder takes nothing else). In a btree store every
- *     publication of an item into a chain and every unlink from one happens under it
- *     (table.c), so "the tree's entries = the chained items" holds whenever the lock is free,
- *     and while it is held the chains are frozen -- which is what makes a rebuild possible
- *     under the tree lock alone.
- *   - Readers (scans) never lock: a tree-wide seqlock (tree_version, odd while a writer
- *     changes the tree). A reader copies up to a batch of (key, value) pairs out of the
- *     leaves and their items, then re-checks the version; a change means retry. An item
- *     named by the tree is never freed or rewritten before its entry leaves the tree (frees
- *     follow the unlink, which bumps the version), so an unchanged version means every byte
- *     copied was a live item's. Every offset is bounds-checked before it is followed, so a
- *     torn read is only ever a retry. After a few failed tries (a writer storm) the reader
- *     takes the tree lock for one batch: progress is guaranteed, and writers wait for one
- *     memcpy of a batch at worst.
+ *   - Writers: a put or delete that changes ONE LEAF only (an overwrite, a new key into a leaf
+ *     with room, a delete that keeps the leaf above its minimum; shmkv_tree_wbegin says which
+ *     exactly) holds that leaf's LATCH: one of SHMKV_TREE_LATCHES robust mutexes in the
+ *     header, picked by a hash of the leaf's index. Everything that changes the tree's shape
+ *     (splits, merges, root growth, rebuilds, node pages) holds the TREE LOCK: the tree mutex
+ *     and then every latch, 0 up, so it excludes every writer. Lock order (layout.h): stripe
+ *     -> registry -> class -> page -> tree -> latches; a latch holder takes no other lock. In a
+ *     btree store every publication of an item into a chain and every unlink from one happens
+ *     under the tree lock or the latch of the key's leaf (table.c), so "the tree's entries =
+ *     the chained items" holds whenever none is held, and while the tree lock is held the
+ *     chains are frozen -- which is what makes a rebuild possible under the tree lock alone.
+ *   - Readers (scans) never lock: two seqlocks. tree_version covers the SHAPE (inner nodes,
+ *     root, height, free list; odd while the tree lock's holder changes it), each leaf's `ver`
+ *     its entries (odd while its latch holder changes it). A reader copies up to a batch of
+ *     (key, value) pairs out of the leaves and their items, noting each leaf's version before
+ *     reading it, re-checks those every SCAN_CHUNK entries, and the tree's at the end; a
+ *     change means retry. An item named by the tree is never freed or rewritten before its
+ *     entry leaves the tree (frees follow the unlink, which moves the leaf's or the tree's
+ *     version), so unchanged versions mean every byte copied was a live item's. Every offset
+ *     is bounds-checked before it is followed, so a torn read is only ever a retry. After a
+ *     few failed tries (a writer storm) the reader takes the tree lock for one batch:
+ *     progress is guaranteed, and writers wait for one memcpy of a batch at worst.
  *   - A scan is lazy (shmkv/store.py): each batch resumes strictly after the last key it
  *     returned, so a key live during the whole scan is returned exactly once, in order.
  *   - Crashes: a process killed inside a split, merge or root growth leaves the tree lock
- *     owner-dead (and its version odd); the next locker rebuilds the tree from the chains
- *     (sort + bulk load) -- the index is derived, so nothing is lost. A chain cut by a stripe
- *     repair or verify() rebuilds it too (shmkv_tree_invalidate).
+ *     owner-dead (and its version odd); one killed inside a leaf change leaves that leaf's
+ *     latch owner-dead (and the leaf's version odd). Whoever next takes such a mutex sets
+ *     tree_dirty, and the tree lock's taker (which takes every latch) rebuilds the tree from
+ *     the chains (sort + bulk load) -- the index is derived, so nothing is lost. A chain cut
+ *     by a stripe repair or verify() rebuilds it too (shmkv_tree_invalidate).
  * Rejected: latch coupling (readers lock nodes: a reader SIGSTOPped holding a latch stalls
  * writers, and every read writes a shared lock word); B-link trees (right-links make readers
  * correct without locks, but deletes/merges are the hard part and would not fit the time);
- * per-node versions (optimistic lock coupling as in LeanStore): fewer retries under heavy
- * writes, but each writer then needs per-node latches; with one tree mutex a tree-wide
- * version is as precise as the writers' exclusion already is.
+ * optimistic lock coupling with the latch a word in each node (LeanStore): a cache line less
+ * per put, but a writer killed holding a spin word leaves a lock nobody knows is dead (every
+ * waiter would check the owner's liveness), while a robust mutex hands its next taker
+ * EOWNERDEAD -- and a 1 KiB node of 42 entries has no room for a 40-byte mutex. One tree
+ * mutex alone (the first design) serialised every put's ~200 ns of index work, most of it
+ * the leaf's cache miss: two processes put slower than one (README "Puts across processes").
  * Rejected: nodes as slab chunks: eviction, page moves and class repair would each need to
  * know them, and allocating a node under the tree lock would need a class lock (against the
  * lock order). Whole pages avoid both: a put short of nodes releases the tree lock, takes a
@@ -82,6 +94,7 @@ static inline bt_node_t *node_at(char *base, header_t *h, uint32_t i) {
  * indexes like the region's. node_limit bounds every index a reader follows (a torn read
  * stays inside the segment); node_real says whether one is a node at all (verify). */
 static inline uint32_t node_limit(header_t *h) { return (uint32_t)((h->total_size - h->off_nodes) / BT_NODE_SIZE); }
+static inline int node_ok(header_t *h, uint32_t i) { return i > 0 && i < node_limit(h); }
 static inline uint32_t nodes_per_page(header_t *h) { return (uint32_t)(h->page_size / BT_NODE_SIZE); }
 static inline uint64_t nodes_total(header_t *h) { /* usable ones (node 0 is none) */
     return (uint64_t)h->nnodes - 1 + (uint64_t)h->tree_pages * nodes_per_page(h);
@@ -275,18 +288,48 @@ int shmkv_tree_init(char *base, header_t *h) {
 
 /* -- locking ------------------------------------------------------------------------- */
 
-int shmkv_tree_lock(store_t *st) {
-    int rc = shmkv_lock(st, &st->hdr->tree_lock.m, LK_TREE);
-    if (rc == 1) {
-        shmkv_tree_rebuild_locked(st);
-        shmkv_lock_consistent(&st->hdr->tree_lock.m);
-        STAT(st, ST_REPAIRS);
-        rc = 0;
-    }
-    return rc;
+/* The tree lock: the tree mutex, then every leaf latch, 0 up (layout.h's order). Its holder
+ * excludes every other writer of the tree, and so may change its shape; a leaf-latch holder
+ * (below: shmkv_tree_wbegin) changes one leaf's entries only. A dead holder of the tree mutex
+ * or of any latch (EOWNERDEAD: each is marked consistent at once, with tree_dirty set first,
+ * so no later failure can leave a latch unrecoverable) means a tree left mid-change: rebuilt
+ * from the chains here, which every latch held freezes (table.c publishes and unlinks only
+ * under the tree lock or the latch of the key's leaf). */
+static void latches_unlock(header_t *h, uint32_t n) {
+    while (n-- > 0) shmkv_unlock(&h->tree_latch[n].m);
 }
 
-void shmkv_tree_unlock(store_t *st) { shmkv_unlock(&st->hdr->tree_lock.m); }
+int shmkv_tree_lock(store_t *st) {
+    header_t *h = st->hdr;
+    int rc = shmkv_lock(st, &h->tree_lock.m, LK_TREE);
+    if (rc < 0) return rc;
+    if (rc == 1) {
+        __atomic_store_n(&h->tree_dirty, 1u, __ATOMIC_SEQ_CST);
+        shmkv_lock_consistent(&h->tree_lock.m);
+    }
+    for (uint32_t i = 0; i < SHMKV_TREE_LATCHES; i++) {
+        int r = shmkv_lock(st, &h->tree_latch[i].m, LK_TREE);
+        if (r < 0) {
+            latches_unlock(h, i);
+            shmkv_unlock(&h->tree_lock.m);
+            return r;
+        }
+        if (r == 1) {
+            __atomic_store_n(&h->tree_dirty, 1u, __ATOMIC_SEQ_CST);
+            shmkv_lock_consistent(&h->tree_latch[i].m);
+        }
+    }
+    if (__atomic_load_n(&h->tree_dirty, __ATOMIC_ACQUIRE)) {
+        shmkv_tree_rebuild_locked(st); /* clears tree_dirty once the tree is whole */
+        STAT(st, ST_REPAIRS);
+    }
+    return 0;
+}
+
+void shmkv_tree_unlock(store_t *st) {
+    latches_unlock(st->hdr, SHMKV_TREE_LATCHES);
+    shmkv_unlock(&st->hdr->tree_lock.m);
+}
 
 /* Room for the splits of one insert (height + 1 nodes), plus an eighth of the nodes in use:
  * a rebuild packs BULK_LEAF of BT_LEAF_CAP entries per leaf, so it needs up to ~1/8 more
@@ -439,6 +482,168 @@ void shmkv_tree_upsert_locked(store_t *st, const char *k, size_t klen, uint32_t 
     L->next = ri;
     insert_inner(st, &p, inner - 1, R->u.e[0], ri, cur);
     w_end(st);
+}
+
+/* -- puts under a leaf latch ----------------------------------------------------------- */
+
+/* Which latch guards leaf `i` (a multiplicative hash: neighbouring leaves, the ones a run of
+ * nearby keys hits, get different latches). */
+static inline uint32_t latch_of(uint32_t i) { return (i * 2654435761u) >> 16 & (SHMKV_TREE_LATCHES - 1u); }
+
+#define LATCH_TRIES 4 /* optimistic descents a put tries before it takes the tree lock */
+
+static int tree_wbegin(store_t *st, const char *k, size_t klen, int del, uint32_t doff, shmkv_tree_w_t *w);
+
+/* REQUIRES: the stripe of k (no other lock). Makes this process the writer of k's index
+ * entry: with the latch of k's leaf alone when the put changes that leaf only, else with the
+ * tree lock. A put changes one leaf only when it overwrites an entry that no separator
+ * copies (not the first entry of a leaf, unless it is the leftmost leaf -- or one of a key
+ * of at most 16 bytes, whose separator copy's `off` it changes too: no comparison reads the
+ * item of such an entry), or adds one to a leaf with room (then never in first place of a
+ * non-leftmost leaf: a key there would be below the separator that led to it) while the
+ * node reserve holds; inner nodes' keys and children, node counts, root and height -- the
+ * tree's shape -- then stay untouched, so they change only under the tree lock, always
+ * between w_begin and w_end.
+ *
+ * The leaf is found by a descent without locks (as a scan does: every read bounds-checked,
+ * a torn one only a retry), then its latch is taken and the tree-wide version read again:
+ * unchanged means no shape change happened since the descent began (the tree lock's holder
+ * holds every latch before w_begin, so one in progress would have kept this latch from us),
+ * so the leaf is k's, and, ours now, nobody else changes it. 0, or <0 (a lock failed). */
+int shmkv_tree_wbegin(store_t *st, const char *k, size_t klen, shmkv_tree_w_t *w) {
+    return tree_wbegin(st, k, klen, 0, 0, w);
+}
+
+/* The same for a delete of k's entry if it names `off` (0: whatever it names): under the
+ * leaf latch when the entry is not copied by a separator and the leaf keeps LEAF_MIN
+ * entries (or is the root) -- no merge, no borrow, no separator to fix. */
+int shmkv_tree_dbegin(store_t *st, const char *k, size_t klen, uint32_t off, shmkv_tree_w_t *w) {
+    return tree_wbegin(st, k, klen, 1, off, w);
+}
+
+static int tree_wbegin(store_t *st, const char *k, size_t klen, int del, uint32_t doff, shmkv_tree_w_t *w) {
+    header_t *h = st->hdr;
+    bkey_t key = mkkey(k, klen);
+    w->mode = 0;
+    for (int attempt = 0; attempt < LATCH_TRIES; attempt++) {
+        uint64_t v = __atomic_load_n(&h->tree_version, __ATOMIC_ACQUIRE);
+        if ((v & 1u) || __atomic_load_n(&h->tree_dirty, __ATOMIC_ACQUIRE)) break;
+        uint32_t height = __atomic_load_n(&h->tree_height, __ATOMIC_RELAXED);
+        uint32_t cur = __atomic_load_n(&h->tree_root, __ATOMIC_RELAXED);
+        if (height == 0 || height > BT_MAX_HEIGHT || !node_ok(h, cur)) break;
+        int ok = 1, eq = 0;
+        uint32_t sepn = 0, sepi = 0; /* the separator that copies k's entry, if any */
+        for (uint32_t d = 0; ok && d + 1 < height; d++) {
+            bt_node_t *nd = NODE(st, cur);
+            if (nd->leaf) ok = 0;
+            uint32_t idx = ok ? inner_upper(st, nd, &key, &eq, &ok) : 0;
+            if (ok && eq) {
+                sepn = cur;
+                sepi = idx - 1;
+            }
+            if (ok) cur = nd->u.in.c[idx];
+            if (!node_ok(h, cur)) ok = 0;
+        }
+        if (!ok) continue;
+        uint32_t l = latch_of(cur);
+        int rc = shmkv_lock(st, &h->tree_latch[l].m, LK_TREE);
+        if (rc < 0) return rc;
+        if (rc == 1) { /* its holder died mid-change: the tree lock's taker rebuilds */
+            __atomic_store_n(&h->tree_dirty, 1u, __ATOMIC_SEQ_CST);
+            shmkv_lock_consistent(&h->tree_latch[l].m);
+            shmkv_unlock(&h->tree_latch[l].m);
+            break;
+        }
+        if (__atomic_load_n(&h->tree_version, __ATOMIC_ACQUIRE) != v ||
+            __atomic_load_n(&h->tree_dirty, __ATOMIC_ACQUIRE)) {
+            shmkv_unlock(&h->tree_latch[l].m);
+            continue;
+        }
+        /* the leaf is k's and ours: from here every read of it is stable */
+        bt_node_t *L = NODE(st, cur);
+        uint32_t pos = L->leaf && L->n <= BT_LEAF_CAP ? leaf_bound(st, L, &key, 0, &eq, &ok) : (ok = 0);
+        int local;
+        if (del) /* nothing to delete is local too: the chain's unlink still needs a hold */
+            local = ok && (!eq || (doff && L->u.e[pos].off != doff) ||
+                           ((pos > 0 || L->prev == 0) && (height == 1 || L->n > LEAF_MIN)));
+        else /* an overwrite of a first entry: its separator's copy too, when the key fits the
+              * entry's 16 inline bytes -- then no comparison ever reads the item a separator
+              * names, so a descent cannot be misled by the copy changing under it */
+            local = ok && (eq ? pos > 0 || L->prev == 0 || (klen <= 16 && sepn)
+                              : L->n < BT_LEAF_CAP && (pos > 0 || L->prev == 0) && shmkv_tree_room_locked(st));
+        if (!local) {
+            shmkv_unlock(&h->tree_latch[l].m);
+            break;
+        }
+        STAT(st, ST_TREE_LATCHED);
+        w->mode = 1;
+        w->latch = l;
+        w->leaf = cur;
+        w->pos = pos;
+        w->eq = eq;
+        w->sepn = !del && eq && pos == 0 && L->prev ? sepn : 0;
+        w->sepi = sepi;
+        return 0;
+    }
+    int rc = shmkv_tree_lock(st);
+    if (rc == 0) {
+        STAT(st, ST_TREE_LOCKED);
+        w->mode = 2;
+    }
+    return rc;
+}
+
+/* REQUIRES: shmkv_tree_wbegin's hold for this very key. k -> off in the index. Under a leaf
+ * latch the leaf's own version is odd meanwhile (its seqlock for scans); the entry found by
+ * wbegin is still where it was (only this process changes the leaf now). */
+void shmkv_tree_wput(store_t *st, shmkv_tree_w_t *w, const char *k, size_t klen, uint32_t off) {
+    if (w->mode != 1) {
+        shmkv_tree_upsert_locked(st, k, klen, off);
+        return;
+    }
+    bt_node_t *L = NODE(st, w->leaf);
+    uint32_t ver = __atomic_load_n(&L->ver, __ATOMIC_RELAXED);
+    __atomic_store_n(&L->ver, ver | 1u, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* odd before any entry changes (a store-store order) */
+    if (w->eq) {
+        __atomic_store_n(&L->u.e[w->pos].off, off, __ATOMIC_RELAXED);
+        if (w->sepn) __atomic_store_n(&NODE(st, w->sepn)->u.in.k[w->sepi].off, off, __ATOMIC_RELAXED);
+    } else {
+        bkey_t key = mkkey(k, klen);
+        bt_entry_t ne = {key.pfx, key.pfx2, off, (uint16_t)klen, 0};
+        memmove(&L->u.e[w->pos + 1], &L->u.e[w->pos], (L->n - w->pos) * sizeof(bt_entry_t));
+        CRASH_POINT(st, CP_BTREE_LEAF_PUT);
+        L->u.e[w->pos] = ne;
+        L->n++;
+        __atomic_add_fetch(&st->hdr->tree_keys, 1, __ATOMIC_RELAXED);
+    }
+    CRASH_POINT(st, CP_BTREE_LEAF_PUT);
+    __atomic_store_n(&L->ver, (ver | 1u) + 1u, __ATOMIC_RELEASE);
+}
+
+/* REQUIRES: shmkv_tree_dbegin's hold for this very key and off. The item must still hold its
+ * key (it is freed only after this returns). */
+void shmkv_tree_wdel(store_t *st, shmkv_tree_w_t *w, const char *k, size_t klen, uint32_t off) {
+    if (w->mode != 1) {
+        shmkv_tree_delete_locked(st, k, klen, off);
+        return;
+    }
+    bt_node_t *L = NODE(st, w->leaf);
+    if (!w->eq || (off && L->u.e[w->pos].off != off)) return;
+    uint32_t ver = __atomic_load_n(&L->ver, __ATOMIC_RELAXED);
+    __atomic_store_n(&L->ver, ver | 1u, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    memmove(&L->u.e[w->pos], &L->u.e[w->pos + 1], (L->n - w->pos - 1u) * sizeof(bt_entry_t));
+    CRASH_POINT(st, CP_BTREE_LEAF_DEL);
+    L->n--;
+    __atomic_sub_fetch(&st->hdr->tree_keys, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&L->ver, (ver | 1u) + 1u, __ATOMIC_RELEASE);
+}
+
+void shmkv_tree_wend(store_t *st, shmkv_tree_w_t *w) {
+    if (w->mode == 1) shmkv_unlock(&st->hdr->tree_latch[w->latch].m);
+    else if (w->mode == 2) shmkv_tree_unlock(st);
+    w->mode = 0;
 }
 
 /* -- delete -------------------------------------------------------------------------- */
@@ -674,6 +879,7 @@ void shmkv_tree_rebuild_locked(store_t *st) {
     h->tree_root = level[0];
     h->tree_height = height;
     h->tree_keys = n;
+    __atomic_store_n(&h->tree_dirty, 0u, __ATOMIC_RELEASE);
     w_end(st);
     free(level);
     free(mins);
@@ -706,8 +912,6 @@ static inline int out_push(shmkv_scanbuf_t *o, const char *k, uint32_t kl, const
     return 0;
 }
 
-static inline int node_ok(header_t *h, uint32_t i) { return i > 0 && i < node_limit(h); }
-
 /* One pass: copies up to `max` live pairs (and about SHMKV_SCAN_BYTES at most) into `o`.
  * Returns 1 when every read was plausible, 0 when the tree was seen in change (retry), -1
  * out of memory. Without the tree lock the result counts only if the version did not move
@@ -739,6 +943,40 @@ static inline void prefetch_item(store_t *st, uint32_t off, uint32_t klen, uint3
     for (uintptr_t l = (uintptr_t)p & ~(uintptr_t)63u; l < (uintptr_t)p + len; l += 64) __builtin_prefetch((const char *)l);
 }
 
+/* The leaves a scan chunk read and the versions they had (leaf-latch writers change a
+ * leaf's entries without the tree-wide version: btree.h `ver`). Within a chunk of
+ * SCAN_CHUNK entries a sound tree has no empty leaf but the root, so SCAN_CHUNK + 2 is
+ * room for every leaf one visits; more means a torn read (a retry). */
+typedef struct {
+    uint32_t n;
+    uint32_t node[SCAN_CHUNK + 2];
+    uint32_t ver[SCAN_CHUNK + 2];
+} seen_t;
+
+/* Reads leaf i's version before its entries: 0 when a leaf-latch writer is in it now. */
+static inline int seen_add(store_t *st, seen_t *sn, uint32_t i) {
+    uint32_t v = __atomic_load_n(&NODE(st, i)->ver, __ATOMIC_ACQUIRE);
+    if ((v & 1u) || sn->n >= SCAN_CHUNK + 2) return 0;
+    sn->node[sn->n] = i;
+    sn->ver[sn->n++] = v;
+    return 1;
+}
+
+/* After the copy of their entries' items: 1 when no leaf read has changed meanwhile (then
+ * no entry read was replaced, so no item copied was freed before the copy ended); leaves
+ * the last one listed (the walk goes on in it). */
+static inline int seen_same(store_t *st, seen_t *sn) {
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    for (uint32_t j = 0; j < sn->n; j++)
+        if (__atomic_load_n(&NODE(st, sn->node[j])->ver, __ATOMIC_RELAXED) != sn->ver[j]) return 0;
+    if (sn->n) {
+        sn->node[0] = sn->node[sn->n - 1];
+        sn->ver[0] = sn->ver[sn->n - 1];
+        sn->n = 1;
+    }
+    return 1;
+}
+
 static int range_once(store_t *st, const bkey_t *lo, int lo_incl, const bkey_t *hi, int hi_incl,
                       int reverse, uint32_t max, uint64_t now, shmkv_scanbuf_t *o) {
     header_t *h = st->hdr;
@@ -759,6 +997,9 @@ static int range_once(store_t *st, const bkey_t *lo, int lo_incl, const bkey_t *
         cur = nd->u.in.c[idx];
         if (!node_ok(h, cur)) return 0;
     }
+    seen_t seen;
+    seen.n = 0;
+    if (!seen_add(st, &seen, cur)) return 0;
     bt_node_t *leaf = NODE(st, cur);
     if (!leaf->leaf || leaf->n > BT_LEAF_CAP) return 0;
     int64_t pos;
@@ -786,7 +1027,7 @@ static int range_once(store_t *st, const bkey_t *lo, int lo_incl, const bkey_t *
                     walked = 1;
                     break;
                 }
-                if (!node_ok(h, cur) || ++hops > node_limit(h)) return 0;
+                if (!node_ok(h, cur) || ++hops > node_limit(h) || !seen_add(st, &seen, cur)) return 0;
                 leaf = NODE(st, cur);
                 n = leaf->n;
                 if (!leaf->leaf || n > BT_LEAF_CAP) return 0;
@@ -826,9 +1067,10 @@ static int range_once(store_t *st, const bkey_t *lo, int lo_incl, const bkey_t *
             if (out_push(o, ITEM_KEY(it), kl, ITEM_KEY(it) + kl, vl) < 0) return -1;
             if (o->used >= SHMKV_SCAN_BYTES && (i + 1 < m || !walked)) {
                 o->done = 0; /* the byte budget: more may follow */
-                return 1;
+                return seen_same(st, &seen);
             }
         }
+        if (!seen_same(st, &seen)) return 0;
         if (o->count >= max) {
             /* more may follow (even if the next key would be past the bound: the next batch
              * finds that out), unless the walk already met the end */
@@ -857,6 +1099,10 @@ int shmkv_tree_fill(store_t *st, const char *lo, size_t lolen, int lo_incl, cons
      * the caller resumes after the last key, whatever the batch size was. */
     for (int attempt = 0; attempt < OPTIMISTIC_TRIES && !got; attempt++) {
         uint64_t v1 = __atomic_load_n(&h->tree_version, __ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&h->tree_dirty, __ATOMIC_ACQUIRE)) { /* a dead latch holder's leaf */
+            attempt = OPTIMISTIC_TRIES;                              /* the locked batch rebuilds */
+            break;
+        }
         if (v1 & 1u) { /* a writer is in the tree: it holds the lock for a few hundred ns,
                         * unless it was preempted (then let it run: yield) */
             if (attempt < 8) for (int i = 0; i < 64; i++) relax();
@@ -973,7 +1219,7 @@ static int check_tree_locked(store_t *st, char *msg, size_t msglen) {
     bt_entry_t last = {0};
     for (uint64_t hops = 0; x; x = NODE(st, x)->next) {
         bt_node_t *L = NODE(st, x);
-        if (++hops > nodes || !node_real(st, x) || L->prev != prev || !L->leaf) {
+        if (++hops > nodes || !node_real(st, x) || L->prev != prev || !L->leaf || (L->ver & 1u)) {
             snprintf(msg, msglen, "btree: the leaf chain is broken");
             return -1;
         }

@@ -5,7 +5,7 @@
  *
  *   0    2    3    4        8        12       16
  *   +----+----+----+--------+--------+--------+------------------------------------------
- *   | n  |leaf|lvl | next   | prev   | pad    | leaf:  n x entry (42 at most)
+ *   | n  |leaf|lvl | next   | prev   | ver    | leaf:  n x entry (42 at most)
  *   +----+----+----+--------+--------+--------+ inner: n x entry (keys), n+1 x u32 children
  *
  *   entry (24 bytes): | pfx: key bytes 0-7 | pfx2: key bytes 8-15 | off | klen | pad |
@@ -18,7 +18,9 @@
  * puts 5x slower); ties compare the rest of the key in the item. Leaves are doubly linked (next/prev) for scans in both
  * directions. Inner key i separates children i and i+1: it is the smallest key of child
  * i+1's subtree, always the entry of a live item (btree.c keeps that on every delete).
- * Free nodes are listed through `next`.
+ * Free nodes are listed through `next`. `ver` is a leaf's own seqlock (btree.c): odd while
+ * the holder of its leaf latch changes it; only those changes move it (the tree lock's
+ * holder moves the tree-wide version instead).
  */
 #ifndef SHMKV_BTREE_H
 #define SHMKV_BTREE_H
@@ -45,7 +47,7 @@ typedef struct {
     uint8_t level;
     uint32_t next;
     uint32_t prev;
-    uint32_t pad;
+    uint32_t ver; /* leaf: seqlock of its leaf-latch writers (odd while one writes) */
     union {
         bt_entry_t e[BT_LEAF_CAP];
         struct {

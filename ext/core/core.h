@@ -152,10 +152,23 @@ void shmkv_reclaim_slot_inflight_locked(store_t *st, uint32_t slot); /* REQUIRES
 int shmkv_reclaim_dead_inflight(store_t *st);                       /* takes reg_lock */
 
 /* btree.c: the ordered index of engine "btree" (see btree.c for the design). */
-int shmkv_tree_lock(store_t *st);   /* 0, or <0; rebuilds the index if the holder died */
+int shmkv_tree_lock(store_t *st);   /* the tree mutex + every leaf latch: 0, or <0; rebuilds the index if a holder died */
 void shmkv_tree_unlock(store_t *st);
 int shmkv_tree_room_locked(store_t *st); /* nonzero if an insert cannot run out of nodes */
 void shmkv_tree_upsert_locked(store_t *st, const char *k, size_t klen, uint32_t off);
+/* A put's hold on the index (btree.c): the latch of the key's leaf (mode 1) or the tree lock
+ * (mode 2). wbegin REQUIRES the key's stripe; wput the hold, for the same key. */
+typedef struct {
+    int mode; /* 0 none, 1 leaf latch, 2 tree lock */
+    int eq;   /* mode 1: the leaf has the key, at pos */
+    uint32_t latch, leaf, pos;
+    uint32_t sepn, sepi; /* mode 1, an overwrite of a first entry: the inner node and key copying it */
+} shmkv_tree_w_t;
+int shmkv_tree_wbegin(store_t *st, const char *k, size_t klen, shmkv_tree_w_t *w); /* 0, or <0 */
+void shmkv_tree_wput(store_t *st, shmkv_tree_w_t *w, const char *k, size_t klen, uint32_t off);
+int shmkv_tree_dbegin(store_t *st, const char *k, size_t klen, uint32_t off, shmkv_tree_w_t *w);
+void shmkv_tree_wdel(store_t *st, shmkv_tree_w_t *w, const char *k, size_t klen, uint32_t off);
+void shmkv_tree_wend(store_t *st, shmkv_tree_w_t *w);
 void shmkv_tree_delete_locked(store_t *st, const char *k, size_t klen, uint32_t off);
 void shmkv_tree_rebuild_locked(store_t *st);
 void shmkv_tree_invalidate(store_t *st); /* takes the tree lock and rebuilds (after a chain cut) */
@@ -241,7 +254,9 @@ static inline int shmkv_chunk_class(store_t *st, uint32_t off) {
     X(BTREE_SPLIT,      12)  /* btree.c: stripe + tree; new right node filled, not linked */    \
     X(BTREE_MERGE,      13)  /* btree.c: stripe + tree; right node copied into left, not cut */ \
     X(BTREE_ROOT_GROW,  14)  /* btree.c: stripe + tree; new root built, root not switched */ \
-    X(BTREE_GROW,       15)  /* btree.c: stripe + page + tree; a page marked NODES, not listed */
+    X(BTREE_GROW,       15)  /* btree.c: stripe + page + tree; a page marked NODES, not listed */ \
+    X(BTREE_LEAF_PUT,   16)  /* btree.c: stripe + a leaf latch; published, the leaf half changed */ \
+    X(BTREE_LEAF_DEL,   17)  /* btree.c: stripe + a leaf latch; unlinked, the leaf half changed */
 
 enum {
 #define SHMKV_CP_ENUM(name, n) CP_##name = n,

@@ -45,14 +45,18 @@
  *     becoming SHMKV_PAGE_NODES: page lock + tree lock, so the tree lock alone fixes that set)
  *
  * Lock order (never block against it; anything else is taken with trylock):
- *   stripe -> registry -> class -> page -> tree
- * The tree lock (engine "btree", btree.c) is innermost: its holder takes no other lock, so
+ *   stripe -> registry -> class -> page -> tree -> leaf latches (in index order)
+ * The tree lock and the leaf latches (engine "btree", btree.c) are innermost: "the tree
+ * lock" below means the tree lock and then every leaf latch, 0 up (btree.c: shmkv_tree_lock);
+ * a put that changes one leaf only takes that leaf's latch alone (stripe -> latch), and a
+ * latch holder takes no other lock (nor a second latch). The tree lock's holder takes no other lock, so
  * any holder of any lock may block on it (a put holds its stripe; eviction holds a class
  * lock and the victim's stripe; a page move the page lock too; a page becoming nodes the
  * page lock, shmkv_tree_grow, taken after the put let go of the tree lock). Every publication of an
- * item into a chain, and every unlink from one, happens under it in a btree store, so the
- * ordered index always equals the set of chained items and can be rebuilt from the chains
- * under the tree lock alone (btree.c says why this and not a lock-free index).
+ * item into a chain, and every unlink from one, happens under it or under the latch of the
+ * key's leaf in a btree store, so the ordered index equals the set of chained items whenever
+ * neither is held and can be rebuilt from the chains under the tree lock alone, which holds
+ * every latch (btree.c says why this and not a lock-free index).
  */
 #ifndef SHMKV_LAYOUT_H
 #define SHMKV_LAYOUT_H
@@ -62,8 +66,9 @@
 
 /* DO NOT CHANGE: stored layout. Bump SHMKV_LAYOUT_VERSION for any change below. */
 #define SHMKV_MAGIC 0x31764B4D48537F00ULL /* "\0\x7fSHMKv1" */
-#define SHMKV_LAYOUT_VERSION 5u /* 2: the disk tier in the header; 3: 24 stat counters (lock waits); 4: engine + B+tree;
-                                  * 5: B+tree node pages taken from the slab (SHMKV_PAGE_NODES, tree_pages) */
+#define SHMKV_LAYOUT_VERSION 6u /* 2: the disk tier in the header; 3: 24 stat counters (lock waits); 4: engine + B+tree;
+                                  * 5: B+tree node pages taken from the slab (SHMKV_PAGE_NODES, tree_pages);
+                                  * 6: B+tree leaf latches (tree_latch), leaf versions, tree_dirty */
 #define SHMKV_UNIT 8u
 #define SHMKV_HEADER_SIZE 4096u
 #define SHMKV_MAX_SLOTS 256u
@@ -74,6 +79,7 @@
 #define SHMKV_PAGE_NODES 0xFFFDu /* engine "btree": a page of index nodes (btree.c); never given back */
 #define SHMKV_MAX_SEGMENT (32ULL << 30)
 #define SHMKV_TIER_PATH_MAX 2048u /* bytes of the disk tier's absolute directory path */
+#define SHMKV_TREE_LATCHES 16u   /* engine "btree": leaf latches (btree.c), a power of two */
 
 /* item.state -- DO NOT CHANGE: stored values. 0 is a chunk never written (a fresh page). */
 enum {
@@ -135,6 +141,8 @@ enum {
     ST_WAIT_MAX_US = 16,   /* .. 19: per LK_ kind */
     ST_SCAN_RETRIES = 20,  /* btree: optimistic scan batches that saw the tree change */
     ST_SCAN_LOCKED = 21,   /* btree: scan batches read under the tree lock after the retries */
+    ST_TREE_LATCHED = 22,  /* btree: index writes (puts, deletes) done under a leaf latch alone */
+    ST_TREE_LOCKED = 23,   /* btree: index writes done under the tree lock (shape changes, fallbacks) */
     ST__COUNT = 24
 };
 
@@ -211,7 +219,8 @@ typedef struct {
     char tier_path[SHMKV_TIER_PATH_MAX]; /* not NUL-terminated: tier_path_len says */
     /* The engine (ENGINE_*), fixed at creation. For ENGINE_BTREE the ordered index (btree.c):
      * a node region of nnodes nodes at off_nodes (node 0 unused: 0 = none), guarded by
-     * tree_lock; tree_version is its seqlock (odd while a writer changes the tree). */
+     * tree_lock (with every tree_latch) or, for one leaf's entries, that leaf's latch;
+     * tree_version is the seqlock of its shape (odd while the tree lock's holder changes it). */
     uint32_t engine;
     uint32_t nnodes;
     uint64_t off_nodes;
@@ -224,9 +233,14 @@ typedef struct {
     uint32_t tree_pages; /* slab pages turned into nodes (pagemeta.cls SHMKV_PAGE_NODES) */
     uint32_t pad4a;
     char pad4[8];
-    uint64_t tree_version; /* seqlock: readers copy optimistically, retry on a change */
-    char pad5[56];
+    uint64_t tree_version; /* seqlock of the tree's SHAPE: odd while the tree lock's holder changes it */
+    uint32_t tree_dirty;   /* 1: a writer died holding a leaf latch; the next tree locker rebuilds */
+    char pad5[52];
     shlock_t tree_lock;
+    /* Leaf latches: a put that changes one leaf only (btree.c) holds the latch of that leaf
+     * (leaf index hashed to one of these), not the tree lock; the tree lock's holder holds
+     * all of them too. */
+    shlock_t tree_latch[SHMKV_TREE_LATCHES];
 } header_t;
 
 _Static_assert(sizeof(header_t) <= SHMKV_HEADER_SIZE, "the header must fit its 4 KiB");

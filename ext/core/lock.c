@@ -119,6 +119,7 @@ static inline int held_by(pthread_mutex_t *m, uint32_t tid) {
 uint32_t shmkv_locks_held_by(store_t *st, uint32_t tid) {
     header_t *h = st->hdr;
     uint32_t n = held_by(&h->page_lock.m, tid) + held_by(&h->reg_lock.m, tid) + held_by(&h->tree_lock.m, tid);
+    for (uint32_t i = 0; i < SHMKV_TREE_LATCHES; i++) n += held_by(&h->tree_latch[i].m, tid);
     for (uint32_t i = 0; i < h->nclasses; i++) n += held_by(&st->classes[i].lock.m, tid);
     for (uint32_t i = 0; i < h->nstripes; i++) n += held_by(&st->stripes[i].m, tid);
     return n;

@@ -170,6 +170,8 @@ int shmkv_init_segment(char *base, const create_params_t *p, char *err, size_t e
 
     int rc;
     if ((rc = shmkv_robust_mutex_init(&h->tree_lock.m))) goto mutex_fail;
+    for (uint32_t i = 0; i < SHMKV_TREE_LATCHES; i++)
+        if ((rc = shmkv_robust_mutex_init(&h->tree_latch[i].m))) goto mutex_fail;
     if (p->engine == ENGINE_BTREE) shmkv_tree_init(base, h);
     if ((rc = shmkv_robust_mutex_init(&h->page_lock.m)) || (rc = shmkv_robust_mutex_init(&h->reg_lock.m))) goto mutex_fail;
     class_t *classes = (class_t *)(base + off_classes);

@@ -97,14 +97,15 @@ int shmkv_unlink_victim(store_t *st, item_t *it, uint32_t off, uint32_t held_str
         }
     }
     if (__atomic_load_n(&it->state, __ATOMIC_ACQUIRE) == IT_LINKED) {
-        /* btree: the unlink and the index entry's removal under the tree lock, before the
-         * chunk is freed (btree.c: the tree never names a freed chunk) */
-        int bt = shmkv_is_btree(st) && shmkv_tree_lock(st) == 0;
+        /* btree: the unlink and the index entry's removal under the tree lock or the latch of
+         * the key's leaf, before the chunk is freed (btree.c: the tree never names a freed chunk) */
+        shmkv_tree_w_t w = {0};
+        int bt = shmkv_is_btree(st) && shmkv_tree_dbegin(st, ITEM_KEY(it), it->klen, off, &w) == 0;
         if (shmkv_unlink_from_chain_locked(st, it, off))
             __atomic_sub_fetch(&st->hdr->nitems, 1, __ATOMIC_RELAXED);
         if (bt) {
-            shmkv_tree_delete_locked(st, ITEM_KEY(it), it->klen, off);
-            shmkv_tree_unlock(st);
+            shmkv_tree_wdel(st, &w, ITEM_KEY(it), it->klen, off);
+            shmkv_tree_wend(st, &w);
         }
     }
     CRASH_POINT(st, CP_EVICT_UNLINK);
@@ -115,11 +116,12 @@ int shmkv_unlink_victim(store_t *st, item_t *it, uint32_t off, uint32_t held_str
 /* REQUIRES: stripe of the item, which *link points at. Unlinks and frees it. */
 static void remove_locked(store_t *st, uint32_t *link, uint32_t off) {
     item_t *it = shmkv_item(st, off);
-    int bt = shmkv_is_btree(st) && shmkv_tree_lock(st) == 0;
+    shmkv_tree_w_t w = {0};
+    int bt = shmkv_is_btree(st) && shmkv_tree_dbegin(st, ITEM_KEY(it), it->klen, off, &w) == 0;
     __atomic_store_n(link, it->hnext, __ATOMIC_RELEASE);
     if (bt) {
-        shmkv_tree_delete_locked(st, ITEM_KEY(it), it->klen, off);
-        shmkv_tree_unlock(st);
+        shmkv_tree_wdel(st, &w, ITEM_KEY(it), it->klen, off);
+        shmkv_tree_wend(st, &w);
     }
     it->owner = (uint16_t)(st->slot + 1);
     __atomic_store_n(&it->state, IT_UNLINKED, __ATOMIC_RELEASE);
@@ -232,25 +234,29 @@ static int put_locked(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls
 
     /* Look up only now: eviction during the allocation may have changed this chain. */
     uint32_t old = find_locked(st, b, k, klen, h32, &link);
-    /* btree: publication and the index entry under the tree lock (stripe -> tree), so the
-     * index always equals the chained items (btree.c); a full node region refuses a NEW key
-     * before anything is published */
+    /* btree: publication and the index entry under the tree lock or the latch of the key's
+     * leaf (stripe -> tree -> latch), so the index always equals the chained items whenever
+     * neither is held (btree.c); a full node region refuses a NEW key before anything is
+     * published */
     int bt = 0;
+    shmkv_tree_w_t w = {0};
     if (shmkv_is_btree(st)) {
         /* Out of nodes for a new key: a slab page becomes nodes (taken with the tree lock
          * released: page -> tree is the order). Its evictions may change this chain (the
          * stripe is ours, so they unlink without waiting): look the key up again. A page
          * whose items are all busy is an instant's state, as for an eviction (slab.c:
-         * make_room_locked): back off and retry, GROW_RETRIES times, before StoreFull. */
-        rc = shmkv_tree_lock(st);
+         * make_room_locked): back off and retry, GROW_RETRIES times, before StoreFull.
+         * The hold is the latch of the key's leaf when the put changes that leaf only,
+         * else the tree lock (btree.c: shmkv_tree_wbegin). */
+        rc = shmkv_tree_wbegin(st, k, klen, &w);
         for (int grow = 0; rc == 0 && !old && !shmkv_tree_room_locked(st) && grow < GROW_RETRIES; grow++) {
-            shmkv_tree_unlock(st);
+            shmkv_tree_wend(st, &w);
             if (shmkv_tree_grow(st, s, x) < 0) shmkv_backoff(grow);
             old = find_locked(st, b, k, klen, h32, &link);
-            rc = shmkv_tree_lock(st);
+            rc = shmkv_tree_wbegin(st, k, klen, &w);
         }
         if (rc < 0 || (!old && !shmkv_tree_room_locked(st))) {
-            if (rc == 0) shmkv_tree_unlock(st);
+            if (rc == 0) shmkv_tree_wend(st, &w);
             if (shmkv_class_lock(st, (uint32_t)cls) == 0) {
                 if (it->state == IT_INFLIGHT && it->owner == st->slot + 1) shmkv_free_locked(st, (uint32_t)cls, x);
                 shmkv_class_unlock(st, (uint32_t)cls);
@@ -270,8 +276,8 @@ static int put_locked(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls
     __atomic_store_n(&it->state, IT_LINKED, __ATOMIC_RELEASE);
     __atomic_store_n(link, x, __ATOMIC_RELEASE); /* the publication */
     if (bt) {
-        shmkv_tree_upsert_locked(st, k, klen, x);
-        shmkv_tree_unlock(st);
+        shmkv_tree_wput(st, &w, k, klen, x);
+        shmkv_tree_wend(st, &w);
     }
     CRASH_POINT(st, CP_PUT_PUBLISHED);
     shmkv_me(st)->inflight = 0;

@@ -43,6 +43,8 @@ cdef extern from "core/core.h":
         ST_WAIT_MAX_US
         ST_SCAN_RETRIES
         ST_SCAN_LOCKED
+        ST_TREE_LATCHED
+        ST_TREE_LOCKED
         LK__COUNT
         ST__COUNT
 
