@@ -220,13 +220,10 @@ def test_read_repair_fixes_a_stale_replica(cluster: Cluster) -> None:
     assert cluster.nodes[c1].stats.read_repairs == 1
 
 
-def test_a_strict_read_writes_back_what_it_saw_before_answering(cluster: Cluster) -> None:
-    """A write that reached one replica (MaybeApplied) and is then seen by a strict read must
-    be seen by every later read: the read writes it back to N - R + 1 replicas before it
-    answers. (Before: the repair waited for every answer, in the background, so with the third
-    replica down the coordinator could crash first and a read of the other two went back in
-    time -- the simulator's linearizability checker found it, seed 439.)"""
-    key = b"monotonic"
+def _newer_on_one(cluster: Cluster, key: bytes) -> tuple[str, str, str]:
+    """A strict cluster where ``key`` is "old" on every replica and "new" on its first only (a
+    write that timed out after reaching it: MaybeApplied); the second is back with its old
+    copy, the third down and not known to be. Returns the three replicas."""
     c1, c2, c3 = cluster.coordinators(key)
     for node in cluster.nodes.values():
         node.config.strict = True
@@ -235,8 +232,19 @@ def test_a_strict_read_writes_back_what_it_saw_before_answering(cluster: Cluster
     cluster.net.crash(cluster.addr[c3])
     with pytest.raises(shmkv.MaybeApplied):
         cluster.put(c1, key, b"new", w=2)  # on c1 only
-    cluster.start(c2)  # back with its old copy; c3 stays down, unknown to c1
+    cluster.start(c2)
     cluster.net.run(cluster.nodes[c1].probe())
+    return c1, c2, c3
+
+
+def test_a_strict_read_writes_back_what_it_saw_before_answering(cluster: Cluster) -> None:
+    """A write that reached one replica (MaybeApplied) and is then seen by a strict read must
+    be seen by every later read: the read writes it back to N - R + 1 replicas before it
+    answers. (Before: the repair waited for every answer, in the background, so with the third
+    replica down the coordinator could crash first and a read of the other two went back in
+    time -- the simulator's linearizability checker found it, seed 439.)"""
+    key = b"monotonic"
+    c1, c2, c3 = _newer_on_one(cluster, key)
     assert cluster.held(c2, key) == [b"old"]
     assert cluster.get(c1, key, r=2) == [b"new"]  # c1's copy and c2's stale one
     assert cluster.held(c2, key) == [b"new"]  # written back before the answer
@@ -267,16 +275,7 @@ def test_a_strict_batch_read_writes_back_every_key_in_one_request_per_replica(cl
 
 def test_a_strict_read_that_cannot_write_back_is_refused_loudly(cluster: Cluster) -> None:
     key = b"refused"
-    c1, c2, c3 = cluster.coordinators(key)
-    for node in cluster.nodes.values():
-        node.config.strict = True
-    cluster.put(c1, key, b"old", w=3)
-    cluster.net.crash(cluster.addr[c2])
-    cluster.net.crash(cluster.addr[c3])
-    with pytest.raises(shmkv.MaybeApplied):
-        cluster.put(c1, key, b"new", w=2)
-    cluster.start(c2)
-    cluster.net.run(cluster.nodes[c1].probe())
+    c1, c2, _c3 = _newer_on_one(cluster, key)
     # c2 answers the read but refuses what it is sent back (overloaded): 1 of the 2 replicas
     # a later read must meet hold "new"
     n2 = cluster.nodes[c2]
