@@ -858,10 +858,15 @@ void shmkv_tree_rebuild_locked(store_t *st) {
             w_end(st);
             return;
         }
-        for (uint32_t i = 0; i < count; i += BULK_INNER, j++) {
+        /* the children spread evenly over the `up` nodes: filling each to BULK_INNER could
+         * leave the last with one child -- an inner node with no key, which a delete's
+         * rebalance below it cannot handle (it has no sibling to merge with: a SIGSEGV
+         * seen after a rebuild). Evenly, every node gets at least count/up >= 2 children. */
+        for (; j < up; j++) {
+            uint32_t i = (uint32_t)((uint64_t)j * count / up);
             uint32_t ni = node_alloc(st);
             bt_node_t *N = NODE(st, ni);
-            uint32_t m = count - i < BULK_INNER ? count - i : BULK_INNER;
+            uint32_t m = (uint32_t)((uint64_t)(j + 1) * count / up) - i;
             N->leaf = 0;
             N->level = (uint8_t)height;
             N->n = (uint16_t)(m - 1);
