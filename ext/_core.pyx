@@ -9,7 +9,7 @@ the C code releases it by itself around any wait for a contended lock.
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
-from cpython.ref cimport Py_DECREF
+from cpython.ref cimport Py_DECREF, Py_XDECREF
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, strerror
@@ -1000,6 +1000,79 @@ cdef class Core:
 
 # -- ordered scans (engine "btree") ------------------------------------------------------
 
+cdef extern from *:
+    """
+    /* The (key, value) tuple a scan returns, refilled in place when nobody else holds it.
+     * `slot` is one of the iterator's cached results: when its tuple's only reference is
+     * the cache's (the consumer dropped it), the tuple is reused, and so is each of its
+     * bytes objects that the tuple alone holds and that has the right length: the pair's
+     * bytes are copied into it and its cached hash reset. Otherwise new objects, and the
+     * slot caches the new tuple. Nobody can observe an object whose only reference is
+     * ours, so this is invisible to Python code; CPython's dict.items() iterator and zip()
+     * reuse their result tuple the same way (bytes are never resized, only rewritten at the
+     * same size). A bytes object of size 0 or 1 is one of CPython's shared singletons and is
+     * never rewritten. Rejected: reusing the last result only -- `for x in scan` still holds
+     * it when the next one is made (the loop variable), so two are cached, and the one made
+     * two steps back is free. Free-threaded builds: reference counts are not exact there,
+     * so always new objects. */
+    static inline int shmkv_bytes_refill(PyObject **item, const char *p, Py_ssize_t n) {
+        PyObject *o = *item;
+    #ifndef Py_GIL_DISABLED
+        if (n > 1 && Py_REFCNT(o) == 1 && PyBytes_GET_SIZE(o) == n) {
+            memcpy(PyBytes_AS_STRING(o), p, (size_t)n);
+    #if defined(__GNUC__)
+    #pragma GCC diagnostic push
+    #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    #endif
+            ((PyBytesObject *)o)->ob_shash = -1;
+    #if defined(__GNUC__)
+    #pragma GCC diagnostic pop
+    #endif
+            return 0;
+        }
+    #endif
+        PyObject *b = PyBytes_FromStringAndSize(p, n);
+        if (!b) return -1;
+        *item = b;
+        Py_DECREF(o);
+        return 0;
+    }
+    static PyObject *shmkv_scan_pair(PyObject **slot, const char *k, Py_ssize_t kl,
+                                     const char *v, Py_ssize_t vl) {
+        PyObject *t = *slot;
+    #ifndef Py_GIL_DISABLED
+        if (t && Py_REFCNT(t) == 1) {
+            PyTupleObject *tt = (PyTupleObject *)t;
+            if (shmkv_bytes_refill(&tt->ob_item[0], k, kl) < 0 ||
+                shmkv_bytes_refill(&tt->ob_item[1], v, vl) < 0)
+                return NULL;
+            Py_INCREF(t);
+            return t;
+        }
+    #endif
+        PyObject *ko = PyBytes_FromStringAndSize(k, kl);
+        if (!ko) return NULL;
+        PyObject *vo = PyBytes_FromStringAndSize(v, vl);
+        if (!vo) {
+            Py_DECREF(ko);
+            return NULL;
+        }
+        PyObject *n = PyTuple_New(2);
+        if (!n) {
+            Py_DECREF(ko);
+            Py_DECREF(vo);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(n, 0, ko);
+        PyTuple_SET_ITEM(n, 1, vo);
+        Py_XDECREF(t);
+        Py_INCREF(n);
+        *slot = n;
+        return n;
+    }
+    """
+    object shmkv_scan_pair(PyObject **slot, const char *k, Py_ssize_t kl, const char *v, Py_ssize_t vl)
+
 cdef uint32_t SCAN_FIRST_BATCH = 64   # pairs: a scan without a limit may be short ...
 cdef uint32_t SCAN_MAX_BATCH = 1024   # ... a long one amortises each descent over this many
 cdef size_t SCAN_SPARE_MAX = 1 << 20  # a bigger buffer (huge values) is freed, not kept
@@ -1023,6 +1096,8 @@ cdef class _TreeScan:
     cdef uint32_t batch      # pairs to ask for next
     cdef bint finished       # no batch follows
     cdef bint filling        # a refill is under way (a lock wait inside releases the GIL)
+    cdef PyObject *made[2]   # the last two pairs returned (owned; NULL: none), refilled in
+    cdef uint32_t turn       # place once the consumer dropped them (shmkv_scan_pair)
 
     def __iter__(self):
         return self
@@ -1037,7 +1112,8 @@ cdef class _TreeScan:
         memcpy(&vl, p + 4, 4)
         self.pos += 8 + <size_t>kl + vl
         self.left -= 1
-        return (PyBytes_FromStringAndSize(p + 8, kl), PyBytes_FromStringAndSize(p + 8 + kl, vl))
+        self.turn ^= 1
+        return shmkv_scan_pair(&self.made[self.turn], p + 8, kl, p + 8 + kl, vl)
 
     cdef bint _refill(self) except -1:
         cdef const char *l = NULL
@@ -1101,7 +1177,10 @@ cdef class _TreeScan:
         return True
 
     cdef void _release(self):
-        """Hands the buffer back to the handle (or frees it)."""
+        """Hands the buffer back to the handle (or frees it), and drops the cached pairs."""
+        Py_XDECREF(self.made[0])
+        Py_XDECREF(self.made[1])
+        self.made[0] = self.made[1] = NULL
         if self.buf.buf == NULL:
             return
         if self.core is not None and self.core._scan_spare == NULL and self.buf.cap <= SCAN_SPARE_MAX:

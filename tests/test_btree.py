@@ -170,6 +170,33 @@ def test_batches_resume_after_the_last_key(bt):
     assert next(it) == (b"k00000", b"v")  # lazy: nothing else read yet
 
 
+def test_pairs_refilled_in_place_never_change_what_a_consumer_kept(bt):
+    # A scan rewrites a (key, value) tuple and its bytes once only it holds them (the consumer
+    # dropped them): whatever the consumer kept -- a tuple, a key, a value, a view, a hash --
+    # must stay what it was, and every pair read must be the right one with the right hash.
+    want = [(b"p%05d" % i, b"%07d" % (i * 7)) for i in range(2500)]  # same lengths: refillable
+    want += [(b"q", b"v"), (b"r" * 40, b""), (b"s%d" % 5, b"x" * 300)]  # odd sizes after them
+    bt.put_many(want)
+    hashes = [hash(k) for k, _ in want]
+    tuples, keys, values, views = [], [], [], []
+    for i, pair in enumerate(bt.scan()):
+        assert pair == want[i]
+        assert hash(pair[0]) == hashes[i]  # caches the key's hash: a refill must reset it
+        if i % 7 == 0:
+            tuples.append(pair)
+        elif i % 7 == 1:
+            keys.append(pair[0])
+        elif i % 7 == 2:
+            values.append(pair[1])
+        elif i % 7 == 3:
+            views.append(memoryview(pair[1]))
+    assert tuples == want[::7] and keys == [k for k, _ in want[1::7]]
+    assert values == [v for _, v in want[2::7]] and [bytes(m) for m in views] == [v for _, v in want[3::7]]
+    for k, v in bt.scan(reverse=True):  # unpacked at once: the tuple is free, its bytes are not
+        assert bt[k] == v
+    assert list(bt.scan(b"p00100", limit=50)) == want[100:150]
+
+
 def test_big_values_are_read_in_batches_under_a_byte_budget(name):
     # 300 values of 20 KB: ~6 MB, far over one batch's 256 KiB (the batch stops early and the
     # next resumes after its last key), in both directions and with a limit across batches
