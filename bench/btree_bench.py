@@ -26,7 +26,10 @@ of the wall time: what an op costs, whatever share of the cores other jobs left 
 process asleep on a lock is not charged for the wait, so contended 2-process cells (btree puts)
 look better than they are; read scaling from `--clock wall`. Prints Markdown with same-run
 ratios. Scans return (key, value) bytes
-pairs everywhere (LMDB: one read transaction and cursor per scan, as a Python user writes it).
+pairs everywhere (LMDB: one read transaction and cursor per scan, as a Python user writes it),
+and the loop drops each pair before the next (``sum(1 for _ in ...)``): shmkv then refills the
+pair it made two steps back in place (README "Engines"). ``--keep`` collects every pair of a
+scan in a list instead (``len(list(...))``), so each one is a new object in every backend.
 """
 
 from __future__ import annotations
@@ -112,14 +115,16 @@ class Backend:
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def ops(self) -> tuple[Any, Any, Any]:
-        """(get, put, scan(start, n) -> pairs) for this process."""
+    def ops(self, keep: bool = False) -> tuple[Any, Any, Any]:
+        """(get, put, scan(start, n) -> pairs) for this process; `keep`: a scan lists its pairs."""
         if self.kind in ("hash", "btree"):
             import shmkv
 
             kv = shmkv.attach(self.name)
 
             def scan(start: bytes, n: int) -> int:
+                if keep:
+                    return len(list(kv.scan(start, limit=n)))
                 return sum(1 for _ in kv.scan(start, limit=n))
 
             return kv.get, kv.put, scan
@@ -143,6 +148,8 @@ class Backend:
                     cur = txn.cursor()
                     if not cur.set_range(start):
                         return 0
+                    if keep:
+                        return len(list(islice(cur.iternext(), n)))
                     return sum(1 for _ in islice(cur.iternext(), n))
 
             return get, put, lscan
@@ -156,16 +163,18 @@ class Backend:
         return sd.get, sd.__setitem__, sscan
 
 
-def worker(b: Backend, op: str, seconds: float, seed: int, go: Any, out: Any, cpu: bool) -> None:
+def worker(b: Backend, op: str, seconds: float, seed: int, go: Any, out: Any, cpu: bool,
+           keep: bool) -> None:
     try:
-        run(b, op, seconds, seed, go, out, cpu)
+        run(b, op, seconds, seed, go, out, cpu, keep)
     except BaseException as e:
         out.put(f"{b.kind} {op}: {e!r}")
         raise
 
 
-def run(b: Backend, op: str, seconds: float, seed: int, go: Any, out: Any, cpu: bool) -> None:
-    get, put, scan = b.ops()
+def run(b: Backend, op: str, seconds: float, seed: int, go: Any, out: Any, cpu: bool,
+        keep: bool) -> None:
+    get, put, scan = b.ops(keep)
     rng = random.Random(seed)
     ks = [key(rng.randrange(b.n)) for _ in range(4096)]
     done = 0
@@ -186,9 +195,9 @@ def run(b: Backend, op: str, seconds: float, seed: int, go: Any, out: Any, cpu: 
     out.put(done / ((time.process_time() - c0) if cpu else (time.perf_counter() - t0)))
 
 
-def cell(b: Backend, op: str, procs: int, seconds: float, cpu: bool) -> float:
+def cell(b: Backend, op: str, procs: int, seconds: float, cpu: bool, keep: bool) -> float:
     go, out = CTX.Event(), CTX.Queue()
-    ps = [CTX.Process(target=worker, args=(b, op, seconds, s, go, out, cpu)) for s in range(procs)]
+    ps = [CTX.Process(target=worker, args=(b, op, seconds, s, go, out, cpu, keep)) for s in range(procs)]
     for p in ps:
         p.start()
     time.sleep(0.2)
@@ -216,6 +225,8 @@ def main() -> None:
                     help="what a cell reports of its --repeat runs")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="rates per second of wall time, or of each process's own CPU time")
+    ap.add_argument("--keep", action="store_true",
+                    help="scans list their pairs (len(list(...))) instead of dropping each one")
     args = ap.parse_args()
     kinds = args.backends.split(",")
     cpu = args.clock == "cpu"
@@ -231,14 +242,16 @@ def main() -> None:
                     for k, b in backends.items():  # interleaved: load hits every backend alike
                         if k == "sorteddict" and procs > 1:
                             continue
-                        res.setdefault((k, op, procs), []).append(cell(b, op, procs, args.seconds, cpu))
+                        res.setdefault((k, op, procs), []).append(
+                            cell(b, op, procs, args.seconds, cpu, args.keep))
     finally:
         for b in backends.values():
             b.destroy()
     pick = max if args.stat == "best" else statistics.median
     med = {c: float(pick(v)) for c, v in res.items()}
     load1 = os.getloadavg()
-    stat = ("" if args.stat == "median" else f" --stat {args.stat}") + (" --clock cpu" if cpu else "")
+    stat = (("" if args.stat == "median" else f" --stat {args.stat}") + (" --clock cpu" if cpu else "")
+            + (" --keep" if args.keep else "") + ("" if kinds == list(BACKENDS) else f" --backends {args.backends}"))
     print(f"`python bench/btree_bench.py --keys {args.keys} --seconds {args.seconds:g} --repeat {args.repeat}{stat}`"
           f" -- {time.time() - t_start:.0f} s; {os.cpu_count()} cores; load average "
           f"{' '.join(f'{x:.2f}' for x in load0)} before, {' '.join(f'{x:.2f}' for x in load1)} after.\n")
