@@ -1086,9 +1086,10 @@ cdef size_t SCAN_SPARE_MAX = 1 << 20  # a bigger buffer (huge values) is freed, 
 cdef class _TreeScan:
     """One ordered scan: a batch of pairs is copied out of the shared index in C, under one
     seqlock read (shmkv_tree_fill, btree.c), into this iterator's private buffer; __next__
-    then makes the (key, value) objects one at a time from it. Lazily made objects are freed
-    by the consumer before the next ones are made, so Python's allocator hands back the same
-    (cache-hot) memory each time, and no Python frame runs per pair. Each batch resumes
+    then makes the (key, value) objects one at a time from it, refilling in place the pair
+    returned two steps back when the consumer has dropped it (shmkv_scan_pair), so a loop
+    that keeps nothing allocates no object per pair, and no Python frame runs per pair. Each
+    batch resumes
     strictly after the last key returned: a key live during the whole scan is returned
     exactly once, in order, whatever other processes write meanwhile."""
     cdef Core core
