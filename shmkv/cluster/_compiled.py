@@ -61,7 +61,7 @@ def pure_python() -> bool:
     return os.environ.get("SHMKV_PURE_PYTHON", "") not in ("", "0")
 
 
-def built_file(name: str, directory: Path = HERE) -> Path | None:
+def built_file(name: str, directory: Path) -> Path | None:
     """The extension module built for ``name`` in ``directory``, if any."""
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         p = directory / f"{name}{suffix}"
@@ -105,7 +105,7 @@ class SourceIfStale(importlib.abc.MetaPathFinder):
         if pkg != PACKAGE or name not in COMPILED:
             return None
         source = HERE / f"{name}.py"
-        built = built_file(name)
+        built = built_file(name, HERE)
         if not source.exists() or not use_source(source, built):
             return None
         if built is not None and not pure_python() and name not in self._warned:
