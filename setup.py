@@ -1,8 +1,13 @@
 """Build of the Cython extensions: shmkv._core (ext/_core.pyx over the C core in ext/core/) and
 shmkv.lsm._accel (ext/_lsm.pyx, the spill tier's hot loops).
 
+Also the request path of the cluster (shmkv/cluster/_compiled.py, COMPILED): plain Python
+modules compiled by Cython as they are, for a daemon and a client that spend most of their CPU
+in the interpreter; SHMKV_PURE_PYTHON=1 builds (and imports) the sources only.
+
 SHMKV_DEBUG=1 builds with Cython annotation and line tracing, -O0 -g and C asserts on.
 """
+import ast
 import os
 
 from Cython.Build import cythonize
@@ -36,11 +41,40 @@ accel = Extension(
     define_macros=macros,
 )
 
+
+
+def compiled_cluster_modules() -> list:
+    """shmkv/cluster/_compiled.py's COMPILED, read without importing the package (its
+    dependencies need not be installed yet when this runs)."""
+    tree = ast.parse(open("shmkv/cluster/_compiled.py").read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "COMPILED" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise SystemExit("shmkv/cluster/_compiled.py defines no COMPILED")
+
+
+PURE = os.environ.get("SHMKV_PURE_PYTHON", "") not in ("", "0")
+cluster = [] if PURE else [
+    Extension(f"shmkv.cluster.{name}", [f"shmkv/cluster/{name}.py"], extra_compile_args=["-O2"])
+    for name in compiled_cluster_modules()
+]
+
 setup(
+    # one compiler per core: the cluster modules are ~20 C files of 0.5-2 MB
+    options={"build_ext": {"parallel": os.cpu_count() or 1}},
     ext_modules=cythonize(
         [ext, accel],
         include_path=["ext"],
         annotate=DEBUG,
         compiler_directives={"language_level": 3, "linetrace": DEBUG},
     )
+    # Pure-Python mode: annotations stay annotations (not C types: an `int` hint must not
+    # refuse a bool or an int subclass), functions keep their Python signatures; the
+    # generated C goes to build/, not beside the sources.
+    + cythonize(
+        cluster,
+        build_dir="build/cython",
+        compiler_directives={"language_level": 3, "annotation_typing": False, "binding": True},
+        quiet=True,
+    ),
 )

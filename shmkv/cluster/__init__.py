@@ -8,7 +8,11 @@ this package re-exports only the errors so ``import shmkv.cluster`` stays cheap.
 
 from __future__ import annotations
 
-from .errors import (
+from . import _compiled
+
+_compiled.install()  # before any submodule is imported: a stale built module is never used
+
+from .errors import (  # noqa: E402
     ClusterError,
     ConfigError,
     Conflict,
