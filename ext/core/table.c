@@ -211,10 +211,13 @@ static int check_sizes(store_t *st, size_t klen, size_t vlen, int *cls) {
     return *cls < 0 ? SHMKV_EVALLEN : 0;
 }
 
-/* REQUIRES: stripe s of bucket b. Steps 1-4 of the put above. */
-static int put_locked(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls,
-                      const char *k, size_t klen, const char *v, size_t vlen,
-                      uint64_t expire_ms) {
+/* REQUIRES: stripe s of bucket b. Steps 1-4 of the put above.
+ * `released` non-NULL: a blind put, whose outcome does not depend on what the stripe showed
+ * before it (not add, cas or incr), so it may let go of stripe s while it waits for node room
+ * (below). Held again on return, unless *released is set (then the put failed with rc). */
+static int put_locked_ex(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls,
+                         const char *k, size_t klen, const char *v, size_t vlen,
+                         uint64_t expire_ms, int *released) {
     uint32_t x, *link;
     int rc = shmkv_class_lock(st, (uint32_t)cls);
     if (rc < 0) return rc;
@@ -251,7 +254,20 @@ static int put_locked(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls
         rc = shmkv_tree_wbegin(st, k, klen, &w);
         for (int grow = 0; rc == 0 && !old && !shmkv_tree_room_locked(st) && grow < GROW_RETRIES; grow++) {
             shmkv_tree_wend(st, &w);
-            if (shmkv_tree_grow(st, s, x) < 0) shmkv_backoff(grow);
+            if (shmkv_tree_grow(st, s, x) < 0) {
+                /* Two writers growing at once each hold their stripe, and the page each wants
+                 * emptied (the same one: the emptiest of the coldest class) holds items of
+                 * both stripes: neither can evacuate it while the other waits holding its own
+                 * (StoreFull for both after GROW_RETRIES, seen in CI). A blind put lets go of
+                 * its stripe while it backs off -- its chunk stays IN FLIGHT and ours, and the
+                 * chain is looked up again below -- so the other's evacuation can go through. */
+                if (released != NULL) shmkv_stripe_unlock(st, s);
+                shmkv_backoff(grow);
+                if (released != NULL && (rc = shmkv_stripe_lock(st, s)) < 0) {
+                    *released = 1;
+                    break;
+                }
+            }
             old = find_locked(st, b, k, klen, h32, &link);
             rc = shmkv_tree_wbegin(st, k, klen, &w);
         }
@@ -296,6 +312,12 @@ static int put_locked(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls
     return 0;
 }
 
+/* put_locked_ex for add, cas, incr and batches: the stripe is held throughout. */
+static int put_locked(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int cls,
+                      const char *k, size_t klen, const char *v, size_t vlen, uint64_t expire_ms) {
+    return put_locked_ex(st, s, b, h32, cls, k, klen, v, vlen, expire_ms, NULL);
+}
+
 int shmkv_put(store_t *st, const char *k, size_t klen, const char *v, size_t vlen,
               uint64_t expire_ms, int only_if_absent) {
     return shmkv_put_hashed(st, k, klen, v, vlen, expire_ms, only_if_absent,
@@ -316,8 +338,9 @@ int shmkv_put_hashed(store_t *st, const char *k, size_t klen, const char *v, siz
             return SHMKV_EEXISTS;
         }
     }
-    rc = put_locked(st, s, b, h32, cls, k, klen, v, vlen, expire_ms);
-    shmkv_stripe_unlock(st, s);
+    int released = 0;
+    rc = put_locked_ex(st, s, b, h32, cls, k, klen, v, vlen, expire_ms, only_if_absent ? NULL : &released);
+    if (!released) shmkv_stripe_unlock(st, s);
     return rc;
 }
 
