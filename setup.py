@@ -42,7 +42,6 @@ accel = Extension(
 )
 
 
-
 def compiled_cluster_modules() -> list:
     """shmkv/cluster/_compiled.py's COMPILED, read without importing the package (its
     dependencies need not be installed yet when this runs)."""

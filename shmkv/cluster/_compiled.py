@@ -3,7 +3,7 @@
 The modules in :data:`COMPILED` are plain Python, and setup.py also compiles each into a
 C extension of the same name (Cython, pure-Python mode: the source is not changed, only its
 bytecode dispatch goes) -- the daemon's and the client's path of every request, where the
-interpreter is most of the CPU (bench/RESULTS.md, "Cluster: compiled"). Python's import
+interpreter is most of the CPU (README, Development: "Compiled cluster modules"). Python's import
 system prefers an extension module to the ``.py`` beside it, so a built module would shadow
 every later edit of its source in an editable install (a ``git checkout``, a fix being
 tried). :class:`SourceIfStale` prevents that:
@@ -77,8 +77,8 @@ def use_source(source: Path, built: Path | None) -> bool:
         return True
     try:
         return source.stat().st_mtime > built.stat().st_mtime + SLACK_S
-    except FileNotFoundError:
-        return built is None
+    except FileNotFoundError:  # one of them vanished meanwhile: the normal finders decide
+        return False
 
 
 def loaded_compiled() -> dict[str, bool]:
