@@ -309,7 +309,6 @@ cdef class Core:
         if self._base == NULL:
             return
         self.st.slot = SHMKV_MAX_SLOTS
-        self.st.pending = 0
         self._busy = 0
         rc = shmkv_register(&self.st)
         if rc != 0:
@@ -952,7 +951,7 @@ cdef class Core:
             return
         if self._busy:
             raise _errors.Error(f"store {self.name!r}: close() while another thread is using it")
-        shmkv_free_pending(&self.st)
+        shmkv_free_kept(&self.st)
         shmkv_unregister(&self.st)
         munmap(self._base, self._mapsize)
         self._base = NULL
@@ -992,7 +991,7 @@ cdef class Core:
         PyMem_RawFree(self._scan_spare)
         self._scan_spare = NULL
         if self._base != NULL:
-            shmkv_free_pending(&self.st)
+            shmkv_free_kept(&self.st)
             shmkv_unregister(&self.st)
             munmap(self._base, self._mapsize)
             self._base = NULL

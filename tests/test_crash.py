@@ -76,6 +76,13 @@ def put_new_size(kv):
     kv.put("target", make_value(1, 2, 20_000))
 
 
+def overwrite_thrice(kv):
+    # 100 B values: a class of 1,000+ chunks, which keeps replaced chunks (ext/core/slab.c
+    # KEEP_MIN_CHUNKS). The second put keeps the first's chunk; the third takes it.
+    for i in range(3):
+        kv.put("fresh", make_value(1, i, 100))
+
+
 def delete_gone(kv):
     kv.delete("gone")
 
@@ -90,6 +97,8 @@ SCENARIOS = {
     "PAGE_MOVING": ("4MiB", "fill", put_new_size),  # mid page move: page lock + two class locks
     "REMOVE_UNLINKED": ("16MiB", None, delete_gone),  # unlinked, not yet freed
     "PAGE_HALF_CUT": ("16MiB", None, put_new_size),  # mid page cut
+    "KEPT_TAKEN": ("16MiB", None, overwrite_thrice),  # kept chunk named twice by the slot
+    "KEEP_NAMED": ("16MiB", None, overwrite_thrice),  # replaced version kept, still LINKED
 }
 
 
@@ -121,6 +130,8 @@ def test_killed_at_crash_point_leaves_store_usable(name, point):
     assert kv.verify() == []
     s = kv.stats()
     assert s["repairs"] + s["reclaimed"] >= 1 or point in ("PUT_HALF_WRITTEN", "PUT_PUBLISHED", "REMOVE_UNLINKED")
+    # nothing the dead process held stays taken: every chunk in use is a reachable item
+    assert sum(c["used"] for c in s["classes"]) == len(list(kv.keys()))
     kv.close()
 
 
@@ -223,3 +234,34 @@ def test_crash_points_are_named_once_in_core_h(kv):
     kv._set_crash_point(None)
     kv.put("k", b"v")  # no crash point armed
     assert kv["k"] == b"v"
+
+
+def _overwrite_and_vanish(name):
+    kv = shmkv.attach(name)
+    overwrite_thrice(kv)  # leaves the slot keeping the second put's replaced chunk
+    os._exit(0)  # no close(): the kept chunk is named only by the dead slot
+
+
+def _attach_and_count(name, q):
+    kv = shmkv.attach(name)  # takes the dead process's slot, reclaiming what it named
+    q.put(sum(c["used"] for c in kv.stats()["classes"]))
+    kv.close()
+
+
+def test_a_dead_process_kept_chunk_goes_back_without_verify(name):
+    kv = shmkv.attach(name, size="16MiB")
+    for i in range(500):
+        kv.put(f"acked{i}", make_value(0, i, 100))
+    p = CTX.Process(target=_overwrite_and_vanish, args=(name,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    used = sum(c["used"] for c in kv.stats()["classes"])
+    assert used == 502  # 500 + "fresh" + the chunk the dead process kept
+    q = CTX.Queue()
+    p = CTX.Process(target=_attach_and_count, args=(name, q))
+    p.start()
+    assert q.get(timeout=10) == 501
+    p.join(10)
+    assert kv.verify() == []
+    kv.close()

@@ -57,11 +57,13 @@ def test_unread_key_is_evicted_by_the_same_stream(name):
         assert kv.get("idle") is None
 
 
-def test_overwritten_unread_key_ages_like_a_new_one(name):
-    # A replacing put may reuse the chunk of this process's previous replaced version in
-    # place; that chunk's LRU place and active bit belonged to the old version. Here the
-    # reused chunk sits at the tail: the new "idle" must still age from the head, with no
-    # second chance it never earned, so one pass of one-time writes evicts it.
+def test_an_overwrite_counts_as_one_use_of_the_key(name):
+    # A replacing put reuses the chunk of this process's previous replaced version where it
+    # sits on the LRU, with no class lock (ext/core/slab.c shmkv_take_kept), and marks it
+    # used: an overwrite earns the key one second chance, as a read does. Here the reused
+    # chunk sits at the tail: the new "idle" survives the first eviction pass (written =
+    # used) and, never read or written again, is gone after the second -- it must not keep
+    # the bit of the version that chunk held before, nor earn a chance per pass.
     with shmkv.attach(name, size="4MiB") as kv:
         capacity = fill_until_evicting(kv, "probe", 100)
         kv.clear()
@@ -69,12 +71,14 @@ def test_overwritten_unread_key_ages_like_a_new_one(name):
         kv.put("idle", b"i" * 100)
         for i in range(capacity - 1000):
             kv.put(f"cold{i}", b"v" * 100)
-        kv.put("a", b"A" * 100)  # its old version, at the tail, becomes the reusable chunk
+        kv.put("a", b"A" * 100)  # its old version, at the tail, becomes the kept chunk
         kv.put("idle", b"I" * 100)  # written into that chunk
-        # ~1,000 writes take free chunks, then eviction runs from the tail: the new "idle"
-        # is as old as the newest cold key, so it goes at about `capacity` writes; given a
-        # second chance at the tail it would last until about capacity + 1,000.
-        for i in range(capacity + 500):
+        # ~1,000 writes take free chunks, then eviction meets "idle" at the tail, gives it
+        # its chance and moves it to the head: it lasts about capacity + 1,000 writes.
+        for i in range(capacity // 2):
+            kv.put(f"stream{i}", b"v" * 100)
+        assert "idle" in kv  # `in` reads no value, so it sets no bit
+        for i in range(capacity // 2, 2 * capacity + 2000):
             kv.put(f"stream{i}", b"v" * 100)
         assert kv.get("idle") is None
         assert kv.verify() == []

@@ -51,11 +51,6 @@ typedef struct {
     uint32_t pid;    /* getpid(), refreshed at registration (a forked child re-registers) */
     int last_errno;
     uint32_t bucket_mask, stripe_mask;
-    /* The last chunk this process replaced: UNLINKED, still on its class's LRU. It is freed
-     * at this process's next allocation in that class, under the class lock that allocation
-     * takes anyway, so a replacing put costs one class lock, not two. A crash leaves it
-     * UNLINKED, which eviction and repair free. */
-    uint32_t pending, pending_cls;
     /* Tests only: SIGKILL this process on reaching crash point `crash_at` (CP_*, see
      * SHMKV_CRASH_POINTS), to prove each window of each lock is survivable. 0 = off. With crash_sig =
      * SIGSTOP it stops instead, once (crash_at is reset), to prove a paused process holds
@@ -103,8 +98,10 @@ int shmkv_class_lock(store_t *st, uint32_t cls);
 void shmkv_class_unlock(store_t *st, uint32_t cls);
 int shmkv_alloc_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t *out);
 void shmkv_free_locked(store_t *st, uint32_t cls, uint32_t off);
-void shmkv_free_pending(store_t *st);
+void shmkv_free_kept(store_t *st);
 void shmkv_free_unlinked(store_t *st, uint32_t cls, uint32_t off);
+int shmkv_take_kept(store_t *st, uint32_t cls, uint32_t *out);
+void shmkv_keep_replaced(store_t *st, uint32_t off);
 
 /* lru.c (REQUIRE the class lock) */
 void shmkv_list_push_head(store_t *st, class_t *c, item_t *it, uint32_t off, int which);
@@ -256,7 +253,9 @@ static inline int shmkv_chunk_class(store_t *st, uint32_t off) {
     X(BTREE_ROOT_GROW,  14)  /* btree.c: stripe + tree; new root built, root not switched */ \
     X(BTREE_GROW,       15)  /* btree.c: stripe + page + tree; a page marked NODES, not listed */ \
     X(BTREE_LEAF_PUT,   16)  /* btree.c: stripe + a leaf latch; published, the leaf half changed */ \
-    X(BTREE_LEAF_DEL,   17)  /* btree.c: stripe + a leaf latch; unlinked, the leaf half changed */
+    X(BTREE_LEAF_DEL,   17)  /* btree.c: stripe + a leaf latch; unlinked, the leaf half changed */ \
+    X(KEPT_TAKEN,       18)  /* slab.c take_kept: stripe; kept chunk named in flight AND kept */ \
+    X(KEEP_NAMED,       19)  /* slab.c keep_replaced: stripe; kept names the old, still LINKED */
 
 enum {
 #define SHMKV_CP_ENUM(name, n) CP_##name = n,

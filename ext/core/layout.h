@@ -66,9 +66,10 @@
 
 /* DO NOT CHANGE: stored layout. Bump SHMKV_LAYOUT_VERSION for any change below. */
 #define SHMKV_MAGIC 0x31764B4D48537F00ULL /* "\0\x7fSHMKv1" */
-#define SHMKV_LAYOUT_VERSION 6u /* 2: the disk tier in the header; 3: 24 stat counters (lock waits); 4: engine + B+tree;
+#define SHMKV_LAYOUT_VERSION 7u /* 2: the disk tier in the header; 3: 24 stat counters (lock waits); 4: engine + B+tree;
                                   * 5: B+tree node pages taken from the slab (SHMKV_PAGE_NODES, tree_pages);
-                                  * 6: B+tree leaf latches (tree_latch), leaf versions, tree_dirty */
+                                  * 6: B+tree leaf latches (tree_latch), leaf versions, tree_dirty;
+                                  * 7: slot.kept (a process's kept chunk, IN FLIGHT, instead of UNLINKED) */
 #define SHMKV_UNIT 8u
 #define SHMKV_HEADER_SIZE 4096u
 #define SHMKV_MAX_SLOTS 256u
@@ -150,7 +151,12 @@ typedef struct {
     uint32_t pid;      /* 0 = free; liveness is the fcntl lock on byte `index` of the lock file */
     uint32_t gen;
     uint32_t inflight; /* unit offset of the chunk this process has IN FLIGHT, 0 = none */
-    uint32_t pad;
+    /* unit offset of the chunk this process keeps for its next put of that class (the last
+     * version it replaced, out of every chain), 0 = none. IN FLIGHT and owned by this slot, so
+     * eviction, page moves and repairs leave it alone while the process lives, and its next
+     * put takes it with no class lock (table.c); freed with the class lock when a put of
+     * another class replaces it, at close, or by whoever reclaims a dead slot (repair.c). */
+    uint32_t kept;
     uint64_t stats[ST__COUNT];
     char pad2[64 - (16 + 8 * ST__COUNT) % 64];
 } slot_t;

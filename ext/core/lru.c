@@ -12,9 +12,10 @@
 #include "core.h"
 
 /* Busy candidates (IN FLIGHT, or a stripe another process holds) one walk skips before it
- * gives up; the caller backs off and walks again (shmkv_alloc_locked). At most one chunk per
- * process is IN FLIGHT and each process holds at most one stripe, so meeting this many in
- * a row means the class really is busy at this instant. */
+ * gives up; the caller backs off and walks again (shmkv_alloc_locked). At most two chunks per
+ * process are IN FLIGHT (the one it fills and the one it keeps: slab.c shmkv_take_kept, only
+ * in classes of KEEP_MIN_CHUNKS or more) and each process holds at most one stripe, so meeting
+ * this many in a row means the class really is busy at this instant. */
 #define BUSY_TRIES 64
 
 void shmkv_list_push_head(store_t *st, class_t *c, item_t *it, uint32_t off, int which) {

@@ -79,7 +79,7 @@ void shmkv_repair_class_locked(store_t *st, uint32_t cls) {
                         it->owner <= SHMKV_MAX_SLOTS && shmkv_slot_alive(st, it->owner - 1u));
             if (it->state == IT_UNLINKED && it->owner >= 1 && it->owner <= SHMKV_MAX_SLOTS &&
                 shmkv_slot_alive(st, it->owner - 1u))
-                keep = 1; /* its live owner frees it (pending) */
+                keep = 1; /* its live owner frees it (a delete's: table.c remove_locked) */
             if (keep) {
                 used++;
                 shmkv_list_push_head(st, c, it, off, LS_LRU);
@@ -95,23 +95,31 @@ void shmkv_repair_class_locked(store_t *st, uint32_t cls) {
     }
 }
 
-/* REQUIRES: reg_lock; `slot` belongs to a dead process. Frees the chunk it left in flight
- * (if still its: the chunk's class lock decides). */
-void shmkv_reclaim_slot_inflight_locked(store_t *st, uint32_t slot) {
-    slot_t *s = &st->slots[slot];
-    uint32_t off = s->inflight;
+/* REQUIRES: reg_lock; `slot` belongs to a dead process. Frees `off`, a chunk the slot names
+ * (in flight or kept), if it is still that slot's: the chunk's class lock decides. */
+static void reclaim_named_locked(store_t *st, uint32_t slot, uint32_t off) {
     if (!off) return;
     item_t *it = shmkv_item(st, off);
     uint32_t cls = it->cls;
     if (cls < st->hdr->nclasses && shmkv_class_lock(st, cls) == 0) {
-        if (it->state == IT_INFLIGHT && it->owner == slot + 1 && it->cls == cls) {
+        if (shmkv_chunk_class(st, off) == (int)cls && it->state == IT_INFLIGHT && it->owner == slot + 1 &&
+            it->cls == cls) {
             shmkv_free_locked(st, cls, off);
             st->classes[cls].reclaimed++;
             STAT(st, ST_RECLAIMED);
         }
         shmkv_class_unlock(st, cls);
     }
+}
+
+/* REQUIRES: reg_lock; `slot` belongs to a dead process. Frees the chunks it left in flight
+ * and kept (both may name one chunk: slab.c shmkv_take_kept's crash order). */
+void shmkv_reclaim_slot_inflight_locked(store_t *st, uint32_t slot) {
+    slot_t *s = &st->slots[slot];
+    reclaim_named_locked(st, slot, s->inflight);
+    if (s->kept != s->inflight) reclaim_named_locked(st, slot, s->kept);
     s->inflight = 0;
+    s->kept = 0;
 }
 
 /* After a stripe was taken from a dead owner: the chunks every dead process left in flight.
@@ -121,7 +129,7 @@ int shmkv_reclaim_dead_inflight(store_t *st) {
     if (shmkv_reg_lock(st) < 0) return 0;
     for (uint32_t i = 0; i < SHMKV_MAX_SLOTS; i++) {
         slot_t *s = &st->slots[i];
-        if (s->pid && s->inflight && !shmkv_slot_alive(st, i)) {
+        if (s->pid && (s->inflight || s->kept) && !shmkv_slot_alive(st, i)) {
             shmkv_reclaim_slot_inflight_locked(st, i);
             n++;
         }

@@ -316,31 +316,6 @@ static int make_room_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uin
 int shmkv_alloc_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t *out) {
     class_t *c = &st->classes[cls];
     uint32_t off = 0;
-    if (st->pending && st->pending_cls == cls) {
-        /* This process's last replaced version, of this very class: reuse it -- no free
-         * list, no page counts. The new item goes to the LRU head with its active bit clear,
-         * as a new one would: the chunk's place and bit belonged to the version it held.
-         * Rejected: keeping the place with the bit set (no relink): every overwrite then
-         * planted an "active" item wherever the old version sat, so overwrites alone filled
-         * the tail with second chances. */
-        uint32_t p = st->pending;
-        st->pending = 0;
-        item_t *pit = shmkv_item(st, p);
-        if (shmkv_chunk_class(st, p) == (int)cls && pit->state == IT_UNLINKED &&
-            pit->owner == st->slot + 1 && pit->cls == cls) {
-            pit->state = IT_INFLIGHT;
-            pit->active = 0;
-            pit->hnext = 0;
-            shmkv_me(st)->inflight = p;
-            if (pit->listed != LS_LRU || c->lru_head != p) {
-                if (pit->listed != LS_NONE) shmkv_list_remove(st, c, pit, p);
-                shmkv_list_push_head(st, c, pit, p, LS_LRU);
-            }
-            CRASH_POINT(st, CP_ALLOC_TAKEN);
-            *out = p;
-            return 0; /* a replacement: no new demand on the class, so no alloc counted */
-        }
-    }
     c->allocs++;
     c->recent_allocs++;
     if (!c->free_head && grab_page_locked(st, cls) != 0) {
@@ -394,8 +369,88 @@ void shmkv_free_unlinked(store_t *st, uint32_t cls, uint32_t off) {
     shmkv_class_unlock(st, cls);
 }
 
-void shmkv_free_pending(store_t *st) {
-    uint32_t p = st->pending;
-    st->pending = 0;
-    if (p) shmkv_free_unlinked(st, st->pending_cls, p);
+/* This process's kept chunk (slot.kept: the last version it replaced), for a put of class
+ * `cls`: taken with no class lock -- the chunk is IN FLIGHT and ours, so no other process
+ * touches it (eviction and page moves skip a live owner's IN FLIGHT chunk, repairs keep it)
+ * and its page cannot change class. It keeps its place on the LRU and gets the active bit: an
+ * overwrite counts as a use, so CLOCK gives it a second chance where the old version sat
+ * instead of a relink to the head under the class lock. That lock was the one every
+ * overwrite of one class took (bench/btree_put_scaling.py: two processes overwriting 100 B
+ * values ran at 0.28x one). Bounded CLOCK (lru.c) makes those second chances cost one step
+ * each. Rejected: the relink to the head (the design before): right order, shared lock.
+ * Returns 1 with *out, the chunk now this process's IN FLIGHT one; 0 when there is none of
+ * that class (the kept one stays kept). Crash order: `inflight` names the chunk before
+ * `kept` lets go of it, so a SIGKILL in between leaves it named twice, never zero times
+ * (repair.c frees it once: the state check). */
+int shmkv_take_kept(store_t *st, uint32_t cls, uint32_t *out) {
+    slot_t *me = shmkv_me(st);
+    uint32_t p = me->kept;
+    if (!p) return 0;
+    item_t *it = shmkv_item(st, p);
+    if (it->cls != cls) return 0;
+    if (__atomic_load_n(&it->state, __ATOMIC_ACQUIRE) != IT_INFLIGHT || it->owner != st->slot + 1) {
+        me->kept = 0; /* not ours any more (verify() of a store it thought dead): forget it */
+        return 0;
+    }
+    __atomic_store_n(&me->inflight, p, __ATOMIC_RELEASE);
+    CRASH_POINT(st, CP_KEPT_TAKEN);
+    __atomic_store_n(&me->kept, 0, __ATOMIC_RELEASE);
+    it->active = 1;
+    it->hnext = 0;
+    *out = p;
+    return 1;
+}
+
+/* Frees `off` if it is still IN FLIGHT and this process's (takes its class lock). */
+static void free_mine(store_t *st, uint32_t off) {
+    item_t *it = shmkv_item(st, off);
+    uint32_t cls = it->cls;
+    if (cls >= st->hdr->nclasses || shmkv_class_lock(st, cls) != 0) return;
+    if (shmkv_chunk_class(st, off) == (int)cls && it->state == IT_INFLIGHT && it->owner == st->slot + 1 &&
+        it->cls == cls)
+        shmkv_free_locked(st, cls, off);
+    shmkv_class_unlock(st, cls);
+}
+
+/* A class keeps replaced chunks only when it has this many (a hint: read without its lock):
+ * up to two chunks per live process are then IN FLIGHT, which a small class -- a few pages of
+ * large values -- could not spare (eviction skips them), while its puts are dominated by the
+ * copy anyway. */
+#define KEEP_MIN_CHUNKS 1024u
+
+/* REQUIRES: the stripe that guarded `off`, which a put just unlinked (replaced by its new
+ * version). Keeps it for this process's next put of its class (shmkv_take_kept), or frees it
+ * now in a class too small to keep chunks. A kept chunk of another class is freed first, so
+ * `kept` never loses a chunk it named. Crash order: `kept` names the chunk before its state
+ * says IN FLIGHT, so a SIGKILL in between leaves a LINKED chunk that no chain reaches --
+ * eviction frees that (it unlinks nothing and takes the chunk), as it did for an UNLINKED
+ * leftover. */
+void shmkv_keep_replaced(store_t *st, uint32_t off) {
+    slot_t *me = shmkv_me(st);
+    item_t *o = shmkv_item(st, off);
+    o->owner = (uint16_t)(st->slot + 1);
+    class_t *c = &st->classes[o->cls];
+    if ((uint64_t)c->pages * c->per_page < KEEP_MIN_CHUNKS) {
+        __atomic_store_n(&o->state, IT_UNLINKED, __ATOMIC_RELEASE);
+        shmkv_free_unlinked(st, o->cls, off);
+        return;
+    }
+    uint32_t prev = me->kept;
+    if (prev) {
+        free_mine(st, prev);
+        __atomic_store_n(&me->kept, 0, __ATOMIC_RELEASE);
+    }
+    __atomic_store_n(&me->kept, off, __ATOMIC_RELEASE);
+    CRASH_POINT(st, CP_KEEP_NAMED);
+    __atomic_store_n(&o->state, IT_INFLIGHT, __ATOMIC_RELEASE);
+}
+
+/* At close: the kept chunk goes back to its class. */
+void shmkv_free_kept(store_t *st) {
+    if (st->slot >= SHMKV_MAX_SLOTS) return;
+    slot_t *me = shmkv_me(st);
+    uint32_t p = me->kept;
+    if (!p) return;
+    free_mine(st, p);
+    __atomic_store_n(&me->kept, 0, __ATOMIC_RELEASE);
 }

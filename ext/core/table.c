@@ -7,13 +7,16 @@
  *
  * A put that a SIGKILL may interrupt at any instruction (DESIGN.md "A put that a SIGKILL
  * can interrupt anywhere", with the write done under the stripe rather than lock-free):
- *   1. under the class lock, take a chunk, mark it IN FLIGHT for this process (and record
- *      it in this process's slot), put it at the LRU head;
+ *   1. take the chunk this process kept from its last replacing put in this class (IN
+ *      FLIGHT and its own already: no lock; slab.c shmkv_take_kept), or under the class
+ *      lock a new one, marked IN FLIGHT for this process and put at the LRU head; either way
+ *      recorded in this process's slot;
  *   2. write header, key and value into it: nobody can reach it;
  *   3. mark it LINKED and publish it with ONE aligned 4-byte store into the predecessor's
  *      link (replacing the old version in place in the chain), then mark the old version
  *      UNLINKED;
- *   4. free the old version (lazily: shmkv_alloc_locked frees this process's `pending`).
+ *   4. keep the old version, IN FLIGHT and this process's, for its next put of that class
+ *      (slab.c shmkv_keep_replaced): a stream of same-class overwrites takes no class lock.
  * A crash before 3 leaves an IN FLIGHT chunk whose owner is dead (reclaimed when its stripe
  * or class is repaired, or by verify); after 3 the new value is in place. Either way the
  * chain is whole and holds the old or the new value, never neither.
@@ -219,11 +222,14 @@ static int put_locked_ex(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int 
                          const char *k, size_t klen, const char *v, size_t vlen,
                          uint64_t expire_ms, int *released) {
     uint32_t x, *link;
-    int rc = shmkv_class_lock(st, (uint32_t)cls);
-    if (rc < 0) return rc;
-    rc = shmkv_alloc_locked(st, (uint32_t)cls, s, &x);
-    if (rc != SHMKV_ELOCK) shmkv_class_unlock(st, (uint32_t)cls); /* ELOCK: not held */
-    if (rc < 0) return rc;
+    int rc = 0;
+    if (!shmkv_take_kept(st, (uint32_t)cls, &x)) {
+        rc = shmkv_class_lock(st, (uint32_t)cls);
+        if (rc < 0) return rc;
+        rc = shmkv_alloc_locked(st, (uint32_t)cls, s, &x);
+        if (rc != SHMKV_ELOCK) shmkv_class_unlock(st, (uint32_t)cls); /* ELOCK: not held */
+        if (rc < 0) return rc;
+    }
 
     CRASH_POINT(st, CP_PUT_INFLIGHT);
     item_t *it = shmkv_item(st, x);
@@ -298,13 +304,7 @@ static int put_locked_ex(store_t *st, uint32_t s, uint32_t b, uint32_t h32, int 
     CRASH_POINT(st, CP_PUT_PUBLISHED);
     shmkv_me(st)->inflight = 0;
     if (old) {
-        item_t *o = shmkv_item(st, old);
-        o->owner = (uint16_t)(st->slot + 1);
-        __atomic_store_n(&o->state, IT_UNLINKED, __ATOMIC_RELEASE);
-        uint32_t prev = st->pending, prev_cls = st->pending_cls;
-        st->pending = old;
-        st->pending_cls = o->cls;
-        if (prev) shmkv_free_unlinked(st, prev_cls, prev);
+        shmkv_keep_replaced(st, old);
     } else {
         __atomic_add_fetch(&st->hdr->nitems, 1, __ATOMIC_RELAXED);
     }

@@ -22,7 +22,7 @@
  *     only by atomic adds next to each link and unlink, so it drifts only by one per writer
  *     killed between the two (README: len()).
  *   - IN FLIGHT and UNLINKED chunks are orphans only when their owner is dead (its fcntl
- *     liveness lock is gone): a live owner's are work in progress, or its pending chunk.
+ *     liveness lock is gone): a live owner's are work in progress, or the chunk it keeps (slot.kept).
  * Anything else wrong is reported, then repaired (a broken class list or a MOVING page by
  * repair.c's rebuilds, a bad chain link or count here); orphans are reclaimed silently (stats
  * "reclaimed").

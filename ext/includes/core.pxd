@@ -111,7 +111,6 @@ cdef extern from "core/core.h":
         uint32_t slot
         int lockfd
         int last_errno
-        uint32_t pending
         int crash_at
         int crash_sig
 
@@ -135,7 +134,7 @@ cdef extern from "core/core.h":
     void shmkv_unregister(store_t *st)
     int shmkv_slot_alive(store_t *st, uint32_t slot)
     uint64_t shmkv_now_ms()
-    void shmkv_free_pending(store_t *st)
+    void shmkv_free_kept(store_t *st)
 
     PyObject *shmkv_get(store_t *st, const char *k, size_t klen, int *err)
     PyObject *shmkv_get_hashed(store_t *st, const char *k, size_t klen, uint64_t hv, int *err)
