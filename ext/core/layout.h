@@ -69,7 +69,8 @@
 #define SHMKV_LAYOUT_VERSION 7u /* 2: the disk tier in the header; 3: 24 stat counters (lock waits); 4: engine + B+tree;
                                   * 5: B+tree node pages taken from the slab (SHMKV_PAGE_NODES, tree_pages);
                                   * 6: B+tree leaf latches (tree_latch), leaf versions, tree_dirty;
-                                  * 7: slot.kept (a process's kept chunk, IN FLIGHT, instead of UNLINKED) */
+                                  * 7: slot.kept (a process's kept chunk, IN FLIGHT, instead of UNLINKED);
+                                  *    shlock_t.seq (stripes: lock-free gets) */
 #define SHMKV_UNIT 8u
 #define SHMKV_HEADER_SIZE 4096u
 #define SHMKV_MAX_SLOTS 256u
@@ -117,11 +118,16 @@ typedef struct {
 #define ITEM_KEY(it) ((char *)(it) + SHMKV_ITEM_HDR)
 #define ITEM_VAL(it) (ITEM_KEY(it) + (it)->klen)
 
-/* A robust, process-shared mutex alone on its cache line (no false sharing). */
+/* A robust, process-shared mutex alone on its cache line (no false sharing). `seq` is used
+ * by the stripes only: odd while a holder may be changing the stripe's chains, bumped on
+ * every take and release, so a get can read without the lock and check afterwards that no
+ * holder came in between (table.c: a seqlock; 0 in every other lock). */
 typedef struct {
     pthread_mutex_t m;
-    char pad[64 - sizeof(pthread_mutex_t) % 64];
+    uint32_t seq;
+    char pad[64 - (sizeof(pthread_mutex_t) + 4) % 64];
 } shlock_t;
+_Static_assert(sizeof(shlock_t) == 64, "a lock fills one cache line");
 
 /* Kinds of lock, for the wait statistics. DO NOT CHANGE: they index stored counters. */
 enum { LK_STRIPE = 0, LK_CLASS = 1, LK_PAGE = 2, LK_REGISTRY = 3, LK__COUNT = 4 };

@@ -1,9 +1,10 @@
 /* table.c -- the hash index: chains of items per bucket, guarded by lock stripes, and the
  * operations built on it (get, put, add, incr, delete, clear, scan).
  *
- * Bucket b is guarded by stripe b & stripe_mask. Every read and write of a chain, and every
- * read of an item's key and value, happens under that stripe; so a get can never see a torn
- * or mixed value.
+ * Bucket b is guarded by stripe b & stripe_mask. Every write of a chain, and every read of
+ * one that may lead to a write, happens under that stripe. A plain get reads without it and
+ * checks the stripe's sequence afterwards (a seqlock: get_unlocked), falling back to the lock
+ * when a holder came in between; so a get can never return a torn or mixed value either way.
  *
  * A put that a SIGKILL may interrupt at any instruction (DESIGN.md "A put that a SIGKILL
  * can interrupt anywhere", with the write done under the stripe rather than lock-free):
@@ -35,8 +36,25 @@
 static inline uint32_t bucket_of(store_t *st, uint64_t h) { return (uint32_t)h & st->bucket_mask; }
 uint32_t shmkv_stripe_of(store_t *st, uint64_t h) { return bucket_of(st, h) & st->stripe_mask; }
 
+/* The stripe's sequence (layout.h shlock_t.seq), for gets that read without the lock
+ * (get_unlocked below). A holder makes it odd before it may change a chain and even again
+ * as it lets go, so a reader that saw the same even value before and after its reads saw
+ * no change. A holder killed inside leaves it odd; the next taker (who repairs) moves it on
+ * by 2, so it stays odd -- and different -- until that taker lets go. */
+static inline void seq_enter(store_t *st, uint32_t s) {
+    uint32_t *q = &st->stripes[s].seq, v = __atomic_load_n(q, __ATOMIC_RELAXED);
+    __atomic_store_n(q, v + ((v & 1u) ? 2u : 1u), __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* odd before any change to the chains */
+}
+
+static inline void seq_leave(store_t *st, uint32_t s) {
+    uint32_t *q = &st->stripes[s].seq;
+    __atomic_store_n(q, __atomic_load_n(q, __ATOMIC_RELAXED) + 1u, __ATOMIC_RELEASE);
+}
+
 int shmkv_stripe_lock(store_t *st, uint32_t s) {
     int rc = shmkv_lock(st, &st->stripes[s].m, LK_STRIPE);
+    if (rc >= 0 && rc <= 1) seq_enter(st, s);
     if (rc == 1) {
         shmkv_repair_stripe_locked(st, s);
         shmkv_lock_consistent(&st->stripes[s].m);
@@ -47,7 +65,10 @@ int shmkv_stripe_lock(store_t *st, uint32_t s) {
     return rc;
 }
 
-void shmkv_stripe_unlock(store_t *st, uint32_t s) { shmkv_unlock(&st->stripes[s].m); }
+void shmkv_stripe_unlock(store_t *st, uint32_t s) {
+    seq_leave(st, s);
+    shmkv_unlock(&st->stripes[s].m);
+}
 
 /* REQUIRES: stripe of bucket b. Returns the item's offset (0 if absent) and, in *pp, the
  * link that points at it (or the chain's last link when absent). */
@@ -92,11 +113,11 @@ int shmkv_unlink_victim(store_t *st, item_t *it, uint32_t off, uint32_t held_str
     uint32_t s = shmkv_stripe_of(st, shmkv_hash(ITEM_KEY(it), it->klen, st->hdr->seed));
     if (s != held_stripe) {
         int rc = shmkv_trylock(&st->stripes[s].m);
+        if (rc != 0 && rc != 1) return -1;
+        seq_enter(st, s);
         if (rc == 1) {
             shmkv_repair_stripe_locked(st, s);
             shmkv_lock_consistent(&st->stripes[s].m);
-        } else if (rc != 0) {
-            return -1;
         }
     }
     if (__atomic_load_n(&it->state, __ATOMIC_ACQUIRE) == IT_LINKED) {
@@ -112,7 +133,7 @@ int shmkv_unlink_victim(store_t *st, item_t *it, uint32_t off, uint32_t held_str
         }
     }
     CRASH_POINT(st, CP_EVICT_UNLINK);
-    if (s != held_stripe) shmkv_unlock(&st->stripes[s].m);
+    if (s != held_stripe) shmkv_stripe_unlock(st, s);
     return 0;
 }
 
@@ -164,10 +185,76 @@ PyObject *shmkv_get(store_t *st, const char *k, size_t klen, int *err) {
     return shmkv_get_hashed(st, k, klen, shmkv_hash(k, klen, st->hdr->seed), err);
 }
 
+/* Optimistic tries of a get before it takes the stripe: a try fails only when a writer of
+ * the same stripe came in between, which the next try usually misses */
+#define GET_TRIES 3
+
+/* A get without the stripe lock: a seqlock read (the stripe's seq, seq_enter above). Reads
+ * the chain and copies the value with no lock and no store to shared memory, then checks
+ * that the stripe's seq is the even value it was before: no holder changed a chain of the
+ * stripe meanwhile, and every chunk the reader went through was then still chained, whole,
+ * and not reused (a chunk is rewritten only after the unlink that bumped seq). Until that
+ * check what it read may be anything, so every offset and length is bounded by the mapping
+ * before it is followed, and the walk re-checks seq every 32 steps (a chain seen mid-change
+ * can loop; a stable one cannot). Returns 1 with *res (the value, or NULL for a miss) when the
+ * read was consistent; 0 to take the lock: the seq was odd (a holder is in, or died inside:
+ * the locked path repairs), changed GET_TRIES times, or the item needs a store the locked
+ * path makes (expired: remove it; active bit clear: set it -- a store into a chunk that may
+ * be reused once the check is past would be a store into someone else's item).
+ * Why: a get's lock and unlock are two atomic writes to a line that the other cores' gets
+ * and puts of that stripe write too; under two processes that line moved between the cores
+ * on about every get (bench/btree_bench.py's 2-process gets: ~1.4x one). */
+static int get_unlocked(store_t *st, uint32_t b, uint32_t s, const char *k, size_t klen, uint32_t h32,
+                        PyObject **res) {
+    const uint32_t *q = &st->stripes[s].seq;
+    const uint64_t lo = st->hdr->off_pages, hi = st->size;
+    for (int t = 0; t < GET_TRIES; t++) {
+        uint32_t v = __atomic_load_n(q, __ATOMIC_ACQUIRE);
+        if (v & 1u) return 0;
+        uint32_t off = __atomic_load_n(&st->buckets[b], __ATOMIC_ACQUIRE);
+        item_t *it = NULL;
+        int torn = 0;
+        for (uint32_t step = 1; off; step++) {
+            uint64_t byte = (uint64_t)off * SHMKV_UNIT;
+            if (byte < lo || byte + SHMKV_ITEM_HDR + klen > hi) { torn = 1; break; }
+            item_t *x = shmkv_item(st, off);
+            if (x->hash32 == h32 && x->klen == klen && memcmp(ITEM_KEY(x), k, klen) == 0) { it = x; break; }
+            off = __atomic_load_n(&x->hnext, __ATOMIC_RELAXED);
+            if ((step & 31u) == 0 && __atomic_load_n(q, __ATOMIC_ACQUIRE) != v) { torn = 1; break; }
+        }
+        if (torn) continue;
+        PyObject *r = NULL;
+        if (it) {
+            uint32_t vlen = it->vlen;
+            if (!it->active || (it->expire_ms && it->expire_ms <= shmkv_now_ms())) return 0;
+            if (vlen > st->hdr->max_item || (uint64_t)off * SHMKV_UNIT + SHMKV_ITEM_HDR + klen + vlen > hi)
+                continue; /* torn: a consistent item never is */
+            r = PyBytes_FromStringAndSize(ITEM_VAL(it), vlen);
+            if (!r) return 0; /* out of memory: the locked path reports it */
+        }
+        __atomic_thread_fence(__ATOMIC_ACQUIRE); /* every read above before the check */
+        if (__atomic_load_n(q, __ATOMIC_RELAXED) == v) {
+            *res = r;
+            return 1;
+        }
+        Py_XDECREF(r);
+    }
+    return 0;
+}
+
 PyObject *shmkv_get_hashed(store_t *st, const char *k, size_t klen, uint64_t hv, int *err) {
     uint32_t b = bucket_of(st, hv), s = b & st->stripe_mask;
     uint32_t *link;
     PyObject *res = NULL;
+    if (get_unlocked(st, b, s, k, klen, (uint32_t)(hv >> 32), &res)) {
+        STAT(st, ST_GETS);
+        if (res) STAT(st, ST_HITS);
+        else {
+            STAT(st, ST_MISSES);
+            *err = SHMKV_ENOTFOUND;
+        }
+        return res;
+    }
     int rc = shmkv_stripe_lock(st, s);
     if (rc < 0) {
         *err = rc;
