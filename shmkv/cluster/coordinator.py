@@ -445,6 +445,7 @@ class Node:
                 lambda: tally.state != PENDING,
                 after,
             )
+            after = None  # type: ignore[assignment]  # the fan-out's now (no cycle: see write)
             fan.start(others, lambda _node: msg, timeout)
             if tally.state == PENDING:
                 await fan.waiter
@@ -568,35 +569,41 @@ class Node:
             self._spawn(self._replicate_late([p for p in up if p != self.config.name], msg, timeout))
             return new
 
-        def make(node: str) -> Message:
-            owner = hint_for.get(node)
-            if owner is None:
-                return msg
-            return Message(wire.HINT_PUT, 0, {**fields, "owner": owner})
+        # Under Cython every local of this coroutine lives in one scope object, which the inner
+        # functions below refer to: a local naming one of them is a cycle. They are let go of
+        # when the request ends (the fan-out drops its own references: _FanOut._outcome).
+        try:
+            def make(node: str) -> Message:
+                owner = hint_for.get(node)
+                if owner is None:
+                    return msg
+                return Message(wire.HINT_PUT, 0, {**fields, "owner": owner})
 
-        send_to: Callable[[str], asyncio.Future[Message]] | None = None
-        if self.batch_puts and value is not None and len(value) <= BATCH_VALUE_MAX:
-            batches, wire_new, epoch = self._put_batches, fields["versions"], fields["epoch"]
+            send_to: Callable[[str], asyncio.Future[Message]] | None = None
+            if self.batch_puts and value is not None and len(value) <= BATCH_VALUE_MAX:
+                batches, wire_new, epoch = self._put_batches, fields["versions"], fields["epoch"]
 
-            def batched(node: str) -> asyncio.Future[Message]:
-                if node in hint_for:  # a hint is its own request (HINT_PUT)
-                    return self.transport.send(self._ring().members[node].addr, make(node), timeout)
-                return batches.add(node, key, wire_new, epoch, timeout)
+                def batched(node: str) -> asyncio.Future[Message]:
+                    if node in hint_for:  # a hint is its own request (HINT_PUT)
+                        return self.transport.send(self._ring().members[node].addr, make(node), timeout)
+                    return batches.add(node, key, wire_new, epoch, timeout)
 
-            send_to = batched
+                send_to = batched
 
-        def on_fail(node: str, reason: str, *, maybe_reached: bool = False) -> None:
-            # before or after the answer: a primary (or fallback) that fails leaves a hint here
-            tally.fail(node, reason, maybe_reached=maybe_reached)
-            self._keep_hints([hint_for.get(node, node)], key, new)
+            def on_fail(node: str, reason: str, *, maybe_reached: bool = False) -> None:
+                # before or after the answer: a primary (or fallback) that fails leaves a hint here
+                tally.fail(node, reason, maybe_reached=maybe_reached)
+                self._keep_hints([hint_for.get(node, node)], key, new)
 
-        fan = _FanOut(self, lambda node, _reply: tally.ack(node), on_fail, lambda: tally.state != PENDING)
-        fan.start(others, make, timeout, send_to)
-        if tally.state == PENDING:  # W=1: answered now, the rest of the fan-out goes on
-            await fan.waiter
-        if tally.state != OK:
-            raise _err(tally)
-        return new
+            fan = _FanOut(self, lambda node, _reply: tally.ack(node), on_fail, lambda: tally.state != PENDING)
+            fan.start(others, make, timeout, send_to)
+            if tally.state == PENDING:  # W=1: answered now, the rest of the fan-out goes on
+                await fan.waiter
+            if tally.state != OK:
+                raise _err(tally)
+            return new
+        finally:
+            make = batched = on_fail = send_to = None  # type: ignore[assignment]
 
     # -- moving keys (a ring change whose copies are not all pushed yet: Node.moving) -------
 
@@ -803,6 +810,7 @@ class Node:
             fan.start(others, lambda _node: msg, timeout)
             if tally.state == PENDING:
                 await fan.waiter
+        on_reply = None  # type: ignore[assignment]  # no cycle through this scope (see write)
         if tally.state != OK:
             raise _err(tally)
         self.replica.merge_counter(key, merged)
@@ -891,34 +899,37 @@ class Node:
             if answered:
                 self._repair_many(keys, tallies, timeout)
 
-        if per_node:
-            fan = _FanOut(
-                self, on_reply, on_fail, lambda: all(t.state != PENDING for t in tallies), after
-            )
-            fan.start(
-                list(per_node),
-                lambda node: Message(
-                    wire.REPLICA_GET_MANY, 0, {"keys": [keys[i] for i in per_node[node]], "epoch": epoch}
-                ),
-                timeout,
-            )
-            if not fan.decided():
-                await fan.waiter
-        out = []
-        for key, t in zip(keys, tallies, strict=False):
-            if t.state != OK:
-                raise _err(t, key)
-            res = t.result()
-            assert res is not None
-            out.append(res)
-        if self.config.strict:  # as read(): the keys whose answers disagreed are written back first
-            disagreed = [(k, t, res) for k, t, res in zip(keys, tallies, out, strict=True) if t.stale()]
-            if disagreed:
-                await self._write_back(disagreed, timeout)
-        answered = True
-        if per_node and fan.left == 0:
-            after()
-        return out
+        try:  # no cycle through this scope once the request ends (see write)
+            if per_node:
+                fan = _FanOut(
+                    self, on_reply, on_fail, lambda: all(t.state != PENDING for t in tallies), after
+                )
+                fan.start(
+                    list(per_node),
+                    lambda node: Message(
+                        wire.REPLICA_GET_MANY, 0, {"keys": [keys[i] for i in per_node[node]], "epoch": epoch}
+                    ),
+                    timeout,
+                )
+                if not fan.decided():
+                    await fan.waiter
+            out = []
+            for key, t in zip(keys, tallies, strict=False):
+                if t.state != OK:
+                    raise _err(t, key)
+                res = t.result()
+                assert res is not None
+                out.append(res)
+            if self.config.strict:  # as read(): the keys whose answers disagreed are written back first
+                disagreed = [(k, t, res) for k, t, res in zip(keys, tallies, out, strict=True) if t.stale()]
+                if disagreed:
+                    await self._write_back(disagreed, timeout)
+            answered = True
+            if per_node and fan.left == 0:
+                after()
+            return out
+        finally:
+            on_reply = on_fail = after = None  # type: ignore[assignment]
 
     async def write_many(
         self,
@@ -956,25 +967,28 @@ class Node:
             for i in owners[node]:
                 tallies[i].fail(node, reason, maybe_reached=maybe_reached)
 
-        if per_node:
-            fan = _FanOut(self, on_reply, on_fail, lambda: all(t.state != PENDING for t in tallies))
-            fan.start(
-                list(per_node),
-                lambda node: Message(wire.REPLICA_PUT_MANY, 0, {"items": per_node[node], "epoch": epoch}),
-                timeout,
-            )
-            if not fan.decided():
-                await fan.waiter
-        short = [(k, t) for k, t in zip(keys, tallies, strict=False) if t.state != OK]
-        if short:
-            key, t = short[0]
-            err = _err(t, key)
-            raise type(err)(
-                f"{len(short)} of {len(keys)} keys missed the write quorum; first: {err}",
-                needed=err.needed,
-                answered=err.answered,
-                n=err.n,
-            )
+        try:  # no cycle through this scope once the request ends (see write)
+            if per_node:
+                fan = _FanOut(self, on_reply, on_fail, lambda: all(t.state != PENDING for t in tallies))
+                fan.start(
+                    list(per_node),
+                    lambda node: Message(wire.REPLICA_PUT_MANY, 0, {"items": per_node[node], "epoch": epoch}),
+                    timeout,
+                )
+                if not fan.decided():
+                    await fan.waiter
+            short = [(k, t) for k, t in zip(keys, tallies, strict=False) if t.state != OK]
+            if short:
+                key, t = short[0]
+                err = _err(t, key)
+                raise type(err)(
+                    f"{len(short)} of {len(keys)} keys missed the write quorum; first: {err}",
+                    needed=err.needed,
+                    answered=err.answered,
+                    n=err.n,
+                )
+        finally:
+            on_reply = on_fail = None  # type: ignore[assignment]
 
     # -- read repair -----------------------------------------------------------------------
 
@@ -1440,6 +1454,14 @@ def _spread(futs: list[asyncio.Future[Message]], out: asyncio.Future[Message]) -
             f.set_result(out.result())
 
 
+def _ignore(*_args: Any, **_kw: Any) -> None:
+    """A finished fan-out's callbacks (_FanOut._outcome): nothing more to feed."""
+
+
+def _settled() -> bool:
+    return True
+
+
 class _FanOut:
     """The replica requests of one client request, and their outcomes fed to its tally.
 
@@ -1543,9 +1565,15 @@ class _FanOut:
                 owner._fanouts.discard(self)
                 if self._ended is not None and not self._ended.done():
                     self._ended.set_result(None)
-                if self.after is not None:
+                after, self.after = self.after, None
+                # the callbacks close over their request's locals, which hold this fan-out:
+                # let go of them, so the request is freed by reference counting (no cycle
+                # for the GC to find: tests/cluster/test_no_cycles.py)
+                self.on_reply = self.on_fail = _ignore
+                self.decided = _settled
+                if after is not None:
                     try:
-                        self.after()
+                        after()
                     except Exception:  # noqa: BLE001 -- background work: logged, never raised
                         log.exception("%s: background work after a fan-out failed", owner.config.name)
 
