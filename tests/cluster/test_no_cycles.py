@@ -6,7 +6,7 @@ async function keeps every local in one scope object, and an inner function or l
 in it refers to that scope: a local holding the inner function (or a fan-out holding the
 lambda) closes a cycle. Each SET once left ~28 such objects (scope, tally, version set, message,
 fan-out, future, lambdas); with 50 clients the coordinator's young collections then ran every
-~90 requests, each a ~3.4 ms pause for every request in flight (the 3-node p99: README
+~450 requests, each a ~3.4 ms pause for every request in flight (the 3-node p99: README
 "where the daemon's time goes"). Checked here through the same Node code as the daemon's,
 batched replica puts on, on the simulated network.
 """
