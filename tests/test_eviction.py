@@ -283,3 +283,39 @@ def test_four_processes_evicting_at_once_never_get_store_full(name, load):
         if reads:
             assert hits / reads >= 0.95, f"hot-set hit ratio {hits / reads:.3f}"
         assert kv.verify() == []
+
+
+def _keep_a_chunk_and_idle(name, ready, done):
+    kv = shmkv.attach(name)
+    for i in range(3):  # the second and third puts replace: this process keeps a chunk
+        kv.put("idler", b"%d" % i * 100)
+    ready.set()
+    done.wait(60)  # alive and idle: its kept chunk stays named by its slot
+    kv.close()
+
+
+def test_an_idle_process_kept_chunk_is_taken_back_by_eviction(name):
+    # A process keeps the chunk of the version it last replaced (ext/core/slab.c
+    # shmkv_take_kept); one that then goes idle must not pin it: eviction takes it back like
+    # any leftover of a replaced item (shmkv_steal_kept_locked), so every chunk in use is a
+    # reachable item again once the LRU has turned over.
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    with shmkv.attach(name, size="4MiB") as kv:
+        capacity = fill_until_evicting(kv, "probe", 100)
+        kv.clear()
+        ready, done = ctx.Event(), ctx.Event()
+        p = ctx.Process(target=_keep_a_chunk_and_idle, args=(name, ready, done))
+        p.start()
+        try:
+            assert ready.wait(30)
+            for i in range(3 * capacity):
+                kv.put(f"churn{i}", b"v" * 100)
+            used = sum(c["used"] for c in kv.stats()["classes"])
+            assert used == len(list(kv.keys())), "a live process's kept chunk stayed pinned"
+        finally:
+            done.set()
+            p.join(30)
+        assert p.exitcode == 0
+        assert kv.verify() == []

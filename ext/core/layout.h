@@ -158,10 +158,11 @@ typedef struct {
     uint32_t gen;
     uint32_t inflight; /* unit offset of the chunk this process has IN FLIGHT, 0 = none */
     /* unit offset of the chunk this process keeps for its next put of that class (the last
-     * version it replaced, out of every chain), 0 = none. IN FLIGHT and owned by this slot, so
-     * eviction, page moves and repairs leave it alone while the process lives, and its next
-     * put takes it with no class lock (table.c); freed with the class lock when a put of
-     * another class replaces it, at close, or by whoever reclaims a dead slot (repair.c). */
+     * version it replaced, out of every chain), 0 = none. IN FLIGHT and owned by this slot:
+     * its next put takes it with no class lock (table.c), by swapping this field to 0; an
+     * eviction or page move that meets the chunk takes it back by the same swap (slab.c
+     * shmkv_steal_kept_locked), so an idle process pins nothing. Freed with the class lock
+     * when a put of another class replaces it, at close, or by whoever reclaims a dead slot. */
     uint32_t kept;
     uint64_t stats[ST__COUNT];
     char pad2[64 - (16 + 8 * ST__COUNT) % 64];

@@ -76,7 +76,7 @@ int shmkv_evict_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t
         uint32_t off = c->lru_tail;
         item_t *it = shmkv_item(st, off);
         uint8_t state = __atomic_load_n(&it->state, __ATOMIC_ACQUIRE);
-        if (state == IT_INFLIGHT) { /* a writer is filling it */
+        if (state == IT_INFLIGHT && !shmkv_steal_kept_locked(st, it, off)) { /* a writer is filling it */
             rotate(st, c, it, off);
             if (++busy >= BUSY_TRIES) return SHMKV_EBUSY;
             continue;
@@ -100,7 +100,8 @@ int shmkv_evict_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t
                 STAT(st, ST_EVICTIONS);
             }
         }
-        /* UNLINKED (a replaced item nobody freed yet) or LINKED and now unlinked */
+        /* UNLINKED (a replaced item nobody freed yet), a kept chunk taken back, or LINKED and
+         * now unlinked */
         shmkv_list_remove(st, c, it, off);
         it->state = IT_FREE;
         it->owner = 0;

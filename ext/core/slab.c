@@ -135,7 +135,10 @@ static int evacuate_page_locked(store_t *st, uint32_t d, uint32_t p, uint32_t he
         uint32_t off = shmkv_off(st, it);
         uint8_t state = __atomic_load_n(&it->state, __ATOMIC_ACQUIRE);
         if (state == IT_INFLIGHT) {
-            if (shmkv_slot_alive(st, (uint32_t)it->owner - 1)) { ok = 0; break; }
+            if (shmkv_slot_alive(st, (uint32_t)it->owner - 1) && !shmkv_steal_kept_locked(st, it, off)) {
+                ok = 0;
+                break;
+            }
         } else if (state == IT_LINKED) {
             if (shmkv_unlink_victim(st, it, off, held_stripe) != 0) { ok = 0; break; }
             c->evictions++;
@@ -371,8 +374,9 @@ void shmkv_free_unlinked(store_t *st, uint32_t cls, uint32_t off) {
 
 /* This process's kept chunk (slot.kept: the last version it replaced), for a put of class
  * `cls`: taken with no class lock -- the chunk is IN FLIGHT and ours, so no other process
- * touches it (eviction and page moves skip a live owner's IN FLIGHT chunk, repairs keep it)
- * and its page cannot change class. It keeps its place on the LRU and gets the active bit: an
+ * writes it, repairs keep it, and its page cannot change class; the one thing another process
+ * may do is take it back (eviction, a page move: shmkv_steal_kept_locked), which the swap of
+ * `kept` to 0 below decides. It keeps its place on the LRU and gets the active bit: an
  * overwrite counts as a use, so CLOCK gives it a second chance where the old version sat
  * instead of a relink to the head under the class lock. That lock was the one every
  * overwrite of one class took (bench/btree_put_scaling.py: two processes overwriting 100 B
@@ -384,21 +388,40 @@ void shmkv_free_unlinked(store_t *st, uint32_t cls, uint32_t off) {
  * (repair.c frees it once: the state check). */
 int shmkv_take_kept(store_t *st, uint32_t cls, uint32_t *out) {
     slot_t *me = shmkv_me(st);
-    uint32_t p = me->kept;
+    uint32_t p = __atomic_load_n(&me->kept, __ATOMIC_ACQUIRE);
     if (!p) return 0;
     item_t *it = shmkv_item(st, p);
-    if (it->cls != cls) return 0;
-    if (__atomic_load_n(&it->state, __ATOMIC_ACQUIRE) != IT_INFLIGHT || it->owner != st->slot + 1) {
-        me->kept = 0; /* not ours any more (verify() of a store it thought dead): forget it */
-        return 0;
-    }
+    if (it->cls != cls) return 0; /* (a chunk just stolen may read anything: the swap decides) */
     __atomic_store_n(&me->inflight, p, __ATOMIC_RELEASE);
     CRASH_POINT(st, CP_KEPT_TAKEN);
-    __atomic_store_n(&me->kept, 0, __ATOMIC_RELEASE);
+    /* Eviction and page moves may take it back meanwhile (shmkv_steal_kept_locked): whoever
+     * swaps `kept` from p to 0 has it; this process writes into it only after winning */
+    uint32_t expect = p;
+    if (!__atomic_compare_exchange_n(&me->kept, &expect, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        __atomic_store_n(&me->inflight, 0, __ATOMIC_RELEASE);
+        return 0;
+    }
+    if (__atomic_load_n(&it->state, __ATOMIC_ACQUIRE) != IT_INFLIGHT || it->owner != st->slot + 1 || it->cls != cls) {
+        __atomic_store_n(&me->inflight, 0, __ATOMIC_RELEASE); /* not ours (a verify() that thought us dead) */
+        return 0;
+    }
     it->active = 1;
     it->hnext = 0;
     *out = p;
     return 1;
+}
+
+/* REQUIRES: the class lock of the chunk at `off`, IN FLIGHT for a live process. Takes it back
+ * from that process when it is the chunk the process keeps (slot.kept names it): 1 when this
+ * call took it -- it is reachable from no chain, so the caller frees or reuses it as it would
+ * an UNLINKED leftover; 0 when it is a chunk being written (busy). Why: a process that kept a
+ * chunk and then went idle would pin it, and with it its page, for as long as it lives. */
+int shmkv_steal_kept_locked(store_t *st, item_t *it, uint32_t off) {
+    uint16_t o = it->owner;
+    if (o < 1 || o > SHMKV_MAX_SLOTS) return 0;
+    uint32_t expect = off;
+    return __atomic_compare_exchange_n(&st->slots[o - 1u].kept, &expect, 0, 0, __ATOMIC_ACQ_REL,
+                                       __ATOMIC_ACQUIRE);
 }
 
 /* Frees `off` if it is still IN FLIGHT and this process's (takes its class lock). */
