@@ -126,17 +126,23 @@ def _reader(name, nkeys, ops, seed, q):
     kv.close()
 
 
+def _run_writers_and_readers(writers, readers, q, result_timeout, join_timeout):
+    """Starts them all; each reader's result from `q`; every process must exit 0."""
+    for p in writers + readers:
+        p.start()
+    results = [q.get(timeout=result_timeout) for _ in readers]
+    for p in writers + readers:
+        p.join(join_timeout)
+        assert p.exitcode == 0
+    return results
+
+
 def test_concurrent_writers_on_overlapping_keys_never_tear_a_value(name):
     shmkv.attach(name, size="16MiB").close()
     q = CTX.Queue()
     writers = [CTX.Process(target=_writer, args=(name, w, 200, 6000, w)) for w in range(3)]
     readers = [CTX.Process(target=_reader, args=(name, 200, 10000, 100 + r, q)) for r in range(2)]
-    for p in writers + readers:
-        p.start()
-    results = [q.get(timeout=120) for _ in readers]
-    for p in writers + readers:
-        p.join(60)
-        assert p.exitcode == 0
+    results = _run_writers_and_readers(writers, readers, q, 120, 60)
     assert all(status == "ok" for status, _ in results), results
     assert sum(n for _, n in results) > 0
     with shmkv.attach(name) as kv:
@@ -239,12 +245,7 @@ def test_gets_without_the_lock_never_see_a_chunk_being_rewritten(name):
     q = CTX.Queue()
     ps = [CTX.Process(target=_reusing_writer, args=(name, w, 2.0)) for w in range(2)]
     readers = [CTX.Process(target=_lockfree_reader, args=(name, 2.0, q)) for _ in range(2)]
-    for p in ps + readers:
-        p.start()
-    results = [q.get(timeout=30) for _ in readers]
-    for p in ps + readers:
-        p.join(30)
-        assert p.exitcode == 0
+    results = _run_writers_and_readers(ps, readers, q, 30, 30)
     assert all(status == "ok" for status, _ in results), results
     with shmkv.attach(name) as kv:
         assert kv.verify() == []

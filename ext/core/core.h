@@ -100,6 +100,7 @@ int shmkv_alloc_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t
 void shmkv_free_locked(store_t *st, uint32_t cls, uint32_t off);
 void shmkv_free_kept(store_t *st);
 void shmkv_free_unlinked(store_t *st, uint32_t cls, uint32_t off);
+int shmkv_free_inflight_of(store_t *st, uint32_t slot, uint32_t off);
 int shmkv_take_kept(store_t *st, uint32_t cls, uint32_t *out);
 int shmkv_steal_kept_locked(store_t *st, item_t *it, uint32_t off); /* REQUIRES: the chunk's class lock */
 void shmkv_keep_replaced(store_t *st, uint32_t off);

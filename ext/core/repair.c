@@ -96,19 +96,11 @@ void shmkv_repair_class_locked(store_t *st, uint32_t cls) {
 }
 
 /* REQUIRES: reg_lock; `slot` belongs to a dead process. Frees `off`, a chunk the slot names
- * (in flight or kept), if it is still that slot's: the chunk's class lock decides. */
+ * (in flight or kept), if it is still that slot's, and counts it reclaimed. */
 static void reclaim_named_locked(store_t *st, uint32_t slot, uint32_t off) {
-    if (!off) return;
-    item_t *it = shmkv_item(st, off);
-    uint32_t cls = it->cls;
-    if (cls < st->hdr->nclasses && shmkv_class_lock(st, cls) == 0) {
-        if (shmkv_chunk_class(st, off) == (int)cls && it->state == IT_INFLIGHT && it->owner == slot + 1 &&
-            it->cls == cls) {
-            shmkv_free_locked(st, cls, off);
-            st->classes[cls].reclaimed++;
-            STAT(st, ST_RECLAIMED);
-        }
-        shmkv_class_unlock(st, cls);
+    if (off && shmkv_free_inflight_of(st, slot, off)) {
+        st->classes[shmkv_item(st, off)->cls].reclaimed++;
+        STAT(st, ST_RECLAIMED);
     }
 }
 

@@ -355,7 +355,7 @@ void shmkv_unregister(store_t *st) {
         slot_t *s = &st->slots[st->slot];
         fold_stats(st, s);
         s->inflight = 0;
-    s->kept = 0;
+        s->kept = 0;
         s->pid = 0;
         byte_lock(st->lockfd, st->slot, F_SETLK, F_UNLCK);
         shmkv_unlock(&st->hdr->reg_lock.m);

@@ -424,15 +424,20 @@ int shmkv_steal_kept_locked(store_t *st, item_t *it, uint32_t off) {
                                        __ATOMIC_ACQUIRE);
 }
 
-/* Frees `off` if it is still IN FLIGHT and this process's (takes its class lock). */
-static void free_mine(store_t *st, uint32_t off) {
+/* Frees `off` if it is still IN FLIGHT for process slot `slot` (takes its class lock; the
+ * chunk may have been freed, even reused, meanwhile: the class lock decides). 1 if freed. */
+int shmkv_free_inflight_of(store_t *st, uint32_t slot, uint32_t off) {
     item_t *it = shmkv_item(st, off);
     uint32_t cls = it->cls;
-    if (cls >= st->hdr->nclasses || shmkv_class_lock(st, cls) != 0) return;
-    if (shmkv_chunk_class(st, off) == (int)cls && it->state == IT_INFLIGHT && it->owner == st->slot + 1 &&
-        it->cls == cls)
+    int freed = 0;
+    if (cls >= st->hdr->nclasses || shmkv_class_lock(st, cls) != 0) return 0;
+    if (shmkv_chunk_class(st, off) == (int)cls && it->state == IT_INFLIGHT && it->owner == slot + 1 &&
+        it->cls == cls) {
         shmkv_free_locked(st, cls, off);
+        freed = 1;
+    }
     shmkv_class_unlock(st, cls);
+    return freed;
 }
 
 /* A class keeps replaced chunks only when it has this many (a hint: read without its lock):
@@ -460,7 +465,7 @@ void shmkv_keep_replaced(store_t *st, uint32_t off) {
     }
     uint32_t prev = me->kept;
     if (prev) {
-        free_mine(st, prev);
+        shmkv_free_inflight_of(st, st->slot, prev);
         __atomic_store_n(&me->kept, 0, __ATOMIC_RELEASE);
     }
     __atomic_store_n(&me->kept, off, __ATOMIC_RELEASE);
@@ -474,6 +479,6 @@ void shmkv_free_kept(store_t *st) {
     slot_t *me = shmkv_me(st);
     uint32_t p = me->kept;
     if (!p) return;
-    free_mine(st, p);
+    shmkv_free_inflight_of(st, st->slot, p);
     __atomic_store_n(&me->kept, 0, __ATOMIC_RELEASE);
 }
