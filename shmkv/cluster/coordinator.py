@@ -158,11 +158,11 @@ class Node:
         # Called with the epoch of a request routed with a *newer* ring than this node's: the
         # configuration service pulls the committed configuration at once instead of waiting.
         self.on_newer_epoch: Callable[[int], None] | None = None
-        #: the daemon turns it on (the simulator's scenarios keep one REPLICA_PUT per write):
-        #: the replica copies of the writes coordinated within one loop iteration go to each
-        #: replica as one REPLICA_PUT_MANY (_PutBatches)
-        self.batch_puts = False
-        self._put_batches = _PutBatches(self)
+        #: the daemon turns it on (the simulator's scenarios keep one replica request per key):
+        #: the replica requests of the GETs and PUTs coordinated within one loop iteration go
+        #: to each replica as one REPLICA_GET_MANY / REPLICA_PUT_MANY (_Batches)
+        self.batch_replica_requests = False
+        self._batches = _Batches(self)
 
     @property
     def ring(self) -> Ring | None:
@@ -365,23 +365,10 @@ class Node:
                 vs = await self.read(key, prefs, r, timeout, strict=strict)
             else:
                 vs = await self.read_moving(key, prefs, old, r, timeout)
-            vs = vs.visible(self.replica.now_ms())
-            seen = vs.context.encode()
             if code == wire.GET_VERSIONS:
-                return Message(wire.OK, 0, {"values": vs.values, "context": seen})
-            values = vs.distinct_values
-            if len(values) > 1 and not vs.is_deleted:
-                raise Conflict(
-                    f"{len(values)} concurrent versions of {key!r}: resolve them with "
-                    "GET_VERSIONS and a PUT with the context",
-                    values=values,
-                    context=seen,
-                )
-            got: dict[str, Any] = {"value": None if vs.is_deleted else values[0], "context": seen}
-            live = [s.expires for s in vs.siblings if s.value is not None]
-            if live and None not in live:  # served until the last of its versions expires
-                got["expires"] = max(x for x in live if x is not None)  # (RESP TTL/PTTL)
-            return Message(wire.OK, 0, got)
+                vs = vs.visible(self.replica.now_ms())
+                return Message(wire.OK, 0, {"values": vs.values, "context": vs.context.encode()})
+            return Message(wire.OK, 0, self.get_answer(key, vs))
         if code in (wire.PUT, wire.DELETE):
             w = f.get("w") or self.config.w
             raw_ctx = f.get("context")
@@ -408,6 +395,28 @@ class Node:
             return Message(wire.OK, 0, {"value": value})
         raise BadRequest(f"{wire.NAMES.get(code, code)} is not served here")
 
+    def get_answer(self, key: bytes, vs: VersionSet) -> dict[str, Any]:
+        """A GET's answer from what its read merged: the value (None: none, or deleted), the
+        context, and the expiry when every live version has one.
+
+        :raises Conflict: concurrent versions (siblings), carrying their values and context.
+        """
+        vs = vs.visible(self.replica.now_ms())
+        seen = vs.context.encode()
+        values = vs.distinct_values
+        if len(values) > 1 and not vs.is_deleted:
+            raise Conflict(
+                f"{len(values)} concurrent versions of {key!r}: resolve them with "
+                "GET_VERSIONS and a PUT with the context",
+                values=values,
+                context=seen,
+            )
+        got: dict[str, Any] = {"value": None if vs.is_deleted else values[0], "context": seen}
+        live = [s.expires for s in vs.siblings if s.value is not None]
+        if live and None not in live:  # served until the last of its versions expires
+            got["expires"] = max(x for x in live if x is not None)  # (RESP TTL/PTTL)
+        return got
+
     # -- coordination ----------------------------------------------------------------------
 
     async def read(
@@ -417,12 +426,29 @@ class Node:
         R answers (R a count or a level: levels.py). The rest are awaited in the background and
         every stale answer repaired. Strict (the cluster's or the request's): answers that
         disagreed are written back before the read answers (:meth:`_write_back`)."""
+        op = self.begin_read(key, prefs, r, timeout)
+        if op.waiter is not None:
+            await op.waiter
+        result = op.result()
+        tally = op.tally
+        if tally is not None and (self.config.strict if strict is None else strict) and tally.stale():
+            await self._write_back([(key, tally, result)], timeout)
+        return result
+
+    def begin_read(self, key: bytes, prefs: Sequence[str], r: Level, timeout: float) -> _Read:
+        """:meth:`read` up to its wait, without a coroutine (as :meth:`begin_write`): the local
+        copy is read and the other replicas asked when this returns; decided once ``waiter``
+        (None: at once) is done, :meth:`_Read.result` is then the merge of the first R answers.
+        A strict read's write-back is :meth:`read`'s, after it.
+
+        :raises QuorumError: fewer than R replicas up.
+        """
         n = len(prefs)
         nd = self._need(r, prefs, "R")
         if n == 1 and nd.total == 1 and not nd.per_dc:
             # N=1: the local copy (this node coordinates: prefs == [it]) is the read -- what the
             # tally below would answer, with nothing to wait for or repair
-            return self.replica.get(key)
+            return _Read(self, key, self.replica.get(key), None, timeout)
         up = self._up(prefs)
         tally: ReadTally[VersionSet] = ReadTally(n, nd.total, up, nd.per_dc, self._dc_of)
         if tally.state == FAILED:
@@ -430,32 +456,17 @@ class Node:
         me = self.config.name
         local = self.replica.get(key)
         tally.answer(me, local)
+        op = _Read(self, key, local, tally, timeout)
         others = [p for p in up if p != me]
         if others:  # (alone, the local answer is the read: nothing to wait for or repair)
-            msg = Message(wire.REPLICA_GET, 0, {"key": key, "epoch": self._ring().epoch})
-
-            def after() -> None:  # every answer is in (the answer went out long ago)
-                if tally.state == OK and tally.stale():
-                    self._spawn(self._repair(key, tally, timeout))
-
-            fan = _FanOut(
-                self,
-                lambda node, reply: tally.answer(node, VersionSet.from_wire(reply.fields["versions"])),
-                tally.fail,
-                lambda: tally.state != PENDING,
-                after,
-            )
-            after = None  # type: ignore[assignment]  # the fan-out's now (no cycle: see write)
-            fan.start(others, lambda _node: msg, timeout)
+            op.epoch = self._ring().epoch
+            fan = _FanOut(self, op.answer, tally.fail, op.decided, op.after)
+            # a large copy is asked alone: a batch's answer must stay far below a frame
+            batched = self.batch_replica_requests and local.size() <= BATCH_VALUE_MAX
+            fan.start(others, op.message, timeout, op.send if batched else None)
             if tally.state == PENDING:
-                await fan.waiter
-        if tally.state != OK:
-            raise _err(tally)
-        result = tally.result()
-        assert result is not None  # the local answer is never None
-        if (self.config.strict if strict is None else strict) and tally.stale():
-            await self._write_back([(key, tally, result)], timeout)
-        return result
+                op.waiter = fan.waiter
+        return op
 
     async def _write_back(self, items: Sequence[tuple[bytes, ReadTally[VersionSet], VersionSet]],
                           timeout: float) -> None:
@@ -531,79 +542,141 @@ class Node:
         """Mint the new version on the local copy, send it to the other replicas, W acks.
         With a primary down and the write not ``strict``, fallbacks take hints for it and
         count (module docstring)."""
+        op = self.begin_write(key, value, context, prefs, w, timeout, ttl, strict=strict)
+        if op.waiter is not None:
+            await op.waiter
+        return op.result()
+
+    def begin_write(
+        self,
+        key: bytes,
+        value: bytes | None,
+        context: Context | None,
+        prefs: Sequence[str],
+        w: Level,
+        timeout: float,
+        ttl: float | None = None,
+        *,
+        strict: bool | None = None,
+    ) -> _Write:
+        """:meth:`write` up to its wait, without a coroutine: the local copy is written and the
+        fan-out started when this returns. The write is decided once ``waiter`` (None: at once)
+        is done; :meth:`_Write.result` is then write()'s answer (the new versions, or its
+        QuorumError).
+
+        :raises QuorumError: fewer than W replicas up -- refused before anything is written.
+        """
         n = len(prefs)
         nd = self._need(w, prefs, "W")
         if n == 1 and nd.total == 1 and not nd.per_dc:
             # N=1: this node (it coordinates, so prefs == [it]) is the one replica and its own
             # ack is W -- what the tally below would decide, without building one
-            return self.replica.coordinate(key, value, context, self._expires(ttl))
+            return _Write(self, key, self.replica.coordinate(key, value, context, self._expires(ttl)), None)
         up = self._up(prefs)
-        down = [p for p in prefs if p not in up]
-        hint_for: dict[str, str] = {}  # fallback -> the primary it stands in for
+        down = [p for p in prefs if p not in up] if len(up) < n else _NONE
+        hint_for: dict[str, str] = _NO_HINTS  # fallback -> the primary it stands in for
         if down and self.handoff is not None and not (self.config.strict if strict is None else strict):
+            hint_for = {}
             ring = self._ring()
             # the primaries as decided above (one verdict per node per request), the rest now
             live = [m for m in ring.members if m in up or (m not in prefs and self._alive(m))]
             for t in apl(key, n, ring, live):
                 if not t.is_primary and t.hint_for is not None:
                     hint_for[t.node] = t.hint_for
-        tally = WriteTally(n, nd.total, up + list(hint_for), nd.per_dc, self._dc_of)
+        tally = WriteTally(n, nd.total, up + list(hint_for) if hint_for else up, nd.per_dc, self._dc_of)
         if tally.state == FAILED:  # fewer than W up: refused before anything is written
             raise _unreachable(tally, prefs, up, "write", key)
         # ttl: seconds; the version carries the absolute expiry, judged by each reader's clock
         expires = None if ttl is None else self.replica.now_ms() + max(1, int(ttl * 1000))
         new = self.replica.coordinate(key, value, context, expires)
         tally.ack(self.config.name)
+        op = _Write(self, key, new, tally, hint_for)
         if down:
             self._keep_hints([p for p in down if p not in hint_for.values()], key, new)
-        others = [p for p in up if p != self.config.name] + list(hint_for)
+        me = self.config.name
+        others = [p for p in up if p != me]
+        if hint_for:
+            others += hint_for
         if not others:  # N=1 (or every other replica down and no fallback): the local copy is it
-            if tally.state != OK:
-                raise _err(tally)
-            return new
-        fields: dict[str, Any] = {"key": key, "versions": new.to_wire(), "epoch": self._ring().epoch}
-        # ack: the replicas answer {} -- the acks are all this fan-out reads (a replica too old
-        # to know the field answers the merged set, which is ignored just the same)
-        msg = Message(wire.REPLICA_PUT, 0, {**fields, "ack": 1})
+            return op
+        op.epoch = self._ring().epoch
+        op.wire = new.to_wire()
+        op.timeout = timeout
         if self.test_bug == "ack-before-w":  # DELIBERATE BUG, tests only (TEST_BUG_ENV)
-            self._spawn(self._replicate_late([p for p in up if p != self.config.name], msg, timeout))
-            return new
+            self._spawn(self._replicate_late([p for p in up if p != me], op.message(""), timeout))
+            op.tally = None
+            return op
+        fan = _FanOut(self, op.ack, op.fail, op.decided)
+        batched = self.batch_replica_requests and value is not None and len(value) <= BATCH_VALUE_MAX
+        fan.start(others, op.message, timeout, op.send if batched else None)
+        if tally.state == PENDING:  # W=1: answered now, the rest of the fan-out goes on
+            op.waiter = fan.waiter
+        return op
 
-        # Under Cython every local of this coroutine lives in one scope object, which the inner
-        # functions below refer to: a local naming one of them is a cycle. They are let go of
-        # when the request ends (the fan-out drops its own references: _FanOut._outcome).
+    # -- the RESP front's GET and SET without a coroutine -----------------------------------
+    #
+    # What handle() does for a GET or a PUT (no context, no epoch, the cluster's R/W and
+    # timeout) when this node coordinates the key under its current ring and no ring change is
+    # under way: the same counters, begin_read / begin_write, and the request counted in
+    # flight until it is decided (drain waits for it). None: any other case, which goes
+    # through handle() (forwarding, a move, a strict read's write-back, not ready, draining).
+
+    def put_now(self, key: bytes, value: bytes, ttl_ms: int | None) -> _Write | None:
+        """A SET begun here (see above); None: take :meth:`handle`.
+
+        :raises QuorumError: (counted as handle counts it) fewer than W replicas up.
+        """
+        prefs = self._prefs_now(key)
+        if prefs is None:
+            return None
+        self._begun("PUT")
         try:
-            def make(node: str) -> Message:
-                owner = hint_for.get(node)
-                if owner is None:
-                    return msg
-                return Message(wire.HINT_PUT, 0, {**fields, "owner": owner})
+            op = self.begin_write(key, value, None, prefs, self.config.w, self.config.timeout, _ttl(ttl_ms))
+        except BaseException as e:
+            self._ended(e)
+            raise
+        return op.track()
 
-            send_to: Callable[[str], asyncio.Future[Message]] | None = None
-            if self.batch_puts and value is not None and len(value) <= BATCH_VALUE_MAX:
-                batches, wire_new, epoch = self._put_batches, fields["versions"], fields["epoch"]
+    def get_now(self, key: bytes) -> _Read | None:
+        """A GET begun here (see above); None: take :meth:`handle`. Its answer:
+        :meth:`get_answer` of the op's result.
 
-                def batched(node: str) -> asyncio.Future[Message]:
-                    if node in hint_for:  # a hint is its own request (HINT_PUT)
-                        return self.transport.send(self._ring().members[node].addr, make(node), timeout)
-                    return batches.add(node, key, wire_new, epoch, timeout)
+        :raises QuorumError: (counted as handle counts it) fewer than R replicas up.
+        """
+        prefs = self._prefs_now(key)
+        if prefs is None or self.config.strict:
+            return None
+        self._begun("GET")
+        try:
+            op = self.begin_read(key, prefs, self.config.r, self.config.timeout)
+        except BaseException as e:
+            self._ended(e)
+            raise
+        return op.track()
 
-                send_to = batched
+    def _prefs_now(self, key: bytes) -> list[str] | None:
+        ring = self.ring
+        if ring is None or self.draining or self._moving is not None or not key or type(key) is not bytes:
+            return None
+        prefs = ring.preference_list(key, self.config.n)
+        return prefs if self.config.name in prefs else None
 
-            def on_fail(node: str, reason: str, *, maybe_reached: bool = False) -> None:
-                # before or after the answer: a primary (or fallback) that fails leaves a hint here
-                tally.fail(node, reason, maybe_reached=maybe_reached)
-                self._keep_hints([hint_for.get(node, node)], key, new)
+    def _begun(self, name: str) -> None:
+        requests = self.stats.requests
+        requests[name] = requests.get(name, 0) + 1
+        self.in_flight += 1
+        self._idle.clear()
 
-            fan = _FanOut(self, lambda node, _reply: tally.ack(node), on_fail, lambda: tally.state != PENDING)
-            fan.start(others, make, timeout, send_to)
-            if tally.state == PENDING:  # W=1: answered now, the rest of the fan-out goes on
-                await fan.waiter
-            if tally.state != OK:
-                raise _err(tally)
-            return new
-        finally:
-            make = batched = on_fail = send_to = None  # type: ignore[assignment]
+    def _ended(self, exc: BaseException | None) -> None:
+        """A request begun by :meth:`put_now` or :meth:`get_now` is decided (``exc``: its
+        error): handle's accounting of its end."""
+        if isinstance(exc, QuorumError):
+            self.stats.quorum_failures += 1
+            if isinstance(exc, MaybeApplied):
+                self.stats.maybe_applied += 1
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
 
     # -- moving keys (a ring change whose copies are not all pushed yet: Node.moving) -------
 
@@ -1369,23 +1442,25 @@ async def _gather(*aws: Coroutine[Any, Any, Any]) -> None:
     await asyncio.gather(*aws)
 
 
-#: values up to this size are batched (_PutBatches); a larger one goes alone (a batch stays
+#: values up to this size are batched (_Batches); a larger one goes alone (a batch stays
 #: far below the frame limit: BATCH_ITEMS of them at most)
 BATCH_VALUE_MAX = 4096
 BATCH_ITEMS = 256
 
 
-class _PutBatches:
-    """The replica copies of the writes one coordinator makes within one loop iteration, one
-    REPLICA_PUT_MANY per (replica, epoch, timeout) -- sent at the end of the iteration, or at
-    once when BATCH_ITEMS are waiting. With 50 clients each waiting for its SET, a coordinator
-    takes several SETs per iteration: each replica then decodes, checks and answers one frame
-    for all of them, and the coordinator tracks one request per replica instead of one per
-    write (the per-message work was most of a 3-node coordinator's CPU).
+class _Batches:
+    """The replica requests of the reads and writes one coordinator starts within one loop
+    iteration, one per (kind, replica, epoch, timeout): a REPLICA_GET_MANY (REPLICA_PUT_MANY)
+    for all the keys read (written) there -- sent at the end of the iteration, or at once when
+    BATCH_ITEMS are waiting. With 50 clients each waiting for its GET or SET, a coordinator
+    starts several per iteration: each replica then decodes, checks and answers one frame for
+    all of them, and the coordinator tracks one request per replica instead of one per key
+    (the per-message work was most of a 3-node coordinator's CPU).
 
-    Semantics are the single requests': every write's future gets the batch's outcome -- its
-    ack, or its failure (unreachable, timed out: "may have been applied", as for one request);
-    REPLICA_PUT_MANY checks every key before merging any, and the keys of one batch were all
+    Semantics are the single requests': every key's fan-out gets the batch's outcome from that
+    replica -- a write its ack, a read its key's versions, or the batch's failure
+    (unreachable, timed out: "may have been applied" for a write, as for one request). The
+    *_MANY requests check every key before touching any, and the keys of one batch were all
     placed on this replica by the one ring of that epoch, so a refusal is a refusal of all.
     Merging is a join: the order of the writes of one key inside a batch changes nothing.
     """
@@ -1394,25 +1469,25 @@ class _PutBatches:
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        #: (replica, epoch, timeout) -> ([[key, versions wire], ...], their futures)
-        self.batches: dict[tuple[str, int, float], tuple[list[list[Any]], list[asyncio.Future[Message]]]] = {}
+        #: (code, replica, epoch, timeout) -> (keys or [key, versions wire] items, their fan-outs)
+        self.batches: dict[tuple[int, str, int, float], tuple[list[Any], list[_FanOut]]] = {}
         self.scheduled = False
 
-    def add(self, replica: str, key: bytes, versions: Any, epoch: int, timeout: float) -> asyncio.Future[Message]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Message] = loop.create_future()
-        k = (replica, epoch, timeout)
+    def add(self, code: int, replica: str, item: Any, epoch: int, timeout: float, fan: _FanOut) -> None:
+        """Send ``item`` (REPLICA_GET: a key; REPLICA_PUT: ``[key, versions]``) to ``replica``
+        with this iteration's others; its outcome is settled into ``fan``
+        (``fan.settle(replica, ...)``), exactly once."""
+        k = (code, replica, epoch, timeout)
         batch = self.batches.get(k)
         if batch is None:
             batch = self.batches[k] = ([], [])
-        batch[0].append([key, versions])
-        batch[1].append(fut)
+        batch[0].append(item)
+        batch[1].append(fan)
         if len(batch[0]) >= BATCH_ITEMS:
             self._send(k, self.batches.pop(k))
         elif not self.scheduled:
             self.scheduled = True
-            loop.call_soon(self.flush)
-        return fut
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         self.scheduled = False
@@ -1420,38 +1495,225 @@ class _PutBatches:
         for k, batch in batches.items():
             self._send(k, batch)
 
-    def _send(self, k: tuple[str, int, float], batch: tuple[list[list[Any]], list[asyncio.Future[Message]]]) -> None:
-        replica, epoch, timeout = k
-        items, futs = batch
+    def _send(self, k: tuple[int, str, int, float], batch: tuple[list[Any], list[_FanOut]]) -> None:
+        code, replica, epoch, timeout = k
+        items, fans = batch
         member = self.node.ring.members.get(replica) if self.node.ring is not None else None
         if member is None:  # left the ring meanwhile: nothing was sent
             err = Unreachable(f"{replica}: no longer a member of the ring", sent=False)
-            for f in futs:
-                f.set_exception(err)
+            for fan in fans:
+                fan.settle(replica, None, err)
             return
-        if len(items) == 1:
+        if code == wire.REPLICA_GET:
+            if len(items) == 1:
+                msg = Message(wire.REPLICA_GET, 0, {"key": items[0], "epoch": epoch})
+            else:
+                msg = Message(wire.REPLICA_GET_MANY, 0, {"keys": items, "epoch": epoch})
+        elif len(items) == 1:
             key, versions = items[0]
             msg = Message(wire.REPLICA_PUT, 0, {"key": key, "versions": versions, "epoch": epoch, "ack": 1})
         else:
             msg = Message(wire.REPLICA_PUT_MANY, 0, {"items": items, "epoch": epoch})
         out = self.node.transport.send(member.addr, msg, timeout)
-        out.add_done_callback(functools.partial(_spread, futs))
+        out.add_done_callback(functools.partial(self._done, k, items, fans, member.addr))
+
+    def _done(self, k: tuple[int, str, int, float], items: list[Any], fans: list[_FanOut], addr: str,
+              out: asyncio.Future[Message]) -> None:
+        """A batch's outcome is each of its keys' outcome from that replica: a write's ack, a
+        read's own key's versions (as the answer of its own REPLICA_GET) -- or the batch's
+        failure. A read batch the replica refused as a whole (not unreachable, not overloaded:
+        say its answer outgrew a frame, a key far larger there than here) is asked again key by
+        key, as if it had never been batched."""
+        code, replica, epoch, timeout = k
+        reply, exc = _result(replica, out)
+        if code == wire.REPLICA_GET and len(fans) > 1:
+            if exc is None:
+                assert reply is not None
+                answers = reply.fields.get("versions")
+                if isinstance(answers, list) and len(answers) == len(fans):
+                    for fan, versions in zip(fans, answers, strict=True):
+                        fan.settle(replica, Message(wire.OK, 0, {"versions": versions}), None)
+                    return
+                exc = ProtocolError(f"{replica}: REPLICA_GET_MANY answered {len(answers or [])} of {len(fans)} keys")
+            if not isinstance(exc, (Unreachable, RequestTimeout, Overloaded)):
+                send = self.node.transport.send
+                for key, fan in zip(items, fans, strict=True):
+                    alone = send(addr, Message(wire.REPLICA_GET, 0, {"key": key, "epoch": epoch}), timeout)
+                    alone.add_done_callback(functools.partial(fan._outcome, replica))
+                return
+        for fan in fans:
+            fan.settle(replica, reply, exc)
 
 
-def _spread(futs: list[asyncio.Future[Message]], out: asyncio.Future[Message]) -> None:
-    """A batch's outcome is each of its writes' outcome."""
-    if out.cancelled():
-        for f in futs:
-            f.cancel()
-        return
-    exc = out.exception()
-    for f in futs:
-        if f.done():
-            continue
-        if exc is not None:
-            f.set_exception(exc)
+def _result(target: str, fut: asyncio.Future[Message]) -> tuple[Message | None, BaseException | None]:
+    """A replica request's (answer, None) or (None, its failure)."""
+    if fut.cancelled():  # the transport closed under us
+        return None, Unreachable(f"{target}: request cancelled", sent=True)
+    exc = fut.exception()
+    return (fut.result(), None) if exc is None else (None, exc)
+
+
+#: write()'s "no replica down" and "no hints" (shared, never modified)
+_NONE: list[str] = []
+_NO_HINTS: dict[str, str] = {}
+
+
+class _Op:
+    """A read or write begun without a coroutine (:meth:`Node.begin_read`, :meth:`Node.begin_write`):
+    decided once ``waiter`` is None or done. Its fan-out's callbacks are its bound methods --
+    no closure over a coroutine's scope, so nothing makes a cycle
+    (tests/cluster/test_no_cycles.py) and it is freed by reference counting once its fan-out
+    ends."""
+
+    __slots__ = ("node", "key", "waiter", "timeout", "msg")
+
+    def __init__(self, node: Node, key: bytes, timeout: float) -> None:
+        self.node = node
+        self.key = key
+        self.waiter: asyncio.Future[None] | None = None
+        self.timeout = timeout
+        self.msg: Message | None = None
+
+    def _check(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            exc = waiter.exception()  # an internal error of the fan-out (a bug) is the answer
+            if exc is not None:
+                raise exc
+
+    def result(self) -> VersionSet:
+        raise NotImplementedError
+
+    def track(self) -> Any:
+        """Node.put_now / get_now: count the request's end (Node._ended) once it is decided."""
+        if self.waiter is None:
+            self.ended(None)
         else:
-            f.set_result(out.result())
+            self.waiter.add_done_callback(self.ended)
+        return self
+
+    def ended(self, _waiter: asyncio.Future[None] | None) -> None:
+        try:
+            self.result()
+        except BaseException as e:  # noqa: BLE001 -- counted here, answered by the caller
+            self.node._ended(e)
+        else:
+            self.node._ended(None)
+
+
+class _Read(_Op):
+    """One read's coordination: the local copy, the tally of the answers (None: N=1, the local
+    copy is the read) and, once every answer is in, the read repair of stale copies."""
+
+    __slots__ = ("local", "tally", "epoch")
+
+    def __init__(self, node: Node, key: bytes, local: VersionSet, tally: ReadTally[VersionSet] | None,
+                 timeout: float) -> None:
+        super().__init__(node, key, timeout)
+        self.local = local
+        self.tally = tally
+        self.epoch = 0
+
+    def result(self) -> VersionSet:
+        """The merge of the first R answers.
+
+        :raises QuorumError: fewer than R answers.
+        """
+        self._check()
+        t = self.tally
+        if t is None:
+            return self.local
+        if t.state != OK:
+            raise _err(t)
+        res = t.result()
+        assert res is not None  # the local answer is never None
+        return res
+
+    def message(self, _target: str) -> Message:
+        if self.msg is None:  # one message for every replica
+            self.msg = Message(wire.REPLICA_GET, 0, {"key": self.key, "epoch": self.epoch})
+        return self.msg
+
+    def send(self, target: str, fan: _FanOut) -> None:
+        """A batched read's send (_Batches)."""
+        self.node._batches.add(wire.REPLICA_GET, target, self.key, self.epoch, self.timeout, fan)
+
+    def answer(self, target: str, reply: Message) -> None:
+        assert self.tally is not None
+        self.tally.answer(target, VersionSet.from_wire(reply.fields["versions"]))
+
+    def decided(self) -> bool:
+        return self.tally is None or self.tally.state != PENDING
+
+    def after(self) -> None:  # every answer is in (the answer went out long ago)
+        t = self.tally
+        if t is not None and t.state == OK and t.stale():
+            self.node._spawn(self.node._repair(self.key, t, self.timeout))
+
+
+class _Write(_Op):
+    """One write's coordination: the new versions minted on the local copy, their tally, and
+    what goes to the other replicas.
+
+    Invariant: ``tally`` is None only when no tally decides (N=1, or the tests' deliberate
+    ack-before-W bug); ``result()`` is meaningful once ``waiter`` is None or done.
+    """
+
+    __slots__ = ("new", "tally", "hint_for", "epoch", "wire")
+
+    def __init__(
+        self, node: Node, key: bytes, new: VersionSet, tally: WriteTally | None,
+        hint_for: dict[str, str] = _NO_HINTS,
+    ) -> None:
+        super().__init__(node, key, 0.0)
+        self.new = new
+        self.tally = tally
+        self.hint_for = hint_for
+        self.epoch = 0
+        self.wire: Any = None
+
+    def result(self) -> VersionSet:
+        """The new versions, once W acked.
+
+        :raises QuorumError: fewer than W acks (MaybeApplied when some may have applied it).
+        """
+        self._check()
+        t = self.tally
+        if t is not None and t.state != OK:
+            raise _err(t)
+        return self.new
+
+    def message(self, target: str) -> Message:
+        """The request to ``target``: the replica copy, or a hint for the primary it stands in for."""
+        owner = self.hint_for.get(target)
+        if owner is None:
+            if self.msg is None:  # one message for every replica
+                # ack: the replicas answer {} -- the acks are all this fan-out reads
+                self.msg = Message(wire.REPLICA_PUT, 0, {"key": self.key, "versions": self.wire, "epoch": self.epoch, "ack": 1})
+            return self.msg
+        return Message(wire.HINT_PUT, 0, {"key": self.key, "versions": self.wire, "epoch": self.epoch, "owner": owner})
+
+    def send(self, target: str, fan: _FanOut) -> None:
+        """A batched write's send (_Batches); a hint is its own request (HINT_PUT)."""
+        node = self.node
+        if target in self.hint_for:
+            fut = node.transport.send(node._ring().members[target].addr, self.message(target), self.timeout)
+            fut.add_done_callback(functools.partial(fan._outcome, target))
+        else:
+            node._batches.add(wire.REPLICA_PUT, target, [self.key, self.wire], self.epoch, self.timeout, fan)
+
+    def ack(self, target: str, _reply: Message) -> None:
+        assert self.tally is not None
+        self.tally.ack(target)
+
+    def fail(self, target: str, reason: str, *, maybe_reached: bool = False) -> None:
+        # before or after the answer: a primary (or fallback) that fails leaves a hint here
+        assert self.tally is not None
+        self.tally.fail(target, reason, maybe_reached=maybe_reached)
+        self.node._keep_hints([self.hint_for.get(target, target)], self.key, self.new)
+
+    def decided(self) -> bool:
+        return self.tally is None or self.tally.state != PENDING
 
 
 def _ignore(*_args: Any, **_kw: Any) -> None:
@@ -1504,10 +1766,11 @@ class _FanOut:
 
     def start(
         self, nodes: Sequence[str], make: Callable[[str], Message], timeout: float,
-        send_to: Callable[[str], asyncio.Future[Message]] | None = None,
+        send_to: Callable[[str, _FanOut], None] | None = None,
     ) -> None:
-        """Send ``make(node)`` to each of ``nodes`` (in order); ``send_to(node)``, when given,
-        sends instead (a batched write: _PutBatches) and returns the outcome's future."""
+        """Send ``make(node)`` to each of ``nodes`` (in order); ``send_to(node, fan)``, when
+        given, sends instead (a batched read or write: _Batches) and settles the outcome into this
+        fan-out itself (:meth:`settle`, exactly once per node)."""
         owner = self.node
         ring = owner._ring()
         members = ring.members
@@ -1518,9 +1781,9 @@ class _FanOut:
             if send_to is None:
                 m = members.get(node)
                 fut = send(m.addr if m is not None else owner._addr_of(ring, node), make(node), timeout)
+                fut.add_done_callback(functools.partial(self._outcome, node))
             else:
-                fut = send_to(node)
-            fut.add_done_callback(functools.partial(self._outcome, node))
+                send_to(node, self)
 
     def ended(self) -> asyncio.Future[None]:
         """A future resolved once every outcome is in (Node.drain waits for it)."""
@@ -1531,20 +1794,20 @@ class _FanOut:
         return self._ended
 
     def _outcome(self, target: str, fut: asyncio.Future[Message]) -> None:
+        reply, exc = _result(target, fut)
+        self.settle(target, reply, exc)
+
+    def settle(self, target: str, reply: Message | None, exc: BaseException | None) -> None:
+        """The outcome of the request to ``target``: its answer, or its failure ``exc``."""
         owner = self.node
         waiter = self.waiter
         try:
             if not self.late and waiter.done():
                 return
-            exc: BaseException | None
-            if fut.cancelled():  # the transport closed under us
-                exc = Unreachable(f"{target}: request cancelled", sent=True)
-            else:
-                exc = fut.exception()
             if exc is None:
                 owner.suspects.discard(target)
                 try:
-                    self.on_reply(target, fut.result())
+                    self.on_reply(target, reply)
                 except ClusterError as e:  # a malformed answer is that replica's failure
                     self.on_fail(target, f"bad answer: {e}", maybe_reached=True)
                 return

@@ -251,7 +251,7 @@ async def _main(o: Options, worker: Worker | None = None) -> int:
     kv = worker.store if worker is not None else open_store(o, sname)
     transport = TcpTransport(reuse_port=worker is not None, source=_loopback_source(o.listen))
     node = Node(config, transport, Replica(kv, name))
-    node.batch_puts = True  # one REPLICA_PUT_MANY per replica per loop iteration (coordinator.py)
+    node.batch_replica_requests = True  # one REPLICA_GET_MANY / PUT_MANY per replica per loop iteration (coordinator.py)
     node.local = {"name": name, "store": sname, "host": socket.gethostname()}
     if worker is not None:
         node.local.update(worker=worker.index, workers=worker.count)

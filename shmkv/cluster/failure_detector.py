@@ -76,6 +76,9 @@ class _History:
     last: float
     intervals: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     stats: tuple[float, float] | None = None
+    #: (threshold, the silence at which phi reaches it): :meth:`PhiAccrual.is_down`'s cache,
+    #: reset with ``stats`` (it is a function of them and the detector's constants only)
+    crossing: tuple[float, float] | None = None
 
     @classmethod
     def fresh(cls, now: float, first_interval: float) -> _History:
@@ -93,6 +96,31 @@ class _History:
             var = sum((x - mean) ** 2 for x in self.intervals) / n
             self.stats = (mean, math.sqrt(var))
         return self.stats
+
+
+def _logistic_x(y: float) -> float:
+    return y * (1.5976 + 0.070566 * y * y)
+
+
+def silence_at(phi: float, mean: float, std: float) -> float:
+    """The silence at which :func:`phi_of` reaches ``phi`` (its inverse: phi_of is strictly
+    increasing in the silence). Bisection on y, to a relative error far below the margin
+    :meth:`PhiAccrual.is_down` leaves to :func:`phi_of` itself; 200 halvings at most."""
+    x = math.log(10.0 ** phi - 1.0) if phi < 300 else phi * math.log(10)  # phi = log10(1 + e^x)
+    lo, hi = -1.0, 1.0
+    while _logistic_x(lo) > x:
+        lo *= 2.0
+    while _logistic_x(hi) < x:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        if mid in (lo, hi):
+            break
+        if _logistic_x(mid) < x:
+            lo = mid
+        else:
+            hi = mid
+    return mean + std * (lo + hi) / 2.0
 
 
 def phi_of(elapsed: float, mean: float, std: float) -> float:
@@ -153,7 +181,7 @@ class PhiAccrual:
         interval = now - h.last
         if 0 <= interval <= self.max_sample:
             h.intervals.append(interval)
-            h.stats = None
+            h.stats = h.crossing = None
         h.last = max(h.last, now)
 
     def tick(self, now: float) -> bool:
@@ -181,6 +209,28 @@ class PhiAccrual:
         mean, std = h.mean_std()
         return phi_of(max(0.0, now - h.last), mean + self.acceptable_pause, max(std, self.min_std))
 
+    def is_down(self, peer: str, now: float) -> bool:
+        """``state(peer, now) == DOWN``, at the cost of a comparison: coordinators ask it for
+        every replica of every request, heartbeats come once a gossip round. The silence at
+        which phi reaches the threshold is solved once per change of the window
+        (:func:`silence_at`); within a hair of it phi itself decides, so the verdict is
+        exactly phi's."""
+        h = self._peers.get(peer)
+        if h is None or (self._last_tick is not None and now - self._last_tick > self.max_local_pause):
+            return False  # never heard of, or this node is just back from a pause (stale)
+        c = h.crossing
+        if c is None or c[0] != self.threshold:
+            mean, std = h.mean_std()
+            c = h.crossing = (self.threshold, silence_at(
+                self.threshold, mean + self.acceptable_pause, max(std, self.min_std)))
+        silence = max(0.0, now - h.last)
+        margin = 1e-9 * (1.0 + abs(c[1]))
+        if silence < c[1] - margin:
+            return False
+        if silence > c[1] + margin:
+            return True
+        return self.phi(peer, now) >= self.threshold
+
     def state(self, peer: str, now: float) -> str:
         p = self.phi(peer, now)
         if p >= self.threshold:
@@ -194,4 +244,4 @@ class PhiAccrual:
         return {p for p in self._peers if self.phi(p, now) >= self.threshold}
 
 
-__all__ = ["PhiAccrual", "phi_of", "THRESHOLD", "UP", "SUSPECTED", "DOWN"]
+__all__ = ["PhiAccrual", "phi_of", "silence_at", "THRESHOLD", "UP", "SUSPECTED", "DOWN"]

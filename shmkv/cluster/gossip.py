@@ -473,6 +473,8 @@ class Gossip:
 
     def is_down(self, peer: str) -> bool:
         """What coordinators ask: skip ``peer`` (phi at or above the threshold)?"""
+        if self.gossiper is not None and peer != self.name:
+            return self.gossiper.detector.is_down(peer, self.clock())
         return self.state(peer) == DOWN
 
 

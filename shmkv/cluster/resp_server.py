@@ -133,13 +133,16 @@ class RespServer:
 
     # -- commands ----------------------------------------------------------------------------
 
-    def execute(self, cmd: Command | CommandError) -> bytes | Coroutine[Any, Any, bytes]:
-        """The reply to ``cmd``: bytes when it is known at once, else a coroutine that never
-        raises an Exception (every error becomes a RESP error reply)."""
+    def execute(self, cmd: Command | CommandError) -> bytes | _NowReply | Coroutine[Any, Any, bytes]:
+        """The reply to ``cmd``: bytes when it is known at once, a _NowReply (a GET or SET
+        waiting for its quorum), else a coroutine that never raises an Exception (every error becomes a
+        RESP error reply)."""
         if type(cmd) is CommandError:
             return resp.encode_error(cmd.message)
         assert isinstance(cmd, Command)
         name = cmd.name
+        if name == "SET" or name == "GET":
+            return self._now(cmd)
         if name in _NODE_COMMANDS:
             return self._run(cmd)
         if name == "PING":
@@ -155,6 +158,24 @@ class RespServer:
         if name in ("SELECT", "QUIT"):
             return _SIMPLE_OK
         return resp.encode_error(f"ERR command '{name}' is not served here")
+
+    def _now(self, cmd: Command) -> bytes | _NowReply | Coroutine[Any, Any, bytes]:
+        """GET or SET begun without a coroutine (Node.get_now / put_now) when this node
+        coordinates the key: its reply, or a _NowReply until it is decided. Else handle()'s
+        path (_run)."""
+        t0 = time.perf_counter()
+        node = self.node
+        try:
+            if cmd.name == "SET":
+                op = node.put_now(cmd.keys[0], cmd.value, cmd.ttl_ms)
+            else:
+                op = node.get_now(cmd.keys[0])
+        except Exception as e:  # noqa: BLE001 -- as in _run: the command's error reply
+            op = _Refused(e)
+        if op is None:
+            return self._run(cmd)
+        pending = _NowReply(self, cmd, op, t0)
+        return pending.reply() if op.waiter is None else pending
 
     async def _run(self, cmd: Command) -> bytes:
         t0 = time.perf_counter()
@@ -427,6 +448,50 @@ def _start(coro: Coroutine[Any, Any, Any]) -> Any:
     return result if done else _Pending(result)
 
 
+class _Refused:
+    """A SET refused before anything was written (Node.put_now raised): decided at once."""
+
+    __slots__ = ("error",)
+    waiter = None
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def result(self) -> None:
+        raise self.error
+
+
+class _NowReply:
+    """A GET or SET begun by Node.get_now / put_now: its reply once ``op.waiter`` is None or
+    done (what _node_command answers for its outcome; the metrics observed as _run observes
+    them)."""
+
+    __slots__ = ("server", "cmd", "op", "t0")
+
+    def __init__(self, server: RespServer, cmd: Command, op: Any, t0: float) -> None:
+        self.server = server
+        self.cmd = cmd
+        self.op = op
+        self.t0 = t0
+
+    def reply(self) -> bytes:
+        kind = None
+        cmd = self.cmd
+        try:
+            got = self.op.result()
+            if cmd.name == "SET":
+                out = _SIMPLE_OK
+            else:
+                v = self.server.node.get_answer(cmd.keys[0], got)["value"]
+                out = _NIL if v is None else b"$%d\r\n%s\r\n" % (len(v), v)
+        except Exception as e:  # noqa: BLE001 -- every failure is this command's error reply
+            out, kind = _error_reply(cmd, e)
+        m = self.server.metrics
+        if m is not None:
+            m.observe_resp(cmd.name, time.perf_counter() - self.t0, kind)
+        return out
+
+
 class _Pending:
     """A command still running: its Task (a marker type, so a reply that is a list -- a
     batch's -- is never mistaken for one)."""
@@ -490,7 +555,9 @@ class _RespConn(asyncio.Protocol):
                 reply: Any = self._per_protocol(cmd)
             else:
                 reply = execute(cmd)
-            if type(reply) is not bytes:
+            if type(reply) is _NowReply:
+                reply.op.waiter.add_done_callback(self._on_done)
+            elif type(reply) is not bytes:
                 reply = _start(reply)
                 if type(reply) is _Pending:
                     reply = reply.task
@@ -554,6 +621,13 @@ class _RespConn(asyncio.Protocol):
                     break
                 try:
                     out.append(task.result()[k])
+                except BaseException:  # noqa: BLE001 -- cancelled at shutdown
+                    out.append(resp.encode_error("ERR command cancelled: the node is stopping"))
+            elif type(head) is _NowReply:
+                if not head.op.waiter.done():
+                    break
+                try:
+                    out.append(head.reply())
                 except BaseException:  # noqa: BLE001 -- cancelled at shutdown
                     out.append(resp.encode_error("ERR command cancelled: the node is stopping"))
             elif head.done():

@@ -260,6 +260,11 @@ class VersionSet:
         """Every sibling's value, tombstones as ``None``, in canonical (dot) order."""
         return [s.value for s in self._siblings]
 
+    def size(self) -> int:
+        """The bytes of every sibling's value (what a copy of this set weighs on the wire, less
+        its clocks)."""
+        return sum(len(s.value) for s in self._siblings if s.value is not None)
+
     @property
     def distinct_values(self) -> list[bytes | None]:
         """:attr:`values` without repeats (two writers that wrote the same bytes agree)."""

@@ -6,6 +6,7 @@ repair, hints) still happens -- in callbacks, after the answer."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -145,7 +146,7 @@ def test_drain_waits_for_the_rest_of_a_fan_out(cluster: Cluster) -> None:
     assert c3 in node.suspects  # its timeout was handled before drain returned
 
 
-# -- batched replica writes (coordinator._PutBatches, on in the daemon) ---------------------------
+# -- batched replica writes (coordinator._Batches, on in the daemon) ---------------------------
 
 
 def _burst(c: Cluster, via: str, keys: list[bytes], **fields: Any) -> list[Any]:
@@ -164,7 +165,7 @@ def _burst(c: Cluster, via: str, keys: list[bytes], **fields: Any) -> list[Any]:
 def _batched(seed: int) -> tuple[Cluster, str, list[bytes]]:
     c = Cluster(seed=seed, delay=(0.001, 0.001))  # one latency: a burst arrives together
     for node in c.nodes.values():
-        node.batch_puts = True
+        node.batch_replica_requests = True
     via = c.names[0]
     keys = [k for k in (b"b%d" % i for i in range(400)) if c.coordinators(k)[0] == via][:12]
     return c, via, keys
@@ -196,5 +197,202 @@ def test_a_batch_to_an_unreachable_replica_fails_each_write_as_a_single_request_
         # sent, never answered: every write "may have been applied" (it was, locally)
         assert all(isinstance(r, shmkv.MaybeApplied) for r in got), got
         assert all(c.held(via, k) == [b"v" + k] for k in keys)
+    finally:
+        c.close()
+
+
+# -- the RESP front's SET without a coroutine (Node.put_now) ---------------------------------------
+
+
+def _put_now(c: Cluster, via: str, key: bytes, value: bytes | None, ttl_ms: int | None = None) -> tuple[str, Any]:
+    """put_now's outcome (``value`` None: get_now's), in _outcome's terms (no context: RESP
+    reads none; a GET's answer without it)."""
+    node = c.nodes[via]
+
+    async def go() -> Any:
+        op = node.get_now(key) if value is None else node.put_now(key, value, ttl_ms)
+        assert op is not None, "coordinated here: put_now / get_now takes it"
+        if op.waiter is not None:
+            await op.waiter
+        return op.result()
+
+    try:
+        got = c.net.run(go())
+        if value is None:
+            answer = node.get_answer(key, got)
+            return "ok", {k: v for k, v in answer.items() if k != "context"}
+    except shmkv.Error as e:
+        return type(e).__name__, re.sub(r"store '[^']*'", "store S", str(e))
+    return "ok", {}
+
+
+def test_get_now_and_put_now_answer_and_refuse_as_the_requests_do() -> None:
+    """Twin clusters, one script: get_now / put_now on one, the GET / PUT request on the
+    other -- the same outcomes (values, none, a bad TTL, an oversized value, siblings: a
+    conflict, replicas cut: may have been applied, replicas known down: refused), the same
+    copies, the same counters."""
+    a, b = Cluster(seed=8), Cluster(seed=8)
+    try:
+        key = next(k for k in (b"p%d" % i for i in range(100)) if a.coordinators(k)[0] == a.names[0])
+        via = a.names[0]
+        others = [n for n in a.names if n != via]
+        script: list[tuple[bytes, int | None]] = [(b"v1", None), (b"v2", 60_000), (b"x", 0), (b"x" * 300_000, None)]
+        for value, ttl in script:
+            got_a, got_b = _put_now(a, via, key, None), _outcome(b, via, wire.GET, key=key, epoch=None)
+            got_a[1].pop("expires", None), got_b[1].pop("expires", None)  # two clocks' readings
+            assert got_a == got_b, ("GET before", value[:8], ttl)
+            got_a = _put_now(a, via, key, value, ttl)
+            fields: dict[str, Any] = {"key": key, "value": value, "ack": 1, "epoch": None}
+            if ttl is not None:
+                fields["ttl_ms"] = ttl
+            got_b = _outcome(b, via, wire.PUT, **fields)
+            assert got_a == got_b, (value[:8], ttl)
+        for c in (a, b):  # siblings: a write each side of a partition, then healed
+            c.net.cut([c.addr[via]], [c.addr[o] for o in others])
+            c.nodes[via].replica.coordinate(key, b"left", None)
+            c.request(others[0], wire.PUT, key=key, value=b"right", w=2)
+            c.net.heal()
+        got_a, got_b = _put_now(a, via, key, None), _outcome(b, via, wire.GET, key=key, epoch=None)
+        assert got_a == got_b and got_a[0] == "Conflict", (got_a, got_b)
+        for c in (a, b):
+            c.net.cut([c.addr[via]], [c.addr[o] for o in others])
+        assert _put_now(a, via, key, b"v3")[0] == "MaybeApplied"
+        assert _outcome(b, via, wire.PUT, key=key, value=b"v3", epoch=None)[0] == "MaybeApplied"
+        for c in (a, b):  # now known down: refused before anything is written
+            c.nodes[via].suspects.update(others)
+        got_a, got_b = _put_now(a, via, key, b"v4"), _outcome(b, via, wire.PUT, key=key, value=b"v4", epoch=None)
+        assert got_a == got_b and got_a[0] == "QuorumError", (got_a, got_b)
+        got_a, got_b = _put_now(a, via, key, None), _outcome(b, via, wire.GET, key=key, epoch=None)
+        assert got_a == got_b and got_a[0] == "QuorumError", (got_a, got_b)
+        assert a.held(via, key) == b.held(via, key) == [b"v3"]
+        sa, sb = a.nodes[via].stats, b.nodes[via].stats
+        assert (sa.requests["PUT"], sa.requests["GET"], sa.quorum_failures, sa.maybe_applied) == (
+            sb.requests["PUT"], sb.requests["GET"], sb.quorum_failures, sb.maybe_applied) == (6, 6, 3, 1)
+        assert a.nodes[via].in_flight == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_put_now_leaves_what_it_cannot_do_alone_to_handle() -> None:
+    c = Cluster(seed=9, nodes=4)  # N=3 of 4: some node holds no copy of the key
+    key = b"elsewhere"
+    far = c.nodes[next(n for n in c.names if n not in c.coordinators(key))]
+    node = c.nodes[c.coordinators(key)[0]]
+
+    async def go() -> list[Any]:
+        out = [far.put_now(key, b"v", None)]  # not a replica of the key: handle forwards it
+        out.append(node.put_now(b"", b"v", None))  # handle's BadRequest names the empty key
+        node.draining = True
+        out.append(node.put_now(key, b"v", None))  # handle answers "draining"
+        node.draining = False
+        ring, node.ring = node.ring, None
+        out.append(node.put_now(key, b"v", None))  # handle answers "starting"
+        node.ring = ring
+        node.config = dataclasses.replace(node.config, strict=True)
+        out.append(node.get_now(key))  # a strict read's write-back is read()'s
+        return out
+
+    try:
+        assert c.net.run(go()) == [None, None, None, None, None]
+        assert node.in_flight == far.in_flight == 0
+        assert "PUT" not in node.stats.requests  # handle counts what it then takes
+    finally:
+        c.close()
+
+
+def test_put_now_is_in_flight_until_decided_and_drain_waits_for_it(cluster: Cluster) -> None:
+    key = b"drain-now"
+    c1, c2, c3 = cluster.coordinators(key)
+    cluster.net.cut([cluster.addr[c1]], [cluster.addr[c2], cluster.addr[c3]])  # no ack: times out
+    node = cluster.nodes[c1]
+
+    async def go() -> tuple[int, bool, Any]:
+        op = node.put_now(key, b"v", None)
+        assert op is not None and op.waiter is not None
+        during = node.in_flight
+        drained = await node.drain(2.0)  # returns once the write is decided (its timeout)
+        return during, drained, op
+
+    during, drained, op = cluster.net.run(go())
+    assert (during, drained, node.in_flight) == (1, True, 0)
+    with pytest.raises(shmkv.MaybeApplied):
+        op.result()
+    assert node.stats.maybe_applied == 1
+
+
+# -- batched replica reads (coordinator._Batches) ---------------------------------------------------
+
+
+def _read_burst(c: Cluster, via: str, keys: list[bytes]) -> list[Any]:
+    """GETs of ``keys`` through ``via``, all arriving at once: their values, or the exception."""
+
+    async def go() -> list[Any]:
+        return await asyncio.gather(*(
+            c.client.request(c.addr[via], Message(wire.GET, 0, {"key": k, "epoch": 1}), 2.0) for k in keys
+        ), return_exceptions=True)
+
+    return [r.fields["value"] if isinstance(r, Message) else r for r in c.net.run(go())]
+
+
+def test_reads_coordinated_together_reach_each_replica_as_one_batch() -> None:
+    c, via, keys = _batched(seed=12)
+    try:
+        assert all(isinstance(r, Message) for r in _burst(c, via, keys))
+        c.net.run_for(0.1)
+        before = {n: dict(c.nodes[n].stats.requests) for n in c.names[1:]}
+        assert _read_burst(c, via, keys) == [b"v" + k for k in keys]
+        for name in c.names[1:]:
+            seen = c.nodes[name].stats.requests
+            many = seen.get("REPLICA_GET_MANY", 0) - before[name].get("REPLICA_GET_MANY", 0)
+            one = seen.get("REPLICA_GET", 0) - before[name].get("REPLICA_GET", 0)
+            assert many >= 1 and many + one < len(keys), (name, many, one)  # batched
+    finally:
+        c.close()
+
+
+def test_a_read_batch_refused_as_a_whole_is_asked_again_key_by_key() -> None:
+    """A replica that refuses REPLICA_GET_MANY (as it would one whose answer outgrew a frame)
+    still answers each key alone: the reads succeed, as they would unbatched. Without the
+    retry both replicas' refusals leave every R=2 read one answer short."""
+    c, via, keys = _batched(seed=13)
+    try:
+        _burst(c, via, keys)
+        c.net.run_for(0.1)
+
+        async def refuse(_msg: Message) -> Message:
+            raise wire.BadRequest("REPLICA_GET_MANY refused (the test's)")
+
+        for name in c.names[1:]:
+            c.nodes[name].services[wire.REPLICA_GET_MANY] = refuse
+        assert _read_burst(c, via, keys) == [b"v" + k for k in keys]
+        for name in c.names[1:]:
+            assert c.nodes[name].stats.requests.get("REPLICA_GET", 0) >= len(keys)
+    finally:
+        c.close()
+
+
+def test_a_read_batch_to_unreachable_replicas_fails_each_read_as_a_single_request_would() -> None:
+    c, via, keys = _batched(seed=14)
+    try:
+        _burst(c, via, keys)
+        c.net.run_for(0.1)
+        c.net.cut([c.addr[via]], [c.addr[n] for n in c.names[1:]])
+        got = _read_burst(c, via, keys)
+        assert all(isinstance(r, shmkv.QuorumError) and not isinstance(r, shmkv.MaybeApplied) for r in got), got
+    finally:
+        c.close()
+
+
+def test_a_large_copy_is_read_alone() -> None:
+    c, via, keys = _batched(seed=15)
+    try:
+        big = b"x" * (coordinator.BATCH_VALUE_MAX + 1)
+        for k in keys:
+            c.put(via, k, big)
+        c.net.run_for(0.1)
+        before = {n: c.nodes[n].stats.requests.get("REPLICA_GET_MANY", 0) for n in c.names[1:]}
+        assert _read_burst(c, via, keys) == [big] * len(keys)
+        assert all(c.nodes[n].stats.requests.get("REPLICA_GET_MANY", 0) == before[n] for n in c.names[1:])
     finally:
         c.close()

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from shmkv.cluster.failure_detector import DOWN, SUSPECTED, THRESHOLD, UP, PhiAccrual, phi_of
+from shmkv.cluster.failure_detector import DOWN, SUSPECTED, THRESHOLD, UP, PhiAccrual, phi_of, silence_at
 
 
 def beating(d: PhiAccrual, peer: str, start: float, end: float, every: float = 1.0) -> float:
@@ -107,3 +107,45 @@ def test_phi_is_monotonic_in_the_silence() -> None:
 def test_bad_thresholds_are_refused() -> None:
     with pytest.raises(ValueError):
         PhiAccrual(threshold=2.0, suspect=4.0)
+
+
+def test_is_down_is_exactly_phis_verdict_at_every_silence_and_next_to_the_crossing() -> None:
+    # is_down compares the silence against phi's solved crossing; it must never disagree with
+    # state(), whatever the window -- including a hair either side of the crossing itself.
+    rng = random.Random(11)
+    for trial in range(300):
+        d = PhiAccrual(threshold=rng.choice([1.0, 4.0, 8.0, 12.0, 40.0]), suspect=1.0,
+                       min_std=rng.choice([0.01, 0.25]), acceptable_pause=rng.choice([0.0, 0.5]))
+        t = 0.0
+        d.add("p", t)
+        for _ in range(rng.randrange(0, 30)):
+            t += rng.uniform(0.05, 3.0)
+            d.heartbeat("p", t)
+            d.tick(t)
+        h = d._peers["p"]
+        mean, std = h.mean_std()
+        cross = silence_at(d.threshold, mean + d.acceptable_pause, max(std, d.min_std))
+        probes = [rng.uniform(0, 3 * cross + 1) for _ in range(20)]
+        probes += [cross + k * abs(cross) * 1e-15 for k in range(-8, 9)]
+        probes += [cross - 1e-6, cross + 1e-6]
+        for s in probes:
+            if s < 0 or s > d.max_local_pause:
+                continue  # past max_local_pause without a tick: stale, both say not down
+            now = h.last + s
+            assert d.is_down("p", now) == (d.state("p", now) == DOWN), (trial, s, cross)
+        assert d.is_down("p", h.last + cross + 1e-3) or cross + 1e-3 > d.max_local_pause
+        assert not d.is_down("p", h.last + cross - 1e-3)
+
+
+def test_a_new_heartbeat_moves_the_crossing() -> None:
+    d = PhiAccrual()
+    d.add("p", 0.0)
+    for i in range(1, 20):
+        d.heartbeat("p", float(i))
+        d.tick(float(i))
+    assert not d.is_down("p", 19.5)
+    d.tick(21.9)
+    assert d.is_down("p", 21.9)  # 2.9 s of silence after 1 s heartbeats
+    d.heartbeat("p", 21.9)
+    assert not d.is_down("p", 21.9)
+    assert not d.is_down("p", 22.5)
