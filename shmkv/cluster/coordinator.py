@@ -1271,7 +1271,7 @@ class Node:
         for key in keys:
             if not isinstance(key, bytes) or not key:
                 raise BadRequest("key must be non-empty bytes")
-            if self.config.name not in ring.preference_list(key, self.config.n) and not (
+            if not ring.holds(key, self.config.n, self.config.name) and not (
                 self._moving is not None and self.config.name in self._moving.ring.preference_list(key, self.config.n)
             ):  # (while a move is on, an old owner of the key still holds and serves its copy)
                 raise WrongEpoch(

@@ -125,8 +125,14 @@ class MerkleTree:
         self._leaves: dict[int, dict[bytes, int]] = {}
         self._count = 0
         self._shift = 64 - BITS * depth  # token -> leaf index
-        #: (level, its nodes) from the leaves' level up to the root: set_digest's walk
+        #: (level, its nodes) from the leaves' level up to the root: _settle's walk
         self._up = [(level, self._levels[level]) for level in range(depth, -1, -1)]
+        #: the leaves whose items changed since the nodes were last brought up to date.
+        #: Invariant: every node hash is the sum of the digests below it, except along the
+        #: paths from these leaves to the root -- which _settle() mends before any node is
+        #: read. Writes only touch the leaf's items and this set (every write a node takes
+        #: runs set_digest); the sums are redone when the tree is read (an exchange's walk).
+        self._dirty: set[int] = set()
 
     def leaf_of(self, key: bytes) -> int:
         return key_token(key) >> self._shift
@@ -136,6 +142,7 @@ class MerkleTree:
 
     @property
     def root(self) -> int:
+        self._settle()
         return self._levels[0].get(0, 0)
 
     def update(self, key: bytes, value: bytes | None) -> None:
@@ -151,7 +158,8 @@ class MerkleTree:
     def set_digest(self, key: bytes, new: int) -> None:
         """:meth:`update` by digest (0: the key is gone) -- how a tree is copied into one of
         another depth without hashing the values again."""
-        # (runs for every write a node takes: kept flat, the walk over a precomputed list)
+        # (runs for every write a node takes: the leaf's items and the dirty set -- the sums up
+        # to the root are _settle's, once per changed leaf per read of the tree)
         leaf = key_token(key) >> self._shift
         leaves = self._leaves
         items = leaves.get(leaf)
@@ -170,17 +178,28 @@ class MerkleTree:
             if items is None:
                 items = leaves[leaf] = {}
             items[key] = new
-        delta = (new - old) % MOD
-        idx = leaf
-        for level, nodes in self._up:
-            h = nodes.get(idx, 0) + delta
-            if h >= MOD:
-                h -= MOD
-            if h or self._occupied(level, idx):
-                nodes[idx] = h
-            else:
-                nodes.pop(idx, None)
-            idx >>= BITS
+        self._dirty.add(leaf)
+
+    def _settle(self) -> None:
+        """Bring the nodes above the changed leaves up to date (the tree's readers call it)."""
+        dirty = self._dirty
+        if not dirty:
+            return
+        self._dirty = set()
+        leaves, at_leaves = self._leaves, self._levels[self.depth]
+        for leaf in dirty:
+            items = leaves.get(leaf)
+            delta = ((sum(items.values()) if items else 0) - at_leaves.get(leaf, 0)) % MOD
+            idx = leaf
+            for level, nodes in self._up:
+                h = nodes.get(idx, 0) + delta
+                if h >= MOD:
+                    h -= MOD
+                if h or self._occupied(level, idx):
+                    nodes[idx] = h
+                else:
+                    nodes.pop(idx, None)
+                idx >>= BITS
 
     def _occupied(self, level: int, idx: int) -> bool:
         # A node whose sum is 0 by chance but still has items must stay (probability 2**-128;
@@ -192,12 +211,14 @@ class MerkleTree:
         return any(lo <= i < hi for i in self._leaves)
 
     def node_hash(self, level: int, idx: int) -> int:
+        self._settle()
         return self._levels[level].get(idx, 0)
 
     def children(self, level: int, idxs: Iterable[int]) -> list[list[int]]:
         """For each node ``idx`` of ``level`` (< depth), the hashes of its 16 children."""
         if not 0 <= level < self.depth:
             raise ValueError(f"level {level} has no children in a tree of depth {self.depth}")
+        self._settle()
         below = self._levels[level + 1]
         return [[below.get((i << BITS) + c, 0) for c in range(FANOUT)] for i in idxs]
 

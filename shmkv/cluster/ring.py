@@ -58,23 +58,17 @@ MAX_NAME = 255
 RING_FORMAT = 1
 
 
-#: the last bytes key hashed and its token: a write places its key (preference_list), then
-#: anti-entropy finds the same key's range (vnode_index) -- one hash, not two. One tuple,
-#: replaced whole, so a thread reading it never sees one key's token paired with another's.
-_last_token: tuple[bytes | None, int] = (None, 0)
+_bisect_left = bisect.bisect_left
+_hash64 = mmh3.hash64
+_U64 = (1 << 64) - 1
 
 
 def key_token(key: bytes) -> int:
     """The ring position of ``key``: mmh3 x64 128-bit hash, first 64 bits, unsigned."""
-    global _last_token
-    last = _last_token
-    if last[0] == key and type(key) is bytes:
-        return last[1]
-    # Keywords, not positions: mmh3 5.x ignores a positional `signed` and returns a signed value.
-    token: int = mmh3.hash64(key, seed=0, x64arch=True, signed=False)[0]
-    if type(key) is bytes:
-        _last_token = (key, token)
-    return token
+    # No keyword arguments (a call with them costs as much as the hash): the defaults are
+    # seed 0 and x64arch; the signed value masked is the unsigned one, whether or not this
+    # mmh3 honours `signed` (5.x ignores a positional one).
+    return _hash64(key)[0] & _U64  # type: ignore[no-any-return]
 
 
 @functools.lru_cache(maxsize=64)
@@ -139,7 +133,7 @@ class Ring:
 
     __slots__ = (
         "_epoch", "_members", "_vnodes_per_weight", "_tokens", "_owners", "_names", "_replication",
-        "_dc_index", "_prefs", "_derived",
+        "_dc_index", "_prefs", "_derived", "_last", "_buckets", "_bucket_shift",
     )
 
     def __init__(
@@ -191,6 +185,26 @@ class Ring:
         #: tables computed from this ring once (:meth:`derived`): vnode_preference_lists(n)
         #: under ("vnode_lists", n), and callers' own (anti-entropy's range table)
         self._derived: dict[Hashable, Any] = {}
+        #: (key, its vnode index): the last lookup. A write asks for one key's placement
+        #: several times in a row (its preference list, its replica check, anti-entropy's
+        #: range of it); a ring's tokens never change, so the answer stays right.
+        self._last: tuple[bytes | None, int] = (None, 0)
+        # Invariant: _buckets[b] == bisect_left(_tokens, b << _bucket_shift) for every b, and
+        # one more entry, len(_tokens): a token t's vnode lies in _buckets[t >> shift] ..
+        # _buckets[(t >> shift) + 1], a handful of tokens (bisecting ~6,000 ints that are
+        # objects all over the heap was most of a lookup).
+        bits = min(16, max(1, (len(self._tokens) - 1).bit_length()))
+        self._bucket_shift = 64 - bits
+        buckets = [0] * ((1 << bits) + 1)
+        j = 0
+        toks = self._tokens
+        for b in range(1 << bits):
+            lo = b << self._bucket_shift
+            while j < len(toks) and toks[j] < lo:
+                j += 1
+            buckets[b] = j
+        buckets[1 << bits] = len(toks)
+        self._buckets: list[int] = buckets
 
     # -- data centres --------------------------------------------------------------------------
 
@@ -336,7 +350,19 @@ class Ring:
 
     def vnode_index(self, key: bytes) -> int:
         """The index of the vnode that owns ``key`` (into :meth:`vnode_preference_lists`)."""
-        return bisect.bisect_left(self._tokens, key_token(key)) % len(self._tokens)
+        last = self._last
+        if last[0] == key and type(key) is bytes:
+            return last[1]
+        tokens = self._tokens
+        t = key_token(key)
+        b = t >> self._bucket_shift
+        buckets = self._buckets
+        i = _bisect_left(tokens, t, buckets[b], buckets[b + 1])
+        if i == len(tokens):
+            i = 0  # past the last token: the ring wraps to the first vnode
+        if type(key) is bytes:
+            self._last = (key, i)
+        return i
 
     def vnode_preference_lists(self, n: int) -> list[tuple[str, ...]]:
         """Per vnode, in token order, the preference list of the keys it owns: every key of vnode
@@ -365,16 +391,19 @@ class Ring:
 
         :raises ConfigError: ``n`` < 1 or ``n`` > the number of members.
         """
-        tokens = self._tokens
-        i = bisect.bisect_left(tokens, key_token(key))
-        if i == len(tokens):
-            i = 0  # past the last token: the ring wraps to the first vnode
+        return list(self._row(self.vnode_index(key), n))
+
+    def holds(self, key: bytes, n: int, name: str) -> bool:
+        """``name in preference_list(key, n)``, without building the list."""
+        return name in self._row(self.vnode_index(key), n)
+
+    def _row(self, i: int, n: int) -> tuple[str, ...]:
         hit = self._prefs.get((i, n))
         if hit is None:
             self.check_n(n)
             names = self._names
             hit = self._prefs[(i, n)] = tuple(names[o] for o in self._walk(i, n))
-        return list(hit)
+        return hit
 
     def check_n(self, n: int) -> None:
         """:raises ConfigError: unless 1 <= ``n`` <= the number of members."""

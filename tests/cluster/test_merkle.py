@@ -9,6 +9,7 @@ import pytest
 
 from shmkv.cluster.merkle import (
     LEAF_KEYS,
+    MOD,
     TOKENS,
     MerkleTree,
     classify_children,
@@ -16,6 +17,7 @@ from shmkv.cluster.merkle import (
     compare,
     depth_for,
     diff,
+    digest,
     differing_children,
     span_of,
 )
@@ -48,6 +50,31 @@ def test_a_tree_updated_write_by_write_equals_one_built_from_the_final_data() ->
         for level in range(depth):
             idxs = range(16**level)
             assert t.children(level, idxs) == r.children(level, idxs)
+
+
+def test_reads_between_writes_see_every_write_before_them() -> None:
+    # The sums above the leaves are brought up to date when the tree is read (_settle): a read
+    # at any point -- root, a node, children -- must equal a rebuild of the data so far.
+    rng = random.Random(12)
+    for depth in (1, 3):
+        t = MerkleTree(depth)
+        model: dict[bytes, bytes] = {}
+        for step in range(1500):
+            k = b"k%d" % rng.randrange(300)
+            if rng.random() < 0.3:
+                model.pop(k, None)
+                t.update(k, None)
+            else:
+                model[k] = b"v%d" % rng.randrange(4)
+                t.update(k, model[k])
+            if rng.random() < 0.1:  # against the definition: a node is the sum of its digests
+                assert t.root == sum(digest(x, v) for x, v in model.items()) % MOD, step
+                leaf = t.leaf_of(k)
+                assert t.node_hash(depth, leaf) == sum(
+                    digest(x, v) for x, v in model.items() if t.leaf_of(x) == leaf) % MOD, step
+                level = rng.randrange(depth)
+                idxs = range(16**level)
+                assert t.children(level, idxs) == rebuilt(model, depth).children(level, idxs), step
 
 
 def test_an_emptied_tree_is_the_empty_tree() -> None:

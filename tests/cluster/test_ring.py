@@ -285,3 +285,38 @@ def test_bad_configurations_name_the_problem(members: list[Member], match: str) 
 def test_bad_weights_name_the_member(weight: object) -> None:
     with pytest.raises(ConfigError, match="member 'x'"):
         Member("x", "h:1", weight)  # type: ignore[arg-type]
+
+
+@FEW
+@given(
+    names=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=6, unique=True),
+    vnodes=st.sampled_from([1, 3, 64, 2048]),
+    tokens=st.lists(st.integers(0, TOKEN_SPACE - 1), max_size=50),
+)
+def test_the_bucketed_lookup_finds_the_vnode_a_plain_bisect_finds(
+    names: list[str], vnodes: int, tokens: list[int]
+) -> None:
+    """Ring.vnode_index looks in one bucket of the token space: the same vnode as a bisect
+    over every token, for keys and for tokens at and next to each bucket's and vnode's edge."""
+    import bisect
+
+    ring = Ring([Member(m, "h:1") for m in names], 0, vnodes_per_weight=vnodes)
+    toks = ring._tokens
+    shift = ring._bucket_shift
+    edges = [b << shift for b in range(0, 1 << (64 - shift), max(1, (1 << (64 - shift)) // 64))]
+    probes = tokens + edges + [t + d for t in toks[:64] + toks[-4:] for d in (-1, 0, 1)]
+    for t in probes:
+        if not 0 <= t < TOKEN_SPACE:
+            continue
+        b = t >> shift
+        got = bisect.bisect_left(toks, t, ring._buckets[b], ring._buckets[b + 1]) % len(toks)
+        assert got == bisect.bisect_left(toks, t) % len(toks), (t, b)
+    for k in sample_keys(200):
+        assert ring.vnode_index(k) == bisect.bisect_left(toks, key_token(k)) % len(toks)
+
+
+def test_key_tokens_are_mmh3_x64_first_64_bits_unsigned() -> None:
+    import mmh3
+
+    for k in sample_keys(500) + [b"", b"\xff" * 40, "naïve".encode()]:
+        assert key_token(k) == mmh3.hash64(k, seed=0, x64arch=True, signed=False)[0]
