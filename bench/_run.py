@@ -2,7 +2,8 @@
 
 The scripts import shmkv as installed (``pip install -e '.[bench]'``, as CI does); on a source
 tree with the extension built in place and nothing installed, run them with ``PYTHONPATH=.``.
-There is no sys.path set-up in bench/ beyond that.
+The one sys.path change in bench/ is :func:`repo_import`'s, for the test helpers a bench
+borrows; tools/ is loaded by path (:func:`cluster_tool`).
 
 Arguments given to a scenario script come after the scenario's own, so they override them
 (``python bench/session_cache.py --duration 10 --json out.json``).
@@ -26,6 +27,16 @@ def run(scenario_args: list[str]) -> None:
         i = scenario_args.index("--duration")
         scenario_args = scenario_args[:i] + scenario_args[i + 2 :]
     main([*scenario_args, *user], prog_name=f"python {sys.argv[0]}")
+
+
+def repo_import(name: str) -> ModuleType:
+    """A module of the repository that is not part of the package (``tests.cluster.etcd_server``),
+    imported as a package module so that its relative imports work: the root goes on sys.path."""
+    import importlib
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(name)
 
 
 def cluster_tool() -> ModuleType:

@@ -43,12 +43,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
-import shutil
 import os
 import random
-import statistics
+import shutil
 import sys
 import tempfile
 import threading
@@ -56,18 +54,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _run import cluster_tool
 
-import shmkv  # noqa: E402
-from shmkv.cluster import wire  # noqa: E402
-from shmkv.cluster.transport import TcpTransport  # noqa: E402
-from shmkv.cluster.wire import Message  # noqa: E402
+import shmkv
+from shmkv.bench.stats import percentile
+from shmkv.cluster import wire
+from shmkv.cluster.transport import TcpTransport
+from shmkv.cluster.wire import Message
 
-_spec = importlib.util.spec_from_file_location("shmkv_tools_cluster_ae", ROOT / "tools" / "cluster.py")
-assert _spec is not None and _spec.loader is not None
-tc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tc)
+tc = cluster_tool()  # tools/cluster.py
 
 AE = ["--ae-interval", "1", "--tombstone-grace", "3600", "--ae-rebuild", "0"]
 
@@ -144,8 +139,8 @@ class Foreground:
             return {"ops": 0}
         return {
             "ops": len(lat), "errors": self.errors,
-            "p50_ms": round(statistics.median(lat) * 1e3, 3),
-            "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, 3),
+            "p50_ms": round(percentile(lat, 50) * 1e3, 3),
+            "p99_ms": round(percentile(lat, 99) * 1e3, 3),
         }
 
 

@@ -36,14 +36,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+from _run import cluster_tool
 
-import cluster as tc  # noqa: E402  (tools/cluster.py)
+import shmkv
+from shmkv.cluster import wire
+from shmkv.cluster.wire import Message
 
-import shmkv  # noqa: E402
-from shmkv.cluster import wire  # noqa: E402
-from shmkv.cluster.wire import Message  # noqa: E402
+tc = cluster_tool()  # tools/cluster.py
 
 POLL = 0.05
 

@@ -29,7 +29,6 @@ are against the baseline p99 of the same run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import signal
@@ -40,22 +39,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _run import cluster_tool
 
-import shmkv  # noqa: E402
-from shmkv.cluster.config_client import group_status, propose  # noqa: E402
+import shmkv
+from shmkv.bench.stats import percentile
+from shmkv.cluster.config_client import group_status, propose
 
-
-def _load(name: str, path: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tc = _load("shmkv_tools_cluster_scaling_bench", ROOT / "tools" / "cluster.py")
+tc = cluster_tool()  # tools/cluster.py
 
 
 def _poll(what: str, fn: Any, within: float) -> Any:
@@ -87,7 +77,7 @@ class Foreground:
             while not self.stop.is_set():
                 key = self.keys[i % len(self.keys)]
                 i += 7919
-                for op in (lambda: c.get(key), lambda: c.put(key, self.value)):
+                for op in (lambda key=key: c.get(key), lambda key=key: c.put(key, self.value)):
                     phase = self.phase
                     t0 = time.perf_counter()
                     try:
@@ -101,11 +91,11 @@ class Foreground:
 
     def p99(self, phase: str) -> float:
         xs = sorted(self.lat.get(phase, []))
-        return round(xs[min(len(xs) - 1, int(len(xs) * 0.99))], 2) if xs else float("nan")
+        return round(percentile(xs, 99), 2) if xs else float("nan")
 
     def p50(self, phase: str) -> float:
         xs = sorted(self.lat.get(phase, []))
-        return round(xs[len(xs) // 2], 2) if xs else float("nan")
+        return round(percentile(xs, 50), 2) if xs else float("nan")
 
 
 def _sent(addrs: list[str]) -> int:
@@ -214,8 +204,8 @@ def main() -> int:
             t0 = time.monotonic()
             tc.kill(d, lead)
             rest = [n["addr"] for n in st["nodes"] if n["name"] != lead]
-            _poll("a new leader", lambda: (h := group_status(rest, 0.3)) and h.get("leader")
-                  and h["leader"]["name"] != lead, within=30)
+            _poll("a new leader", lambda rest=rest, lead=lead: (h := group_status(rest, 0.3))
+                  and h.get("leader") and h["leader"]["name"] != lead, within=30)
             out["election_s"].append(round(time.monotonic() - t0, 2))
             tc.restart(d, lead)
     finally:

@@ -19,7 +19,6 @@ no data: the bench waits for that end before the next change, untimed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import statistics
@@ -27,24 +26,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _run import cluster_tool, repo_import
 
-
-def _load(name: str, path: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from shmkv.bench.stats import percentile
 
 
 def measure(kind: str, d: Path, url: str, changes: int) -> dict[str, float]:
     from shmkv.cluster.config_client import group_status, propose, wait_moved
 
-    tc = _load("shmkv_tools_cluster_bench", ROOT / "tools" / "cluster.py")
+    tc = cluster_tool()  # tools/cluster.py
     try:
         st = tc.start(3, d, join_timeout=20, raft=kind == "raft",
                       extra=["--config", url] if kind == "etcd" else None)
@@ -65,7 +56,7 @@ def measure(kind: str, d: Path, url: str, changes: int) -> dict[str, float]:
                     raise SystemExit(f"{kind}: the move of epoch {cfg.moving.epoch} did not end within 30 s")
         lat.sort()
         return {"median_ms": round(statistics.median(lat), 1),
-                "p90_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.9))], 1), "max_ms": round(lat[-1], 1)}
+                "p90_ms": round(percentile(lat, 90), 1), "max_ms": round(lat[-1], 1)}
     finally:
         tc.stop(d, grace=5)
 
@@ -75,8 +66,7 @@ def main() -> int:
     ap.add_argument("--changes", type=int, default=20)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    # a package import: etcd_server.py imports its neighbours relatively (ROOT is on sys.path)
-    EtcdServer = importlib.import_module("tests.cluster.etcd_server").EtcdServer
+    EtcdServer = repo_import("tests.cluster.etcd_server").EtcdServer  # relative imports inside
     tmp = Path(tempfile.mkdtemp(prefix="shmkv-config-commit."))
     etcd = EtcdServer(tmp / "etcd")
     etcd.start()

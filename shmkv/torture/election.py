@@ -20,6 +20,7 @@ import itertools
 import random
 from typing import Any
 
+from ..bench.stats import percentile
 from ..cluster.config_service import ELECTION_TICKS, HEARTBEAT_TICKS, TICK
 from ..cluster.raft.core import Config, RaftNode, Role
 from ..cluster.raft.types import Snapshot
@@ -152,10 +153,7 @@ def _run(
 def distribution(times: list[float]) -> dict[str, float]:
     s = sorted(times)
 
-    def q(p: float) -> float:
-        return s[min(len(s) - 1, int(p * len(s)))]
-
-    return {"n": len(s), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": s[-1]}
+    return {"n": len(s), "p50": percentile(s, 50), "p90": percentile(s, 90), "p99": percentile(s, 99), "max": s[-1]}
 
 
 def main(argv: list[str] | None = None) -> None:
