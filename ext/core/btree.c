@@ -111,7 +111,7 @@ static int node_real(store_t *st, uint32_t i) {
     if (i < h->nnodes) return 1;
     uint64_t byte = h->off_nodes + (uint64_t)i * BT_NODE_SIZE;
     if (byte < h->off_pages || byte + BT_NODE_SIZE > h->total_size) return 0;
-    uint64_t p = (byte - h->off_pages) / h->page_size;
+    uint64_t p = shmkv_page_of_byte(h, byte);
     return p < h->npages && st->pagemeta[p].cls == SHMKV_PAGE_NODES;
 }
 

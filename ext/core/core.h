@@ -211,8 +211,12 @@ static inline slot_t *shmkv_me(store_t *st) { return &st->slots[st->slot]; }
 
 /* Page geometry (layout.h): the page a chunk's unit offset falls in, where a page starts, and
  * whether an offset is the start of a chunk of an assigned page (its class, or -1). */
+static inline uint64_t shmkv_page_of_byte(const header_t *h, uint64_t byte) {
+    /* REQUIRES: byte >= h->off_pages (the caller bounds an untrusted offset first) */
+    return (byte - h->off_pages) / h->page_size;
+}
 static inline uint32_t shmkv_page_of(store_t *st, uint32_t off) {
-    return (uint32_t)(((uint64_t)off * SHMKV_UNIT - st->hdr->off_pages) / st->hdr->page_size);
+    return (uint32_t)shmkv_page_of_byte(st->hdr, (uint64_t)off * SHMKV_UNIT);
 }
 static inline char *shmkv_page_addr(store_t *st, uint32_t p) {
     return st->pages + (uint64_t)p * st->hdr->page_size;

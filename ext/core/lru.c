@@ -107,7 +107,7 @@ int shmkv_evict_locked(store_t *st, uint32_t cls, uint32_t held_stripe, uint32_t
         it->owner = 0;
         it->active = 0;
         c->used--;
-        st->pagemeta[((uint64_t)off * SHMKV_UNIT - st->hdr->off_pages) / st->hdr->page_size].used--;
+        st->pagemeta[shmkv_page_of(st, off)].used--;
         *out = off;
         return 0;
     }

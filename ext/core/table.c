@@ -171,7 +171,7 @@ void shmkv_prefetch_item(store_t *st, uint64_t hv) {
     uint32_t off = __atomic_load_n(&st->buckets[bucket_of(st, hv)], __ATOMIC_RELAXED);
     uint64_t byte = (uint64_t)off * SHMKV_UNIT;
     if (!off || byte < st->hdr->off_pages) return;
-    uint64_t page = (byte - st->hdr->off_pages) / st->hdr->page_size;
+    uint64_t page = shmkv_page_of_byte(st->hdr, byte);
     if (page >= st->hdr->npages) return;
     uint32_t cls = st->pagemeta[page].cls;
     if (cls >= st->hdr->nclasses) return;
