@@ -25,7 +25,7 @@ ext = Extension(
     sources=["ext/_core.pyx"] + [f"ext/core/{f}" for f in CORE],
     include_dirs=["ext", "ext/core"],
     depends=["ext/core/core.h", "ext/core/layout.h", "ext/core/btree.h", "ext/core/robust_mutex.h",
-             "ext/includes/core.pxd"],
+             "ext/includes/core.pxd", "ext/includes/posix.pxd"],
     extra_compile_args=flags,
     define_macros=macros,
     libraries=["pthread"],

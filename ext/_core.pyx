@@ -15,10 +15,12 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, strerror
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree
-from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.types cimport off_t
 
 from includes.core cimport *
+from includes.posix cimport (
+    EDEADLK, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap, posix_fallocate,
+)
 
 from functools import partial
 from os import getpid as _getpid
@@ -39,12 +41,6 @@ cdef extern from "Python.h":
 
 cdef extern from *:
     void __builtin_prefetch(const void *p)
-
-cdef extern from "errno.h":
-    enum: EDEADLK
-
-cdef extern from "fcntl.h" nogil:
-    int posix_fallocate(int fd, off_t offset, off_t length)
 
 ITEM_HEADER_BYTES = SHMKV_ITEM_HDR
 TIER_PATH_MAX = SHMKV_TIER_PATH_MAX

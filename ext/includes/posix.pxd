@@ -1,5 +1,7 @@
-# POSIX declarations of the spill tier's extension (ext/_lsm.pyx and its .pxi files), once.
+# POSIX declarations of both extensions (ext/_core.pyx; ext/_lsm.pyx and its .pxi files), once.
 # The signatures are what the C library declares; nogil: none of them touches Python objects.
+
+from posix.types cimport off_t
 
 cdef extern from "sys/mman.h" nogil:
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
@@ -16,6 +18,10 @@ cdef extern from "unistd.h" nogil:
 cdef extern from "errno.h":
     int errno  # a macro for a thread-local lvalue: read it right after the failing call
     int EINTR
+    int EDEADLK
+
+cdef extern from "fcntl.h" nogil:
+    int posix_fallocate(int fd, off_t offset, off_t length)
 
 cdef extern from "signal.h" nogil:
     int kill(int pid, int sig)
