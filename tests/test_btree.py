@@ -566,7 +566,7 @@ def test_node_pages_are_taken_while_other_processes_insert_and_scan(name):
     for w in writers:
         w.start()
     try:
-        scans = scan_until(kv, 1.5)
+        scan_until(kv, 1.5)
     finally:
         for w in writers:
             w.join(30)

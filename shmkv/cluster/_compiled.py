@@ -23,9 +23,9 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Sequence
 
 #: the modules setup.py compiles (names inside shmkv.cluster): a request's path
 COMPILED = (

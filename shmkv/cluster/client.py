@@ -494,11 +494,11 @@ class Client:
                 targets = routes.get(ring.vnode_index(key))
             if targets is None or self._suspects:
                 ring, targets = self._targets(key)
-            fields["epoch"] = ring.epoch
+            fields["epoch"] = ring.epoch  # type: ignore[union-attr]  # a ring whenever targets
             fields["timeout_ms"] = self._timeout_ms
             rid, frame = _frame(code, fields)  # encoded once, whichever node takes it
             last: BaseException | None = None
-            members = ring.members
+            members = ring.members  # type: ignore[union-attr]
             for node in targets:
                 try:
                     reply = net.request(members[node].addr, rid, frame, budget)

@@ -187,7 +187,9 @@ class ConfigHook:
             await asyncio.sleep(JOIN_POLL)
 
     async def start(self) -> None:
-        self.balance = bal = AutoBalance(self.node, self.store, self.service, settings_of(self.o),
+        # auto-balance leads from the built-in Raft group only (check_options: --raft-dir or --join)
+        raft_service = self.service if isinstance(self.service, ConfigService) else None
+        self.balance = bal = AutoBalance(self.node, self.store, raft_service, settings_of(self.o),
                                          enabled=bool(getattr(self.o, "auto_balance", False)),
                                          interval=getattr(self.o, "balance_interval", INTERVAL))
         if self.service is not None:

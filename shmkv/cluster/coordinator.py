@@ -41,7 +41,7 @@ import logging
 import os
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import Error
 from . import wire
@@ -494,8 +494,8 @@ class Node:
         epoch = self._ring().epoch
         for rnd in (0, 1):
             per_node: dict[str, list[int]] = {}
-            for i, (key, result, holders, need, groups) in enumerate(todo):
-                for node in groups[rnd] if len(holders) < need else ():
+            for i, (key, result, holders, wanted, groups) in enumerate(todo):
+                for node in groups[rnd] if len(holders) < wanted else ():
                     self.stats.read_repairs += 1
                     if node == me:
                         self._repair_local(key, result)
@@ -518,13 +518,13 @@ class Node:
 
             if per_node:
                 await asyncio.gather(*(one(node, idx) for node, idx in per_node.items()))
-        for (key, _result, holders, need, _groups), (_key, t, _res) in zip(todo, items, strict=True):
-            if len(holders) < need:
+        for (key, _result, holders, wanted, _groups), (_key, t, _res) in zip(todo, items, strict=True):
+            if len(holders) < wanted:
                 raise QuorumError(
                     f"strict read of {key!r}: its replicas disagreed and the newer copy could be written "
-                    f"back to only {len(holders)} of the {need} replicas a later read must meet (N={t.n}, "
+                    f"back to only {len(holders)} of the {wanted} replicas a later read must meet (N={t.n}, "
                     f"R={t.r}); the read is not answered",
-                    needed=need, answered=len(holders), n=t.n,
+                    needed=wanted, answered=len(holders), n=t.n,
                 )
 
     async def write(
@@ -1558,6 +1558,9 @@ _NONE: list[str] = []
 _NO_HINTS: dict[str, str] = {}
 
 
+_OpT = TypeVar("_OpT", bound="_Op")
+
+
 class _Op:
     """A read or write begun without a coroutine (:meth:`Node.begin_read`, :meth:`Node.begin_write`):
     decided once ``waiter`` is None or done. Its fan-out's callbacks are its bound methods --
@@ -1584,7 +1587,7 @@ class _Op:
     def result(self) -> VersionSet:
         raise NotImplementedError
 
-    def track(self) -> Any:
+    def track(self: _OpT) -> _OpT:
         """Node.put_now / get_now: count the request's end (Node._ended) once it is decided."""
         if self.waiter is None:
             self.ended(None)
@@ -1807,7 +1810,7 @@ class _FanOut:
             if exc is None:
                 owner.suspects.discard(target)
                 try:
-                    self.on_reply(target, reply)
+                    self.on_reply(target, reply)  # type: ignore[arg-type]  # a Message: exc is None
                 except ClusterError as e:  # a malformed answer is that replica's failure
                     self.on_fail(target, f"bad answer: {e}", maybe_reached=True)
                 return

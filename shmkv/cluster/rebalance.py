@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -90,6 +91,16 @@ def moving_ranges(old: Ring, new: Ring, n: int) -> int:
         if set(old_lists[i]) != set(prefs):
             out += 1
     return out
+
+
+def _counter_msg(key: bytes, counter: Any, epoch: int) -> Message:
+    """A gained member's REPLICA_COUNTER for ``key``, at the epoch of the send (_send)."""
+    return Message(wire.REPLICA_COUNTER, 0, {"key": key, "counter": counter, "epoch": epoch})
+
+
+def _put_many_msg(items: list[Any], epoch: int) -> Message:
+    """A gained member's REPLICA_PUT_MANY of ``items``, at the epoch of the send (_send)."""
+    return Message(wire.REPLICA_PUT_MANY, 0, {"items": items, "epoch": epoch})
 
 
 class Rebalancer:
@@ -241,8 +252,7 @@ class Rebalancer:
                 if kind == COUNTER:
                     c = self.node.replica.counter(key).to_wire()
                     for m in gained:
-                        ok = await self._send(m, lambda epoch, c=c, key=key: Message(
-                            wire.REPLICA_COUNTER, 0, {"key": key, "counter": c, "epoch": epoch}))
+                        ok = await self._send(m, functools.partial(_counter_msg, key, c))
                         if not ok:
                             return False
                     self._sent(1, 16 + len(key))
@@ -267,8 +277,7 @@ class Rebalancer:
 
     async def _flush(self, pending: dict[str, list[Any]], size: int) -> bool:
         for m, items in pending.items():
-            ok = await self._send(m, lambda epoch, items=items: Message(
-                wire.REPLICA_PUT_MANY, 0, {"items": items, "epoch": epoch}))
+            ok = await self._send(m, functools.partial(_put_many_msg, items))
             if not ok:
                 return False
             self._sent(len(items), 0)

@@ -68,7 +68,7 @@ from .transport import split_addr, start_eager
 from .wire import Message, Overloaded
 
 if TYPE_CHECKING:
-    from .coordinator import Node
+    from .coordinator import Node, _Read, _Write
     from .metrics import Metrics
 
 log = logging.getLogger("shmkv.cluster.resp")
@@ -188,8 +188,10 @@ class RespServer:
         path (_run)."""
         t0 = time.perf_counter()
         node = self.node
+        op: _Write | _Read | _Refused | None
         try:
             if cmd.name == "SET":
+                assert cmd.value is not None  # resp.parse: a SET always has its value
                 op = node.put_now(cmd.keys[0], cmd.value, cmd.ttl_ms)
             else:
                 op = node.get_now(cmd.keys[0])

@@ -68,7 +68,7 @@ def key_token(key: bytes) -> int:
     # No keyword arguments (a call with them costs as much as the hash): the defaults are
     # seed 0 and x64arch; the signed value masked is the unsigned one, whether or not this
     # mmh3 honours `signed` (5.x ignores a positional one).
-    return _hash64(key)[0] & _U64  # type: ignore[no-any-return]
+    return _hash64(key)[0] & _U64
 
 
 @functools.lru_cache(maxsize=64)

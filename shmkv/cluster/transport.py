@@ -762,11 +762,11 @@ class TcpTransport(Transport):
             c.close()
         for task in list(self._handler_tasks):
             task.cancel()
-        for task in list(self._connecting):
-            task.cancel()
+        for connecting in list(self._connecting):
+            connecting.cancel()
         conns = [c for pool in self._pools.values() for c in pool.conns]
-        for c in conns:
-            await c.close()
+        for conn in conns:
+            await conn.close()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)

@@ -365,7 +365,7 @@ class VersionSet:
 
     @classmethod
     def put_encoded(
-        cls, data: bytes | None, value: bytes, node: str, expires: int | None = None
+        cls, data: bytes | None, value: bytes | None, node: str, expires: int | None = None
     ) -> tuple[VersionSet, bytes]:
         """``decode(data).put(value, None, node, expires)`` and its :meth:`encode`, for the hot
         path of a put without a context (RESP SET, ``put`` without ``context=``): ``data`` is the

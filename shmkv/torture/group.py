@@ -41,8 +41,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .verdict import Problem, Verdict, combine
 from .raft import _dedupe  # one copy: the same problem seen twice is one problem
+from .verdict import Problem, Verdict, combine
 
 POLL_INTERVAL = 0.2  # seconds between two polls of every node
 REQUEST_TIMEOUT = 0.3  # a node that does not answer in time (paused, killed) is skipped this round

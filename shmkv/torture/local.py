@@ -332,7 +332,8 @@ class LocalCluster:
         async def last() -> list[dict[str, Any]]:
             t = TcpTransport()
             try:
-                return await w.poll_once(t)
+                got: list[dict[str, Any]] = await w.poll_once(t)
+                return got
             finally:
                 await t.close()
 

@@ -23,8 +23,8 @@ from .checkers import (
     check_superseded,
     merged_final,
 )
-from .history import History
 from .group import check_group
+from .history import History
 from .raft import check_raft
 from .simconfig import SimConfig
 from .simconfig import replay_command as sim_replay

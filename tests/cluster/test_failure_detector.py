@@ -6,7 +6,15 @@ import random
 
 import pytest
 
-from shmkv.cluster.failure_detector import DOWN, SUSPECTED, THRESHOLD, UP, PhiAccrual, phi_of, silence_at
+from shmkv.cluster.failure_detector import (
+    DOWN,
+    SUSPECTED,
+    THRESHOLD,
+    UP,
+    PhiAccrual,
+    phi_of,
+    silence_at,
+)
 
 
 def beating(d: PhiAccrual, peer: str, start: float, end: float, every: float = 1.0) -> float:

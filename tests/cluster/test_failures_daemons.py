@@ -25,8 +25,8 @@ import pytest
 from click.testing import CliRunner
 
 import shmkv
-from shmkv.cluster import wire
 from shmkv.cli import main
+from shmkv.cluster import wire
 from shmkv.cluster.replica import Replica
 from shmkv.cluster.wire import Message
 

@@ -17,8 +17,8 @@ from shmkv.cluster.merkle import (
     compare,
     depth_for,
     diff,
-    digest,
     differing_children,
+    digest,
     span_of,
 )
 from shmkv.cluster.ring import key_token

@@ -13,8 +13,8 @@ import pytest
 
 import shmkv
 from shmkv.cluster.replica import ACTOR_KEY
-from shmkv.errors import InvalidArgument
 from shmkv.cluster.versions import VersionSet
+from shmkv.errors import InvalidArgument
 from shmkv.torture.simulate import SYNC_INTERVAL, SimCluster, SimConfig, _DurableStore, run
 
 _names = itertools.count()

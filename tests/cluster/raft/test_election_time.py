@@ -61,7 +61,7 @@ def test_an_isolated_node_backs_off_and_never_raises_its_term() -> None:
                 starts.append(t)
             n.advance(rd)
     assert n.role == Role.PRE_CANDIDATE and n.term == 0
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     assert 10 <= starts[0] < 20
     assert 2 <= gaps[0] < 4 and 4 <= gaps[1] < 8 and 8 <= gaps[2] < 16
     assert all(10 <= g < 20 for g in gaps[3:]) and len(gaps) >= 6
