@@ -3,6 +3,7 @@ small persistent store: 50 keys flushed to a table, 5 puts and a delete left in 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,25 @@ def test_results_regenerator_covers_every_bench_command_the_readme_quotes() -> N
     assert len(quoted) >= 5
     for cmd in quoted:  # every argument of the README's command is in one listed command
         assert any(set(cmd.split()) <= set(ln) for ln in listed), cmd
+
+
+SOAK = DUMP.parent / "soak.py"
+
+
+def test_the_soak_tool_kills_writers_and_reports_what_it_checked(tmp_path: Path) -> None:
+    # tools/soak.py as a user runs it: 2 rounds of 2 fsync writers, SIGKILLed; its verdict on
+    # stdout and in --json, exit 0 (the checker's catching a loss: tests/test_tiered.py)
+    out = tmp_path / "soak.json"
+    r = subprocess.run(
+        [sys.executable, str(SOAK), "--writers", "2", "--rounds", "2", "--min-round", "0.2",
+         "--max-round", "0.4", "--dir", str(tmp_path / "s"), "--json", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("PASS: 2 rounds, 4 SIGKILLs")
+    got = json.loads(out.read_text())
+    assert got["ok"] and got["kills"] == 4 and got["acknowledged"] > 0 and got["lost"] == []
+    assert not (tmp_path / "s").exists()  # removed without --keep
+    bad = subprocess.run([sys.executable, str(SOAK), "--min-round", "2", "--max-round", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--max-round 1.0 is below --min-round 2.0" in bad.stderr
