@@ -50,23 +50,68 @@ def _leader(seeds: list[str], not_name: str | None = None) -> dict[str, Any] | N
 
 
 def test_status_shows_the_group_and_a_sigkilled_leader_is_replaced(raft_cluster: dict[str, Any]) -> None:
+    """SIGKILL the leader under a write load: a new leader follows (printed; the 3 s promise
+    is measured in bench/cluster_scaling.py, election_s, and in virtual time by
+    raft/test_election_time.py), the change committed before the kill outlives its leader,
+    no acknowledged write is lost, and once the old leader is back the group commits the next
+    change."""
     seeds = raft_cluster["seeds"]
     _poll("a leader", lambda: _leader(seeds))
     st = _status(seeds)["config"]
     lead = st["leader"]
     assert lead["name"] in st["voters"] and lead["addr"] in seeds
     assert st["term"] >= 1 and st["commit"] >= 1 and st["epoch"] == 1
-    t0 = time.monotonic()
-    tc.kill(raft_cluster["dir"], lead["name"])
-    rest = [s for s in seeds if s != lead["addr"]]
-    new = _poll("a new leader", lambda: _leader(rest, not_name=lead["name"]))
-    print(f"new leader {new['leader']['name']} {time.monotonic() - t0:.2f} s after SIGKILL")
-    assert new["term"] > st["term"] and new["epoch"] == 1
-    # the survivors still commit changes
-    out = _cli("cluster", "weight", "--seeds", ",".join(rest), [n["name"] for n in raft_cluster["nodes"]
-               if n["addr"] != lead["addr"]][0], "2")
+    others = [n["name"] for n in raft_cluster["nodes"] if n["addr"] != lead["addr"]]
+    # a committed change: it must survive the leader that committed it
+    out = _cli("cluster", "weight", "--seeds", ",".join(seeds), others[0], "1.5")
+    assert out.returncode == 0 and "ring epoch 2" in out.stdout, out.stdout + out.stderr
+    acked: dict[bytes, bytes] = {}
+    stop_writing = threading.Event()
+
+    def writer() -> None:
+        with shmkv.connect(seeds, n=3, timeout=2.0) as c:
+            for i in range(20_000):
+                if stop_writing.is_set():
+                    return
+                key, value = f"lk{i}".encode(), f"v{i}".encode()
+                for _attempt in range(5):  # a write may meet the dead leader: retried, named
+                    try:
+                        c.put(key, value)
+                        acked[key] = value
+                        break
+                    except shmkv.Error:
+                        time.sleep(0.05)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        _poll("writes before the kill", lambda: len(acked) > 200)
+        t0 = time.monotonic()
+        tc.kill(raft_cluster["dir"], lead["name"])
+        at_kill = len(acked)
+        rest = [s for s in seeds if s != lead["addr"]]
+        new = _poll("a new leader", lambda: _leader(rest, not_name=lead["name"]))
+        print(f"new leader {new['leader']['name']} {time.monotonic() - t0:.2f} s after SIGKILL")
+        assert new["term"] > st["term"] and new["epoch"] >= 2  # the committed change is kept
+        _poll("writes after the kill", lambda: len(acked) > at_kill + 300 or not t.is_alive())
+    finally:
+        stop_writing.set()
+        t.join(60)
+    assert not t.is_alive()
+    with shmkv.connect(rest, n=3, timeout=2.0) as c:
+        assert c.ring is not None and c.ring.members[others[0]].weight == 1.5
+        got = c.get_many(list(acked))
+        missing = [k for k in acked if got.get(k) != acked[k]]
+        assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes lost, e.g. {missing[:3]}"
+    assert len(acked) > at_kill  # the load went on through the election
+    # The re-weight's move waits for every old owner's push, the dead leader's too: restarted,
+    # it pushes, the move ends, and the group commits the next change.
+    tc.restart(raft_cluster["dir"], lead["name"])
+    _poll("the move over", lambda: (s := group_status(seeds, 0.5)) is not None and s["moving"] is None,
+          within=60)
+    out = _cli("cluster", "weight", "--seeds", ",".join(rest), others[1], "2")
     assert out.returncode == 0, out.stderr
-    assert "ring epoch 2" in out.stdout
+    assert "ring epoch" in out.stdout
 
 
 @pytest.mark.parametrize("raft_cluster", [2], indirect=True, ids=["workers2"])

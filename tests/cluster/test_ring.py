@@ -152,6 +152,20 @@ def test_reweighting_moves_keys_only_to_the_reweighted_member() -> None:
         assert before == after or after == "node-2"
 
 
+@pytest.mark.parametrize("weight", [0.5, 2.0, 3.0])
+def test_reweighting_moves_data_in_proportion_to_the_change_of_share(weight: float) -> None:
+    # node-2's share goes from 1/6 to w/(5+w): about that difference of the keys (and of the
+    # token space, exactly) changes owner, and no more -- a re-weight is not a reshuffle
+    names = [f"node-{i}" for i in range(6)]
+    old, new = ring_of(names), ring_of(names, epoch=2, weights={"node-2": weight})
+    expected = abs(weight / (5 + weight) - 1 / 6)
+    exact = abs(new.shares()["node-2"] - old.shares()["node-2"])
+    assert 0.85 * expected <= exact <= 1.15 * expected
+    keys = sample_keys(20_000)
+    moved = sum(old.preference_list(k, 1)[0] != new.preference_list(k, 1)[0] for k in keys) / len(keys)
+    assert 0.8 * expected <= moved <= 1.2 * expected, f"moved {moved:.3f}, share change {expected:.3f}"
+
+
 # -- preference lists ------------------------------------------------------------------------
 
 
