@@ -17,6 +17,16 @@ deleted only once the owner answered OK for a batch that carried it, and only if
 not grow meanwhile (:meth:`HintStore.ack` checks that the acknowledged set covers it). A failed
 batch leaves everything in place for the next round.
 
+Re-targeted when the ring moved on (:meth:`Handoff._retarget`). A hint whose owner no longer
+holds its key -- the owner was removed, or a re-weight or an add moved the key's range away --
+would be refused by the owner for ever, and a hint may be the only copy a fallback holds of an
+acknowledged write. So it goes to the key's *current* primaries that are up (this node
+included, over its own port, when it became one), as the same replica merge, and is deleted
+once every one of them answered OK; a primary that was down catches up by anti-entropy, as
+after any write it missed. Riak hands a fallback vnode's data to the partition's current owner
+the same way. (Rejected: dropping such hints, as this file did first -- safe only while a
+primary's own copy of every hinted write is sure to survive, which two failures can break.)
+
 Per process. Every worker of a node (``--workers``) coordinates writes, so each keeps its own
 hint file (``<path>/hints/w<index>/hints.log``; in memory without ``--path``) and its own
 delivery loop; the counts are published on the node's gossip board so STATUS shows the node's
@@ -30,8 +40,8 @@ read repair or anti-entropy instead).
 
 Bad input: a HINT_PUT for a node that is not in the ring, for this node itself, for a key whose
 preference list does not hold the owner, or sent to one of the key's primaries, is refused with
-a BadRequest and a log line; hints found on disk for owners no longer in the ring are dropped at
-start with a log line (HintStore.drop_owner).
+a BadRequest and a log line; hints found on disk for owners no longer in the ring are
+re-targeted (above), with a log line.
 """
 
 from __future__ import annotations
@@ -108,7 +118,12 @@ class Handoff:
         self.test_bug: str | None = None
         self._last_log: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
-        self.prune()
+        self.retargeted = 0  # hints handed to their key's current primaries (module docstring)
+        members = self.ring().members
+        for owner, count in self.hints.owners().items():
+            if owner not in members:
+                log.warning("%s: %d hints for %s, no longer a member of the ring: they go to their "
+                            "keys' current primaries", self.name, count, owner)
 
     # -- taking hints ------------------------------------------------------------------------
 
@@ -151,28 +166,25 @@ class Handoff:
 
     # -- handing back ------------------------------------------------------------------------
 
-    def prune(self) -> int:
-        """Drop the hints of owners no longer in the ring (logged). Returns how many."""
-        members = self.ring().members
-        gone = 0
-        for owner, count in self.hints.owners().items():
-            if owner not in members:
-                gone += self.hints.drop_owner(owner)
-                log.warning("%s: dropped %d hints for %s: no longer a member of the ring", self.name, count, owner)
-        return gone
-
     async def deliver_once(self, budget: float | None = None) -> int:
         """Hand back every hint of every up owner (within ``budget`` seconds when given);
         returns how many were delivered and deleted."""
         start = self.clock()
         delivered = 0
-        self.prune()
         ring = self.ring()
         for owner in self.hints.owners():
-            if not self.up(owner):
+            todo = self.hints.keys(owner)  # once per round: a batch need not rescan every hint
+            if owner in ring.members:
+                moved = [k for k in todo if owner not in ring.preference_list(k, self.n)]
+            else:
+                moved = todo
+            if moved:
+                gone = set(moved)
+                todo = [k for k in todo if k not in gone]
+                delivered += await self._retarget(owner, moved, ring, start, budget)
+            if not todo or not self.up(owner):
                 continue
             addr = ring.members[owner].addr
-            todo = self.hints.keys(owner)  # once per round: a batch need not rescan every hint
             for i in range(0, len(todo), self.batch):
                 if budget is not None and self.clock() - start >= budget:
                     break
@@ -193,6 +205,43 @@ class Handoff:
             log.info("%s: handed %d hints back (%d pending)", self.name, delivered, len(self.hints))
         self.publish()
         return delivered
+
+    async def _retarget(self, owner: str, keys: list[bytes], ring: Ring, start: float,
+                        budget: float | None) -> int:
+        """Hand the hints of ``owner`` for ``keys`` -- keys it no longer holds under ``ring`` -- to
+        each key's current primaries that are up; returns how many were deleted (module
+        docstring, "Re-targeted")."""
+        done = 0
+        for i in range(0, len(keys), self.batch):
+            if budget is not None and self.clock() - start >= budget:
+                break
+            batch = [(k, vs) for k in keys[i : i + self.batch] if (vs := self.hints.get(owner, k)) is not None]
+            targets_of: dict[bytes, list[str]] = {}
+            items_for: dict[str, list[list[Any]]] = {}
+            for k, vs in batch:
+                targets = [p for p in ring.preference_list(k, self.n) if p == self.name or self.up(p)]
+                if not targets:
+                    continue  # none of its primaries is up: next round
+                targets_of[k] = targets
+                wired = vs.to_wire()
+                for p in targets:
+                    items_for.setdefault(p, []).append([k, wired])
+            answered: set[str] = set()
+            for p, items in items_for.items():
+                msg = Message(wire.REPLICA_PUT_MANY, 0, {"items": items, "epoch": ring.epoch})
+                try:
+                    await self.transport.request(ring.members[p].addr, msg, self.timeout)
+                except (Error, OSError) as e:
+                    log.debug("%s: re-targeted hints of %s to %s failed (%s); kept", self.name, owner, p, e)
+                    continue
+                answered.add(p)
+            acked = [(k, vs) for k, vs in batch if k in targets_of and all(p in answered for p in targets_of[k])]
+            n = self.hints.ack_many(owner, acked)  # a hint that grew stays for the next round
+            self.retargeted += n
+            done += n
+        if done:
+            log.info("%s: handed %d hints of %s to their keys' current primaries", self.name, done, owner)
+        return done
 
     def start(self) -> None:
         if self._task is None:
@@ -220,7 +269,7 @@ class Handoff:
         return {
             "pending": len(self.hints), "by_owner": self.hints.owners(), "bytes": self.hints.bytes,
             "added": s.added, "delivered": s.delivered, "refused": s.refused, "dropped": s.dropped,
-            "max_hints": self.hints.max_hints,
+            "retargeted": self.retargeted, "max_hints": self.hints.max_hints,
         }
 
     def publish(self) -> None:
@@ -238,11 +287,11 @@ class Handoff:
 def node_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The node's hint counts: the sum of its workers' (``Board.hints``)."""
     out: dict[str, Any] = {"pending": 0, "by_owner": {}, "bytes": 0, "added": 0, "delivered": 0,
-                           "refused": 0, "dropped": 0}
+                           "refused": 0, "dropped": 0, "retargeted": 0}
     for p in parts:
         if not isinstance(p, dict):
             continue
-        for k in ("pending", "bytes", "added", "delivered", "refused", "dropped"):
+        for k in ("pending", "bytes", "added", "delivered", "refused", "dropped", "retargeted"):
             v = p.get(k)
             if isinstance(v, int):
                 out[k] += v

@@ -8,6 +8,7 @@ to it, and deleted only once it acknowledged them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -203,7 +204,7 @@ def test_bad_hints_are_refused_with_a_log_line(make: Any, caplog: pytest.LogCapt
     assert len(h.hints) == 0
 
 
-def test_hints_for_a_node_no_longer_in_the_ring_are_dropped_at_start(
+def test_hints_for_a_node_no_longer_in_the_ring_are_named_at_start_and_kept(
     make: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     c = make(seed=10, nodes=3)
@@ -213,9 +214,63 @@ def test_hints_for_a_node_no_longer_in_the_ring_are_dropped_at_start(
     hs = HintStore(str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="shmkv.cluster.handoff"):
         h = Handoff("n1", hs, c.nodes["n1"].transport, lambda: c.ring, lambda _: False, n=3)
-    assert "dropped 1 hints for gone" in caplog.text
-    assert h.hints.owners() == {"n2": 1} and h.counts()["dropped"] == 1
+    assert "1 hints for gone, no longer a member of the ring" in caplog.text
+    assert h.hints.owners() == {"gone": 1, "n2": 1} and h.counts()["dropped"] == 0  # re-targeted, not dropped
     hs.close()
+
+
+def _new_ring(c: FailCluster, ring: Any) -> None:
+    for x in c.live():
+        c.nodes[x].ring = ring
+    c.ring = ring
+
+
+def test_hints_of_a_removed_owner_go_to_the_keys_current_primaries(make: Any) -> None:
+    # n4 down, writes hinted for it at the fallback; then n4 is removed from the ring: its
+    # hints, the fallback's copies of acknowledged writes, go to each key's current primaries
+    # (the fallback itself among them now) and are deleted once they all answered OK
+    c = make(seed=12, nodes=4, n=3, w=3)
+    c.net.run_for(3.0)
+    keys = keys_with(c, "n1", "n4", 6)
+    fallback = next(x for x in c.names if x not in c.ring.preference_list(keys[0], 3))
+    c.crash("n4")
+    down_everywhere(c, "n4")
+    for k in keys:
+        c.request("n1", wire.PUT, key=k, value=b"hinted:" + k, w=3)
+    assert c.hints(fallback) == {"n4": 6}
+    smaller = c.ring.with_members([m for m in c.ring.members.values() if m.name != "n4"], c.ring.epoch + 1)
+    _new_ring(c, smaller)
+    assert c.until(lambda: not c.hints(fallback), limit=10.0) is not None
+    for k in keys:
+        for p in smaller.preference_list(k, 3):
+            assert b"hinted:" + k in c.held(p, k), (k, p)
+    h = c.nodes[fallback].handoff
+    assert h.retargeted == 6 and h.hints.stats.dropped == 0 and h.counts()["retargeted"] == 6
+
+
+def test_a_hint_whose_owner_lost_the_key_to_a_reweight_is_retargeted_not_stuck(make: Any) -> None:
+    # the owner is still a member and up, but no longer a primary of the key: it would refuse
+    # the hint for ever; it goes to the key's current primaries instead
+    c = make(seed=13, nodes=5, n=3, w=3)
+    c.net.run_for(3.0)
+    keys = keys_with(c, "n1", "n3", 40)
+    c.crash("n3")
+    down_everywhere(c, "n3")
+    for k in keys:
+        c.request("n1", wire.PUT, key=k, value=b"v:" + k, w=3)
+    assert sum(c.hints(x).get("n3", 0) for x in c.live()) == 40
+    lighter = c.ring.with_members([dataclasses.replace(m, weight=0.25) if m.name == "n3" else m
+                                   for m in c.ring.members.values()], c.ring.epoch + 1)
+    lost = [k for k in keys if "n3" not in lighter.preference_list(k, 3)]
+    kept = [k for k in keys if k not in lost]
+    assert lost and kept, "seed layout"
+    c.start("n3")
+    _new_ring(c, lighter)
+    assert c.until(lambda: not any(c.hints(x) for x in c.names), limit=15.0) is not None
+    for k in lost:
+        assert all(b"v:" + k in c.held(p, k) for p in lighter.preference_list(k, 3)), k
+    assert all(c.held("n3", k) == [b"v:" + k] for k in kept)  # still its: handed to it as before
+    assert sum(c.nodes[x].handoff.retargeted for x in c.names) == len(lost)
 
 
 def test_a_fallback_refusing_for_overload_is_not_an_ack(make: Any) -> None:
