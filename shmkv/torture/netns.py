@@ -127,8 +127,11 @@ class NetFaults:
         between data centres); each side still reaches itself, clients on 127.0.0.1 reach all."""
         _nft(self._drop(side_a, side_b), self._drop(side_b, side_a))
 
-    def loss(self, node: str, others: Sequence[str]) -> None:
-        extra = f"numgen random mod 100 < {LOSS_PERCENT} "
+    def loss(self, node: str, others: Sequence[str], percent: int = LOSS_PERCENT) -> None:
+        """Drop ``percent`` % of the packets between ``node`` and ``others``, both ways, at random."""
+        if isinstance(percent, bool) or not isinstance(percent, int) or not 0 < percent < 100:
+            raise InvalidArgument(f"loss percent must be an int in 1..99, got {percent!r}")
+        extra = f"numgen random mod 100 < {percent} "
         _nft(self._drop([node], others, extra), self._drop(others, [node], extra))
 
     def redirect(self, nodes: Sequence[str], port: int, mark: int) -> None:

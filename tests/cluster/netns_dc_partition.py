@@ -11,7 +11,11 @@ Four ``shmkv serve`` daemons, two per data centre (``--dc a`` on 127.0.0.2-3, ``
   of the request time-out -- once gossip holds the other DC down;
 - after the heal, every acknowledged write is on all four nodes' stored copies (read with
   REPLICA_GET_MANY, which repairs nothing) and all four agree, by anti-entropy: ``--max-hints 1``
-  leaves hinted handoff almost nothing to deliver.
+  leaves hinted handoff almost nothing to deliver;
+- keys deleted in DC a during the cut (local_quorum, with the context their read returned)
+  are tombstones on all four nodes after the heal, read back as nothing at ``r="all"``, and are
+  still tombstones after more anti-entropy rounds: the other DC's older copies never bring them
+  back.
 """
 
 from __future__ import annotations
@@ -121,6 +125,12 @@ def main() -> int:
             clients["a"].put(k, b"v1:" + k)
             acked[k] = b"v1:" + k
             assert clients["a"].get(k) == b"v1:" + k
+        deleted = before[KEYS // 2 + 5 : KEYS // 2 + 15]  # DC b still holds their live copies
+        for k in deleted:
+            got = clients["a"].get_versions(k)
+            clients["a"].delete(k, context=got.context)
+            del acked[k]
+            assert clients["a"].get(k) is None
 
         # each_quorum fails fast, as "not applied"
         worst = 0.0
@@ -154,8 +164,17 @@ def main() -> int:
             return all(v == views[0] for v in views[1:]) and all(
                 vs is not None and vs.values == [acked[k]] for k, vs in zip(keys, views[0], strict=True))
 
+        def tombstoned() -> bool:
+            return all(vs is not None and vs.is_deleted for n in sorted(nodes)
+                       for vs in held(nodes[n], deleted, epoch))
+
         poll(converged, DEADLINE, "all four nodes holding every acknowledged write")
+        poll(tombstoned, DEADLINE, "all four nodes holding the tombstones of the keys deleted in DC a")
         res["converged_s"] = round(time.monotonic() - t0, 2)
+        assert all(clients["b"].get(k, r="all") is None for k in deleted), "a deleted key read back"
+        time.sleep(1.5)  # three more anti-entropy rounds at --ae-interval 0.5
+        assert tombstoned(), "a deleted key came back after more anti-entropy rounds"
+        res["deleted"] = len(deleted)
         res["ae_repaired"] = sum(status(n)["antientropy"]["repaired"] for n in nodes.values()) - repaired0
         res["hints_added"] = sum(status(n).get("hints", {}).get("added", 0) for n in nodes.values())
         assert res["ae_repaired"] >= KEYS, res  # anti-entropy did the converging
