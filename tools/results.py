@@ -72,6 +72,8 @@ BENCHES: tuple[Bench, ...] = (
            "--json", "bench/results/cluster_local.json")),
     Bench("cluster_failures", "README 'Failure handling: gossip and hinted handoff'",
           ("bench/cluster_failures.py", "--rounds", "3", "--keys", "20000")),
+    Bench("cluster_faults", "README 'Failure handling' and 'Anti-entropy': issue 12's figures from one run",
+          ("bench/cluster_faults.py", "--json", "bench/results/cluster_faults.json")),
     Bench("cluster_antientropy", "README 'Anti-entropy: Merkle trees, tombstones with a grace period'",
           ("bench/cluster_antientropy.py", "--keys", "1000000", "--window", "5", "--limited-window", "60",
            "--json", "bench/results/cluster_antientropy.json")),

@@ -156,6 +156,7 @@ class ConfigHook:
                         assert self.node.ring is not None
                         return self.node.ring
                     if not asked:
+                        await self._check_seed_defaults(seed)  # before the cluster commits us
                         cmd: dict[str, Any] = {"op": "add", "name": cfg.name, "addr": cfg.addr,
                                                "weight": float(cfg.weight), "dc": o.dc}
                         req = Message(wire.CONFIG_CHANGE, 0, {"cmd": cmd})
@@ -171,6 +172,25 @@ class ConfigHook:
             if loop.time() >= deadline:
                 raise ConfigError(f"could not join through {seed} before the join timeout: {last}")
             await asyncio.sleep(JOIN_POLL)
+
+    async def _check_seed_defaults(self, seed: str) -> None:
+        """A joining node must place keys as the cluster does: the same N and the same
+        replication map (``--n-per-dc`` is a flag of every node, not part of the replicated
+        configuration), as the seed's RING answer states them.
+
+        :raises ConfigError: naming both values.
+        """
+        cfg = self.node.config
+        got = wire.raise_for_error(await self.transport.request(seed, Message(wire.RING, 0, {}), 2.0)).fields
+        if got.get("n") != cfg.n:
+            raise ConfigError(f"config conflict: the cluster (seed {seed}) runs with N={got.get('n')}, "
+                              f"this node was started with N={cfg.n}")
+        theirs = got.get("n_per_dc")
+        if (dict(theirs) if theirs else None) != (dict(cfg.n_per_dc) if cfg.n_per_dc else None):
+            def show(m: Any) -> str:
+                return ",".join(f"{k}:{v}" for k, v in sorted(dict(m).items())) if m else "none"
+            raise ConfigError(f"config conflict: the cluster (seed {seed}) runs with --n-per-dc {show(theirs)}, "
+                              f"this node was started with {show(cfg.n_per_dc)}")
 
     async def _learn_follower(self, deadline: float) -> Ring:
         loop = asyncio.get_running_loop()

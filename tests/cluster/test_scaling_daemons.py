@@ -266,3 +266,21 @@ def test_a_voter_is_replaced_then_removed_from_the_ring(cluster: dict[str, Any])
     st = group_status(rest, 1.0)
     assert st is not None and st["voters"] == ["n1", "n2", "n4"] and st["moving"] is None
     _check_all(rest, dict(cluster["preloaded"]))
+
+
+def test_a_joining_node_with_another_replication_map_is_refused_before_it_is_added(tmp_path: Path) -> None:
+    """--n-per-dc is every node's flag, not part of the replicated configuration: a --join node
+    started without the cluster's map would place keys by plain N, so it stops, naming both
+    maps, before it asks to be added -- the ring stays as it was."""
+    d = tmp_path / "c"
+    try:
+        state = tc.start(3, d, join_timeout=20.0, raft=True, dcs=["a", "a", "a"], extra=["--n-per-dc", "a:3"])
+        seeds = state["seeds"]
+        _poll("a leader", lambda: _leader(seeds))
+        epoch = group_status(seeds, 0.5)["epoch"]
+        with pytest.raises(Exception, match="runs with --n-per-dc a:3, this node was started with none"):
+            tc.add_node(d, extra=["--dc", "a"])
+        st = group_status(seeds, 0.5)
+        assert st["epoch"] == epoch and len(st["nodes"]) == 3
+    finally:
+        tc.stop(d, grace=5)
