@@ -34,7 +34,7 @@ from .coordinator import Config, Node
 from .levels import Level, check_level
 from .membership import join_static
 from .replica import RETIRED_KEY, Replica
-from .transport import TcpTransport, run, split_addr
+from .transport import TcpTransport, pinned_source, run, split_addr
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -111,19 +111,6 @@ class Options:
     ae_bytes_rate: float = 8_000_000.0
     #: bytes per second a node pushes to new owners after a ring change (rebalance.py)
     stream_rate: float = 20_000_000.0
-
-
-def _loopback_source(listen: str) -> str | None:
-    """The source address for this node's outgoing connections: its own listen address when
-    that is an IPv4 loopback address other than 127.0.0.1 -- several nodes sharing one loopback
-    (127.0.0.x) are then told apart by source, which partitions by firewall rule need. Anything
-    else: the kernel's choice (a routable host's source address is the routing table's
-    business)."""
-    host, _ = split_addr(listen)
-    parts = host.split(".")
-    if len(parts) == 4 and parts[0] == "127" and host != "127.0.0.1" and all(p.isdigit() for p in parts):
-        return host
-    return None
 
 
 def store_name(name: str, listen: str) -> str:
@@ -249,7 +236,7 @@ async def _main(o: Options, worker: Worker | None = None) -> int:
                     strict=o.strict, dc=o.dc, n_per_dc=o.n_per_dc)
     sname = o.store or store_name(name, o.listen)
     kv = worker.store if worker is not None else open_store(o, sname)
-    transport = TcpTransport(reuse_port=worker is not None, source=_loopback_source(o.listen))
+    transport = TcpTransport(reuse_port=worker is not None, source=pinned_source(o.listen))  # gossip.py checks it
     node = Node(config, transport, Replica(kv, name))
     node.batch_replica_requests = True  # one REPLICA_GET_MANY / PUT_MANY per replica per loop iteration (coordinator.py)
     node.local = {"name": name, "store": sname, "host": socket.gethostname()}

@@ -44,10 +44,10 @@ The pause is logged.
 Bad gossip is refused and logged (rate-limited, one line per reason per ``LOG_EVERY`` s): a
 GOSSIP whose ``from`` is not a member, or is this node's own name (another process claiming its
 identity), or a member whose address pins its connections' source IP (transport.pinned_source:
-a node on its own 127.0.0.x) while the connection came from another IP (a process claiming a
-member's identity; where the source proves nothing -- 127.0.0.1 shared by every process, a
-hostname, a routable IP whose source the kernel picks by route -- nothing is authenticated, the
-documented limit); entries that are malformed, for non-members, for this node (liveness.py); entries
+a member at an IP address, routable or its own 127.0.0.x, binds its connections to it) while the
+connection came from another IP (a process claiming a member's identity; where the source
+proves nothing -- 127.0.0.1 shared by every process, a hostname -- nothing is authenticated,
+the documented limit); entries that are malformed, for non-members, for this node (liveness.py); entries
 whose generation lies in the future of this node's wall clock by more than ``MAX_SKEW_MS`` or
 whose counter could not have been reached since that generation at the fastest allowed gossip
 interval (a forged huge counter would otherwise freeze a peer's entry and make it look down

@@ -62,6 +62,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import ipaddress
 import itertools
 import math
 import types
@@ -81,17 +82,23 @@ PEER_HOST: contextvars.ContextVar[str | None] = contextvars.ContextVar("shmkv_pe
 
 
 def pinned_source(addr: str) -> str | None:
-    """The source IP every connection from the daemon listening at ``addr`` carries, when the
-    daemon pins it: a loopback IPv4 address other than 127.0.0.1 (several nodes on one host's
-    127.0.0.x, as the torture harness runs them; ``TcpTransport(source=...)`` from
-    daemon._loopback_source -- the same rule). None for any other address: 127.0.0.1 (every
-    process on the host shares it), a hostname, a routable IP (the kernel picks the source by
-    route, which may be another interface) -- there the source proves nothing."""
+    """The source IP every connection from the daemon listening at ``addr`` carries: the
+    daemon binds its outgoing connections to its listen address (``TcpTransport(source=...)``,
+    daemon.py) whenever that is one IP address of this host -- a routable IPv4 or IPv6 address,
+    or a loopback one other than 127.0.0.1 (several nodes on one host's 127.0.0.x, as the
+    torture harness runs them) -- so a peer can check that a message naming a member came
+    from that member's address (gossip.py), and firewall rules can cut one node's traffic.
+    None where the source proves nothing: 127.0.0.1 and ::1 (every process on the host shares
+    them), a wildcard (0.0.0.0, ::), a hostname (it may resolve to several addresses).
+    Cassandra binds its internode connections to its listen_address the same way."""
     host, _ = split_addr(addr)
-    parts = host.split(".")
-    if len(parts) == 4 and parts[0] == "127" and host != "127.0.0.1" and all(p.isdigit() for p in parts):
-        return host
-    return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a hostname
+    if ip.is_unspecified or str(ip) in ("127.0.0.1", "::1") or ip.is_multicast:
+        return None
+    return str(ip)
 
 
 def _peer_host(writer: asyncio.StreamWriter) -> str | None:

@@ -3,7 +3,7 @@
 The choice. The whole run -- harness, clients, daemons -- goes into one network namespace the
 harness creates (``unshare -rn``: a user namespace maps us to root inside, so it works
 unprivileged), where nothing but its own loopback exists. Each daemon listens on its own
-127.0.0.x (x = 2, 3, ...) and binds its outgoing connections to it (daemon._loopback_source), so
+127.0.0.x (x = 2, 3, ...) and binds its outgoing connections to it (transport.pinned_source), so
 a packet's source and destination name two nodes; clients stay on 127.0.0.1 and are never cut.
 Faults are rules in one nftables chain on the input hook, healed by flushing the chain:
 
