@@ -453,8 +453,11 @@ def cluster_status(seeds: str, timeout: float, as_json: bool) -> None:
         assert ring is not None
         shares = ring.shares()
         rows = []
+        defaults: dict[str, Any] = {}  # the cluster's default W and R, as the first node that answers has them
         for st in c.status():
             name = st["name"]
+            if not defaults and "error" not in st and "w" in st:
+                defaults = {"w": st["w"], "r": st["r"]}
             member = ring.members[name]
             healthy = "error" not in st and st.get("ready") and not st.get("draining")
             rows.append({
@@ -473,14 +476,15 @@ def cluster_status(seeds: str, timeout: float, as_json: bool) -> None:
                 "error": st.get("error"),
                 "epoch": st.get("epoch"),
             })
-    summary = {"epoch": ring.epoch, "n": c.n, "members": rows,
+    summary = {"epoch": ring.epoch, "n": c.n, **defaults, "members": rows,
                "up": sum(r_["health"] == "up" for r_ in rows)}
     with _errors_as_messages():
         summary["config"] = _config_status(_addrs(seeds) + [m.addr for m in ring.members.values()], timeout)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"ring epoch {ring.epoch}, N={c.n}, {summary['up']}/{len(rows)} members up")
+    wr = f", W={summary['w']}, R={summary['r']}" if "w" in summary else ""
+    click.echo(f"ring epoch {ring.epoch}, N={c.n}{wr}, {summary['up']}/{len(rows)} members up")
     cs = summary["config"]
     if cs is not None and cs.get("source") == "etcd":
         down = sorted(n for n, v in cs["nodes"].items() if not v.get("connected"))

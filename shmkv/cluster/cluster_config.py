@@ -58,6 +58,7 @@ from typing import Any
 import msgpack
 
 from .errors import ConfigError, ProtocolError
+from .levels import LEVELS, Level
 from .ring import RING_FORMAT, Member, Ring
 
 # DO NOT CHANGE: stored layout (commands are Raft log entries). Add ops; never change one.
@@ -117,8 +118,9 @@ class Move:
 class ClusterConfig:
     ring: Ring
     n: int
-    w: int
-    r: int
+    #: the cluster's default W and R: a count, or a consistency level's name (levels.py)
+    w: Level
+    r: Level
     #: configured weights of the members auto-balance re-weighted (module docstring)
     base: Mapping[str, float] = field(default_factory=dict)
     #: ring changes start moves (module docstring); set by the bootstrap, kept forever
@@ -147,8 +149,9 @@ class ClusterConfig:
         """:raises ProtocolError: not a description of a configuration."""
         if not isinstance(d, Mapping) or not {"ring", "n", "w", "r"} <= set(d):
             raise ProtocolError("cluster configuration must be a map with ring, n, w, r")
-        if not all(type(d[k]) is int and d[k] > 0 for k in ("n", "w", "r")):
-            raise ProtocolError(f"cluster defaults must be ints > 0: {d['n']!r} {d['w']!r} {d['r']!r}")
+        if not (type(d["n"]) is int and d["n"] > 0 and _level_ok(d["w"]) and _level_ok(d["r"])):
+            raise ProtocolError(f"cluster defaults: N must be an int > 0, W and R ints > 0 or one of "
+                                f"{', '.join(LEVELS)}: {d['n']!r} {d['w']!r} {d['r']!r}")
         base = d.get("base") or {}
         if not isinstance(base, Mapping) or not all(
             isinstance(k, str) and type(v) in (int, float) and v > 0 for k, v in base.items()
@@ -185,7 +188,20 @@ def decode_command(data: bytes) -> dict[str, Any]:
     return cmd
 
 
-def bootstrap_command(ring: Ring, n: int, w: int, r: int, *, moves: bool = False) -> dict[str, Any]:
+def _level_ok(v: object) -> bool:
+    return (type(v) is int and v > 0) or (type(v) is str and v in LEVELS)
+
+
+def _acks_alone(w: Level, n: int) -> bool:
+    """Whether a write at the default ``w`` may be acknowledged by one replica alone. A level is
+    judged without the key (its DCs decide ``local_quorum``'s count): anything but ``all`` is
+    taken to be able to -- the safe side, a removed node then reports its push as well."""
+    if isinstance(w, int):
+        return w < 2
+    return w != "all" or n < 2
+
+
+def bootstrap_command(ring: Ring, n: int, w: Level, r: Level, *, moves: bool = False) -> dict[str, Any]:
     cmd: dict[str, Any] = {"op": "bootstrap", "ring": ring.to_wire(), "n": n, "w": w, "r": r}
     if moves:
         cmd["moves"] = True
@@ -271,6 +287,8 @@ def apply(state: ClusterConfig | None, cmd: Mapping[str, Any]) -> tuple[ClusterC
     op = cmd["op"]
     if op == "bootstrap":
         try:
+            if not (type(cmd["n"]) is int and cmd["n"] > 0 and _level_ok(cmd["w"]) and _level_ok(cmd["r"])):
+                return state, f"bad bootstrap: defaults N={cmd['n']!r} W={cmd['w']!r} R={cmd['r']!r}"
             return ClusterConfig(ring_from_wire(cmd["ring"]), cmd["n"], cmd["w"], cmd["r"],
                                  moves=bool(cmd.get("moves"))), None
         except (ProtocolError, KeyError) as e:
@@ -305,7 +323,7 @@ def apply(state: ClusterConfig | None, cmd: Mapping[str, Any]) -> tuple[ClusterC
     moving = None
     if state.moves:  # the old owners still in the ring must report their pushes (docstring)
         # with W=1 a write may be on the removed node alone: then it must report too
-        waiting = frozenset(m for m in state.ring.members if m in members or state.w < 2)
+        waiting = frozenset(m for m in state.ring.members if m in members or _acks_alone(state.w, state.n))
         moving = Move(ring.epoch, state.ring, waiting)
     return ClusterConfig(ring, state.n, state.w, state.r, base, state.moves, moving), None
 

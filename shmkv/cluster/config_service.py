@@ -261,7 +261,7 @@ class ConfigService:
         self._bootstrap_term = raft.term
         # counts: daemon.check_options refuses level names (--w local_quorum) with the group
         # moves=True: ring changes keep the old owners serving until the copies are pushed
-        raft.propose(encode_command(bootstrap_command(self.node.ring, cfg.n, cfg.w, cfg.r,  # type: ignore[arg-type]
+        raft.propose(encode_command(bootstrap_command(self.node.ring, cfg.n, cfg.w, cfg.r,
                                                       moves=True)))
         log.info("%s leads term %d: proposing the bootstrap configuration (epoch %d)",
                  self.name, raft.term, self.node.ring.epoch)

@@ -140,10 +140,6 @@ def check_options(o: Options) -> None:
                           f"({sum(o.n_per_dc.values())}): N is the replicas of every DC together")
     if o.config is not None:
         _check_etcd(o)
-    if (o.raft_dir or o.join or o.config) and not (isinstance(o.w, int) and isinstance(o.r, int)):
-        # the configuration group's replicated defaults are counts (cluster_config.py)
-        raise ConfigError("--w/--r must be counts with a configuration service (--raft-dir/--join/"
-                          "--config); pass consistency levels per request instead")
     if o.auto_balance and not (o.raft_dir or o.join):
         raise ConfigError("--auto-balance needs the configuration group (--raft-dir): its leader makes the changes")
     if not 0.05 <= o.balance_interval <= 60:

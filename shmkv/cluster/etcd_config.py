@@ -147,7 +147,7 @@ class EtcdConfigService(ConfigService):
             ring = await join_static(cfg, seeds, self.transport, deadline)
             # counts: daemon.check_options refuses level names with a configuration service
             # moves=True: ring changes keep the old owners serving until the copies are pushed
-            boot = ClusterConfig(ring, cfg.n, cfg.w, cfg.r, moves=True)  # type: ignore[arg-type]
+            boot = ClusterConfig(ring, cfg.n, cfg.w, cfg.r, moves=True)
             created, rd = await self._until(deadline, "initialise the configuration",
                                             lambda: self.kv.create(boot.encode()))
             if created:

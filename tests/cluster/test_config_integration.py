@@ -7,6 +7,7 @@ Times are polled with generous deadlines, never asserted (speed belongs in bench
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -223,3 +224,32 @@ def _raw_views(addrs: list[str]) -> list[dict[str, Any]]:
         return out
 
     return run(go())
+
+
+def test_a_group_with_consistency_levels_as_its_defaults(tmp_path: Path) -> None:
+    """--w/--r as level names with the configuration group (two DCs, two replicas in each):
+    the group bootstraps them into the replicated configuration, status shows them, and a
+    request that names no W or R runs at them -- local_quorum writes go on with the other DC
+    stopped."""
+    d = tmp_path / "c"
+    st = start(d, 4, raft=True, n=4, w="local_quorum", r="local_quorum", dcs=["a", "a", "b", "b"],
+               extra=["--n-per-dc", "a:2,b:2"])
+    try:
+        seeds = st["seeds"]
+        _poll("a leader", lambda: _leader(seeds))
+        out = _status(seeds)
+        assert (out["w"], out["r"]) == ("local_quorum", "local_quorum"), out
+        for name in ("n3", "n4"):  # DC b stopped: each_quorum would fail, local_quorum in DC a goes on
+            tc.kill(d, name, signal.SIGSTOP)
+        try:
+            with shmkv.connect(seeds[:2], n=4, dc="a", timeout=3.0) as c:
+                t0 = time.monotonic()
+                for i in range(20):
+                    c.put(b"lq%d" % i, b"v%d" % i)
+                print(f"20 local_quorum puts with DC b stopped: {time.monotonic() - t0:.2f} s")
+                assert c.get_many([b"lq%d" % i for i in range(20)]) == {b"lq%d" % i: b"v%d" % i for i in range(20)}
+        finally:
+            for name in ("n3", "n4"):
+                tc.kill(d, name, signal.SIGCONT)
+    finally:
+        stop(d)

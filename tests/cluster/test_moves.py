@@ -24,7 +24,7 @@ from shmkv.cluster import wire
 from shmkv.cluster.cluster_config import ClusterConfig, apply, bootstrap_command
 from shmkv.cluster.config_service import ConfigService
 from shmkv.cluster.coordinator import Config, Node
-from shmkv.cluster.errors import ConfigError, WrongEpoch
+from shmkv.cluster.errors import ConfigError, ProtocolError, WrongEpoch
 from shmkv.cluster.raft.core import Role
 from shmkv.cluster.rebalance import PROGRESS_KEY, Rebalancer, moving_ranges, parse_rate
 from shmkv.cluster.replica import Replica
@@ -42,6 +42,28 @@ def _base(members: int = 4, moves: bool = True) -> ClusterConfig:
     state, why = apply(None, bootstrap_command(ring, 3, 2, 2, moves=moves))
     assert why is None and state is not None
     return state
+
+
+def test_consistency_levels_are_replicated_defaults_and_bad_ones_are_refused() -> None:
+    # --w/--r may be level names with the configuration group: they travel in the replicated
+    # configuration like counts, and a bootstrap or a stored form with another value is refused
+    ring = Ring([Member(f"n{i + 1}", f"n{i + 1}:1", dc="ab"[i % 2]) for i in range(4)], 1)
+    state, why = apply(None, bootstrap_command(ring, 4, "local_quorum", "quorum", moves=True))
+    assert why is None and state is not None and (state.w, state.r) == ("local_quorum", "quorum")
+    assert ClusterConfig.from_wire(state.to_wire()) == state
+    assert ClusterConfig.decode(state.encode()) == state
+    for w in ("bogus", 0, -1, True, 1.5, None):
+        _, why = apply(None, bootstrap_command(ring, 4, w, 2))  # type: ignore[arg-type]
+        assert why is not None and "bad bootstrap" in why, w
+        with pytest.raises(ProtocolError, match="W and R ints > 0 or one of"):
+            ClusterConfig.from_wire({**state.to_wire(), "w": w})
+    # a removal at a level: judged on the safe side -- the removed node reports its push too,
+    # unless the level is "all" (no write lives on one replica alone)
+    for w, waited in (("quorum", True), ("local_quorum", True), ("one", True), ("all", False), (2, False)):
+        st = ClusterConfig(state.ring, 3, w, 2, moves=True)
+        after, why = apply(st, {"op": "remove", "name": "n2"})
+        assert why is None and after is not None and after.moving is not None
+        assert ("n2" in after.moving.waiting) is waited, w
 
 
 def test_a_ring_change_starts_a_move_that_ends_with_the_last_old_owners_report() -> None:
