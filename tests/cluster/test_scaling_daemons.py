@@ -45,8 +45,11 @@ VALUE = b"x" * 200
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     d = tmp_path / "c"
     rate = getattr(request, "param", "150K")
+    persist = isinstance(rate, tuple)  # ("100K", "persist"): every node with --path (fsync)
+    if persist:
+        rate = rate[0]
     try:
-        state = tc.start(3, d, join_timeout=20.0, raft=True, extra=["--stream-rate", rate])
+        state = tc.start(3, d, join_timeout=20.0, raft=True, persist=persist, extra=["--stream-rate", rate])
         state["dir"] = d
         _poll("a leader", lambda: _leader(state["seeds"]))
         with shmkv.connect(state["seeds"], n=3, timeout=2.0) as c:
@@ -207,8 +210,10 @@ def test_add_then_remove_a_node_under_writes_loses_nothing_and_reads_stay_right(
     assert st is not None and st["moving"] is None and node["name"] not in st["nodes"]
 
 
-@pytest.mark.parametrize("cluster", ["100K"], indirect=True)
+@pytest.mark.parametrize("cluster", ["100K", ("100K", "persist")], indirect=True, ids=["memory", "path"])
 def test_a_pusher_sigkilled_mid_transfer_resumes_and_nothing_acknowledged_is_lost(cluster: dict[str, Any]) -> None:
+    """With --path nodes the pusher's segment is also unlinked after the kill (a reboot): its
+    copies and its cursor come back from its directory alone, and the push resumes after it."""
     seeds = cluster["seeds"]
     acked = dict(cluster["preloaded"])
     victim = next(n for n in cluster["nodes"] if n["name"] == "n2")
@@ -223,6 +228,8 @@ def test_a_pusher_sigkilled_mid_transfer_resumes_and_nothing_acknowledged_is_los
             return v.get("state") in ("streaming", "retrying") and v.get("keys_sent", 0) > 0
         _poll("n2 pushing", pushing, within=20)
         tc.kill(cluster["dir"], "n2")  # SIGKILL mid-transfer
+        if victim.get("path"):
+            shmkv.unlink(victim["store"])  # memory gone: only n2's directory is left
         time.sleep(1.0)
         tc.restart(cluster["dir"], "n2")
         after = _poll("n2 pushing again", lambda: (_raw_views([victim["addr"]])[0].get("rebalance") or {}), within=20)
