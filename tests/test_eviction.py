@@ -196,6 +196,28 @@ def test_overwrites_just_over_capacity_never_make_eviction_refuse(name):
         assert kv.verify() == []
 
 
+def _cache_aside(kv, sample, ops, warmup, value=b"v" * 1000):
+    """get, and put on a miss, of ``ops`` keys drawn by ``sample``; after ``warmup`` ops the
+    hits count, and separately the 100 hottest keys' (ranks below 100). Returns (StoreFull
+    count, gets, hits, head gets, head hits)."""
+    full = gets = hits = head_gets = head_hits = 0
+    for i in range(ops):
+        k = sample()
+        r = kv.get(f"z{k}")
+        if i >= warmup:
+            gets += 1
+            hits += r is not None
+            if k < 100:
+                head_gets += 1
+                head_hits += r is not None
+        if r is None:
+            try:
+                kv.put(f"z{k}", value)
+            except shmkv.StoreFull:
+                full += 1
+    return full, gets, hits, head_gets, head_hits
+
+
 @pytest.mark.parametrize("skew", [0.99, 1.2])
 def test_zipfian_cache_aside_never_makes_eviction_refuse(name, skew):
     # A cache of ~6,000 items in front of 200,000 keys: get, and put on a miss. The hot head
@@ -204,21 +226,7 @@ def test_zipfian_cache_aside_never_makes_eviction_refuse(name, skew):
     nkeys = 200_000
     sample = _zipf_sampler(nkeys, skew, rnd)
     with shmkv.attach(name, size="8MiB") as kv:
-        full = gets = hits = head_gets = head_hits = 0
-        for i in range(150_000):
-            k = sample()
-            r = kv.get(f"z{k}")
-            if i >= 50_000:  # after warm-up
-                gets += 1
-                hits += r is not None
-                if k < 100:
-                    head_gets += 1
-                    head_hits += r is not None
-            if r is None:
-                try:
-                    kv.put(f"z{k}", b"v" * 1000)
-                except shmkv.StoreFull:
-                    full += 1
+        full, gets, hits, head_gets, head_hits = _cache_aside(kv, sample, 150_000, 50_000)
         assert full == 0 and kv.stats()["store_full"] == 0, f"{full} StoreFull"
         assert kv.stats()["evictions"] > 0
         assert head_hits / head_gets >= 0.95, (
@@ -257,18 +265,7 @@ def _proc_zipf(name, wid, barrier, q):
     rnd = random.Random(100 + wid)
     sample = _zipf_sampler(200_000, 0.99, rnd)
     barrier.wait()
-    full = head_gets = head_hits = 0
-    for i in range(50_000):
-        k = sample()
-        r = kv.get(f"z{k}")
-        if i >= 15_000 and k < 100:
-            head_gets += 1
-            head_hits += r is not None
-        if r is None:
-            try:
-                kv.put(f"z{k}", b"v" * 1000)
-            except shmkv.StoreFull:
-                full += 1
+    full, _gets, _hits, head_gets, head_hits = _cache_aside(kv, sample, 50_000, 15_000)
     q.put((full, head_gets, head_hits))
     kv.close()
 

@@ -16,12 +16,13 @@ import signal
 import time
 
 import pytest
-from checked_values import check_value, make_value
+from checked_values import make_value
 
 import shmkv
 from shmkv.lsm import LSM, _accel
 from shmkv.lsm import db as lsm_db
 from shmkv.lsm import wal as lsm_wal
+from shmkv.torture import soak
 
 CTX = mp.get_context("fork")
 DEADLINE_S = 30.0  # progress, not speed: a stalled writer would wait until the pause ends
@@ -226,38 +227,15 @@ def test_writers_killed_during_group_commits_lose_nothing_acknowledged(name, tmp
             w.join(10)
         if rounds % 2 == 1:
             shmkv.unlink(name)  # a reboot: memory is gone, only the disk remains
-    expect: dict[str, tuple[str, int, int]] = {}
-    attempts: dict[str, list[tuple[str, int]]] = {}
-    for w, f in enumerate(acks):
-        for line in f.read_text().split("\n")[:-1]:  # whole lines: the kill may cut the last
-            parts = line.split()
-            if len(parts) != 3:
-                continue
-            op, k, seq = parts[0], parts[1], int(parts[2])
-            if op.startswith("try-"):
-                attempts.setdefault(k, []).append((op[4:], seq))
-            else:
-                expect[k] = (op, w, seq)
+    expect, attempts = soak.read_logs(acks)  # the soak tool's reading and checking (tools/soak.py)
     # memory survived the last round: it must agree with the disk, key by key
     with _attach(name, path) as kv, LSM(path, durability="fsync", helper=False) as disk:
         for k in set(expect) | set(attempts):
             assert kv.get(k) == disk.get(k.encode()), f"{k}: memory contradicts disk"
     shmkv.unlink(name)
     with _attach(name, path) as kv:
-        assert kv.verify() == []
-        lost = []
-        for k, (op, w, seq) in expect.items():
-            later = [(o, s) for o, s in attempts.get(k, []) if s > seq]
-            v = kv.get(k)
-            if v is None:
-                if op == "put" and not any(o == "del" for o, _ in later):
-                    lost.append(k)
-                continue
-            vw, vseq = check_value(v)
-            assert vw == w
-            if op == "del" or vseq != seq:
-                assert ("put", vseq) in later, (
-                    f"{k}: value {vseq} is neither acknowledged {op} {seq} nor a later attempt"
-                )
-        assert not lost, f"acknowledged writes lost: {lost[:5]}"
-        assert len(expect) > 100
+        got = soak.held_to(kv, expect, attempts)
+    assert got.problems == []
+    assert not got.lost, f"acknowledged writes lost: {got.lost[:5]}"
+    assert not got.wrong, got.wrong[:5]
+    assert got.acknowledged > 100

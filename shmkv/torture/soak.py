@@ -129,13 +129,18 @@ def run(name: str, path: Path, *, writers: int = 3, rounds: int = 6, size: str =
     return result
 
 
-def check(name: str, path: Path, logs: list[Path], size: str = "4MiB") -> SoakResult:
-    """Open the store from its directory and hold it to the logs (module docstring)."""
-    expect: dict[str, tuple[str, int, int]] = {}  # key -> its last acknowledged (op, writer, seq)
-    attempts: dict[str, list[tuple[str, int]]] = {}
+#: per key, its last acknowledged operation (op, writer, seq); per key, every attempt (op, seq)
+Acked = dict[str, tuple[str, int, int]]
+Attempts = dict[str, list[tuple[str, int]]]
+
+
+def read_logs(logs: list[Path]) -> tuple[Acked, Attempts]:
+    """The writers' logs: whole lines only (a kill may cut the last one); a missing log is empty."""
+    expect: Acked = {}
+    attempts: Attempts = {}
     for w, f in enumerate(logs):
         text = f.read_text() if f.exists() else ""
-        for line in text.split("\n")[:-1]:  # whole lines only: a kill may cut the last one
+        for line in text.split("\n")[:-1]:
             parts = line.split()
             if len(parts) != 3:
                 continue
@@ -144,24 +149,35 @@ def check(name: str, path: Path, logs: list[Path], size: str = "4MiB") -> SoakRe
                 attempts.setdefault(k, []).append((op[4:], seq))
             else:
                 expect[k] = (op, w, seq)
+    return expect, attempts
+
+
+def held_to(kv: shmkv.Store, expect: Acked, attempts: Attempts) -> SoakResult:
+    """``kv`` held to what the logs say (module docstring): lost, wrong, verify()'s problems."""
     out = SoakResult(acknowledged=len(expect))
-    with shmkv.attach(name, size=size, path=path) as kv:
-        out.problems = [str(p) for p in kv.verify()]
-        for k, (op, w, seq) in expect.items():
-            later = [(o, s) for o, s in attempts.get(k, []) if s > seq]
-            v = kv.get(k)
-            if v is None:
-                if op == "put" and not any(o == "del" for o, _ in later):
-                    out.lost.append(k)
-                continue
-            try:
-                vw, vseq = check_value(v)
-            except ValueError as e:
-                out.wrong.append(f"{k}: {e}")
-                continue
-            if vw != w or ((op == "del" or vseq != seq) and ("put", vseq) not in later):
-                out.wrong.append(f"{k}: value of writer {vw} seq {vseq}, acknowledged {op} {seq} by {w}")
+    out.problems = [str(p) for p in kv.verify()]
+    for k, (op, w, seq) in expect.items():
+        later = [(o, s) for o, s in attempts.get(k, []) if s > seq]
+        v = kv.get(k)
+        if v is None:
+            if op == "put" and not any(o == "del" for o, _ in later):
+                out.lost.append(k)
+            continue
+        try:
+            vw, vseq = check_value(v)
+        except ValueError as e:
+            out.wrong.append(f"{k}: {e}")
+            continue
+        if vw != w or ((op == "del" or vseq != seq) and ("put", vseq) not in later):
+            out.wrong.append(f"{k}: value of writer {vw} seq {vseq}, acknowledged {op} {seq} by {w}")
     return out
 
 
-__all__ = ["SoakResult", "check", "check_value", "make_value", "run"]
+def check(name: str, path: Path, logs: list[Path], size: str = "4MiB") -> SoakResult:
+    """Open the store from its directory and hold it to the logs (module docstring)."""
+    expect, attempts = read_logs(logs)
+    with shmkv.attach(name, size=size, path=path) as kv:
+        return held_to(kv, expect, attempts)
+
+
+__all__ = ["SoakResult", "check", "check_value", "held_to", "make_value", "read_logs", "run"]
