@@ -44,7 +44,7 @@ from .config_service import (
 from .config_source import ConfigSource
 from .errors import ConfigError
 from .etcd_kv import parse_url
-from .membership import join_static
+from .membership import check_defaults, join_static
 from .rebalance import DEFAULT_RATE, Rebalancer
 from .ring import Ring
 from .transport import TcpTransport, Transport, split_addr
@@ -174,23 +174,10 @@ class ConfigHook:
             await asyncio.sleep(JOIN_POLL)
 
     async def _check_seed_defaults(self, seed: str) -> None:
-        """A joining node must place keys as the cluster does: the same N and the same
-        replication map (``--n-per-dc`` is a flag of every node, not part of the replicated
-        configuration), as the seed's RING answer states them.
-
-        :raises ConfigError: naming both values.
-        """
-        cfg = self.node.config
-        got = wire.raise_for_error(await self.transport.request(seed, Message(wire.RING, 0, {}), 2.0)).fields
-        if got.get("n") != cfg.n:
-            raise ConfigError(f"config conflict: the cluster (seed {seed}) runs with N={got.get('n')}, "
-                              f"this node was started with N={cfg.n}")
-        theirs = got.get("n_per_dc")
-        if (dict(theirs) if theirs else None) != (dict(cfg.n_per_dc) if cfg.n_per_dc else None):
-            def show(m: Any) -> str:
-                return ",".join(f"{k}:{v}" for k, v in sorted(dict(m).items())) if m else "none"
-            raise ConfigError(f"config conflict: the cluster (seed {seed}) runs with --n-per-dc {show(theirs)}, "
-                              f"this node was started with {show(cfg.n_per_dc)}")
+        """A joining node must place keys as the cluster does (membership.check_defaults), as
+        the seed's RING answer states it. :raises ConfigError: naming both values."""
+        got = wire.raise_for_error(await self.transport.request(seed, Message(wire.RING, 0, {}), 2.0))
+        check_defaults(self.node.config, got.fields)
 
     async def _learn_follower(self, deadline: float) -> Ring:
         loop = asyncio.get_running_loop()

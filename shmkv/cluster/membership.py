@@ -91,7 +91,26 @@ def ring_from_statuses(
 
 
 def _map(m: Any) -> str:
-    return ",".join(f"{dc}:{c}" for dc, c in m.items()) if isinstance(m, dict) and m else "(none)"
+    return ",".join(f"{dc}:{c}" for dc, c in sorted(m.items())) if isinstance(m, dict) and m else "none"
+
+
+def check_defaults(mine: Config, defaults: Mapping[str, Any]) -> None:
+    """This node places keys as the cluster does: the same N and the same replication map as
+    ``defaults`` (a node's RING answer). ``--n-per-dc`` is every node's flag, not part of any
+    replicated configuration, so a starting or joining node checks it here.
+
+    :raises ConfigError: naming both values.
+    """
+    if defaults.get("n") != mine.n:
+        raise ConfigError(
+            f"config conflict: the cluster runs with N={defaults.get('n')}, this node was started "
+            f"with N={mine.n}"
+        )
+    if defaults.get("n_per_dc") != mine.n_per_dc:
+        raise ConfigError(
+            f"config conflict: the cluster runs with --n-per-dc {_map(defaults.get('n_per_dc'))}, "
+            f"this node was started with {_map(mine.n_per_dc)}"
+        )
 
 
 def check_ring(mine: Config, ring: Ring, seeds: Sequence[str], defaults: Mapping[str, Any]) -> Ring:
@@ -99,11 +118,7 @@ def check_ring(mine: Config, ring: Ring, seeds: Sequence[str], defaults: Mapping
 
     :raises ConfigError: another N, this node missing or different in the ring, other seeds.
     """
-    if defaults.get("n") != mine.n:
-        raise ConfigError(
-            f"config conflict: the cluster runs with N={defaults.get('n')}, this node was started "
-            f"with N={mine.n}"
-        )
+    check_defaults(mine, defaults)
     me = ring.members.get(mine.name)
     if me is None or me.addr != mine.addr:
         raise ConfigError(
@@ -121,11 +136,6 @@ def check_ring(mine: Config, ring: Ring, seeds: Sequence[str], defaults: Mapping
         raise ConfigError(
             f"config conflict: {mine.name} is in data centre {me.dc!r} in the running cluster's ring, "
             f"this node was started with --dc {mine.dc!r}"
-        )
-    if defaults.get("n_per_dc") != mine.n_per_dc:
-        raise ConfigError(
-            f"config conflict: the cluster runs with --n-per-dc {_map(defaults.get('n_per_dc'))}, "
-            f"this node was started with {_map(mine.n_per_dc)}"
         )
     if sorted(m.addr for m in ring.members.values()) != sorted(seeds):
         raise ConfigError(
