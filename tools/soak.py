@@ -20,12 +20,29 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import click
 
 import shmkv
 from shmkv.torture import soak
+
+
+def _remove(base: Path, within: float = 10.0) -> None:
+    """Remove the soak's directory. A SIGKILLed writer's maintenance helper (shmkv/lsm/helper.py)
+    ends on its parent's death a moment later; until then it may hold the store's SHARED and
+    LOCK files open (it never creates a store: LSM(create=False)), so one rmtree can leave a
+    file behind: try again until the directory is gone (bounded)."""
+    deadline = time.monotonic() + within
+    while True:
+        shutil.rmtree(base, ignore_errors=True)
+        if not base.exists():
+            return
+        if time.monotonic() >= deadline:
+            click.echo(f"could not remove {base} within {within:g} s", err=True)
+            return
+        time.sleep(0.1)
 
 
 @click.command(help=__doc__.split("\n")[0])
@@ -72,7 +89,7 @@ def main(writers: int, rounds: int, min_round: float, max_round: float, keys: in
     if keep:
         click.echo(f"kept: {base}")
     else:
-        shutil.rmtree(base, ignore_errors=True)
+        _remove(base)
     sys.exit(0 if got.ok else 1)
 
 

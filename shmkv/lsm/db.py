@@ -123,6 +123,7 @@ from shmkv.errors import (
     InvalidType,
     KeyTooLarge,
     StoreClosed,
+    StoreNotFound,
     ValueTooLarge,
     not_bytes_like,
 )
@@ -190,6 +191,9 @@ class LSM:
         process (``shmkv.lsm.helper``, started on first need, ended by close) so flushes and
         compactions run on another core instead of taking this process's GIL from its
         writers. ``False``: the thread does the work itself.
+    :param create: ``False``: open a store that exists, never make one -- the helper's way in
+        (it may start just as its parent dies and the directory is removed; it must not
+        leave a new empty store behind). :raises StoreNotFound: no directory, or no MANIFEST.
     :raises Corruption: a file of the store fails its checks.
     :raises FileAccessError: a file cannot be opened or read.
     """
@@ -208,6 +212,7 @@ class LSM:
         auto_maintenance: bool = True,
         background: bool = True,
         helper: bool = True,
+        create: bool = True,
     ) -> None:
         if durability not in DURABILITY:
             raise InvalidArgument(f"durability must be one of {DURABILITY}, not {durability!r}")
@@ -227,6 +232,7 @@ class LSM:
         self.opts = levels or LevelOptions()
         self.wal_recovery = wal_recovery
         self.auto_maintenance = auto_maintenance
+        self._create = create
         helper_proc: Helper | None = None
         if helper and background and auto_maintenance:
             helper_proc = Helper(
@@ -274,10 +280,14 @@ class LSM:
         self.fast_put = self._tail.put_uncommitted
         self._syncer: threading.Thread | None = None
         try:
-            try:
-                os.makedirs(self.path, exist_ok=True)
-            except OSError as e:  # a file at (or above) path, a read-only file system...
-                raise io_error(e, self.path, "create the store directory") from e
+            if not create:
+                if not os.path.isdir(self.path):
+                    raise StoreNotFound(f"{self.path}: no store there (opened with create=False)")
+            else:
+                try:
+                    os.makedirs(self.path, exist_ok=True)
+                except OSError as e:  # a file at (or above) path, a read-only file system...
+                    raise io_error(e, self.path, "create the store directory") from e
             self._page = _open_page(os.path.join(self.path, fmt.SHARED))
             self._tail.page = self._view.page = self._page
             lock_path = os.path.join(self.path, fmt.LOCKFILE)
@@ -697,6 +707,8 @@ class LSM:
         """
         if mf.identity(self.path) is not None:
             return
+        if not self._create:
+            raise StoreNotFound(f"{self.path}: no store there (no MANIFEST; opened with create=False)")
         self._maint.lock(block=True)
         try:
             if mf.identity(self.path) is None:

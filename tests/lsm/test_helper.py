@@ -108,3 +108,29 @@ def test_a_helper_that_cannot_run_falls_back_to_the_thread(db_path: str) -> None
         assert db.verify() == []
     finally:
         db.close()
+
+
+def test_the_helper_never_creates_a_store(tmp_path) -> None:
+    # A helper may start just as its parent dies and the store directory is removed: it must
+    # not leave a new empty store in its place (LSM(create=False)); it just has no work.
+    import json as _json
+
+    from shmkv.errors import StoreNotFound
+    from shmkv.lsm.helper_main import main as helper_main
+
+    gone = tmp_path / "gone"
+    with pytest.raises(StoreNotFound, match="no store there"):
+        LSM(gone, create=False, helper=False)
+    assert not gone.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(StoreNotFound, match="no MANIFEST"):
+        LSM(empty, create=False, helper=False)
+    assert not (empty / "MANIFEST").exists() and not list(empty.glob("wal-*"))
+    opts = {"durability": "none", "levels": {}}
+    assert helper_main([str(gone), _json.dumps(opts)]) == 0
+    assert not gone.exists()
+    with LSM(tmp_path / "real", helper=False) as db:  # an existing store opens as before
+        db.put(b"k", b"v")
+    with LSM(tmp_path / "real", create=False, helper=False) as db:
+        assert db.get(b"k") == b"v"
